@@ -1,0 +1,73 @@
+"""Local training and evaluation at a site (plain PyTorch; DP-SGD wraps this)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedvault.tasks import Table
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainResult:
+    loss: float
+    steps: int
+    num_examples: int
+
+
+def to_loader(table: Table, *, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    ds = TensorDataset(torch.from_numpy(np.ascontiguousarray(table.x)),
+                       torch.from_numpy(np.ascontiguousarray(table.y)))
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen)
+
+
+def train_local(
+    model: nn.Module,
+    table: Table,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    momentum: float,
+    seed: int,
+) -> TrainResult:
+    """SGD on ``table`` for ``epochs`` epochs; returns mean loss of the last epoch."""
+    torch.manual_seed(seed)
+    loader = to_loader(table, batch_size=batch_size, shuffle=True, seed=seed)
+    opt = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    steps = 0
+    last = math.nan
+    for _ in range(epochs):
+        total, n = 0.0, 0
+        for xb, yb in loader:
+            opt.zero_grad()
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            opt.step()
+            total += float(loss.item()) * len(yb)
+            n += len(yb)
+            steps += 1
+        last = total / max(n, 1)
+    return TrainResult(loss=last, steps=steps, num_examples=len(table))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, table: Table, *, batch_size: int = 256) -> tuple[float, float]:
+    """(mean cross-entropy loss, accuracy) of ``model`` on ``table``."""
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    total, correct = 0.0, 0
+    for xb, yb in to_loader(table, batch_size=batch_size, shuffle=False, seed=0):
+        out = model(xb)
+        total += float(loss_fn(out, yb).item())
+        correct += int((out.argmax(dim=1) == yb).sum().item())
+    n = max(len(table), 1)
+    return total / n, correct / n

@@ -1,0 +1,314 @@
+"""The ``fedvault`` command line.
+
+::
+
+    fedvault simulate            run a simulated federation (default: digits, 10 sites)
+    fedvault rehearse --sites 3  run on a real loopback SuperLink + SuperNodes
+    fedvault show RUN_DIR        print a finished run's table
+    fedvault verify PATH         verify a hash-chained log (a run's events.jsonl)
+    fedvault tasks               list the built-in tasks
+
+Any :class:`~fedvault.errors.FedvaultError` is printed as one line
+``error: ...`` with exit status 2; Ctrl-C exits with 130 after cleaning up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table as RichTable
+
+from fedvault import __version__
+from fedvault.errors import FedvaultError
+from protocols.config import RunSettings
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+# --------------------------------------------------------------------------------------
+# options shared by simulate and rehearse
+# --------------------------------------------------------------------------------------
+_RUN_OPTIONS: list[tuple[str, str, type, str]] = [
+    ("--task", "task", str, "built-in task (see `fedvault tasks`)"),
+    ("--rounds", "num_server_rounds", int, "federated rounds"),
+    ("--partition", "partitioner", str, "how data is split across sites: iid | dirichlet"),
+    ("--alpha", "alpha", float, "Dirichlet concentration; smaller = more label skew"),
+    ("--local-epochs", "local_epochs", int, "local epochs per round"),
+    ("--batch-size", "batch_size", int, "local mini-batch size"),
+    ("--lr", "learning_rate", float, "local SGD learning rate"),
+    ("--momentum", "momentum", float, "local SGD momentum"),
+    ("--fraction-train", "fraction_train", float, "fraction of sites sampled per round"),
+    ("--min-sites", "min_sites", int, "fewest valid updates that form an aggregate"),
+    ("--seed", "seed", int, "seed of model init, splits and sampling"),
+    ("--data-path", "data_path", str, "a CSV/Parquet/NPZ table to split across the sites "
+     "(default: the task's embedded data)"),
+    ("--label-column", "label_column", str, "label column of --data-path"),
+    ("--num-features", "num_features", int, "model input width (0 = task default)"),
+    ("--num-classes", "num_classes", int, "number of classes (0 = task default)"),
+    ("--round-timeout", "round_timeout", float, "seconds to wait for replies in a round"),
+]
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    d = RunSettings()
+    g = p.add_argument_group("run configuration")
+    for flag, field, typ, help_ in _RUN_OPTIONS:
+        default = getattr(d, field)
+        g.add_argument(flag, dest=field, type=typ, default=None,
+                       help=f"{help_} (default: {default!r})")
+    g.add_argument("--no-central-eval", dest="central_eval", action="store_false", default=None,
+                   help="skip evaluation on the held-out central test split")
+    p.add_argument("--out", type=Path, default=None,
+                   help="run directory (default: runs/<mode>-<UTC time>)")
+    p.add_argument("--json", action="store_true", help="print summary.json instead of a table")
+
+
+def _settings_from(args: argparse.Namespace, mode: str, **fixed: Any) -> RunSettings:
+    changes: dict[str, Any] = {}
+    for _, field, _, _ in _RUN_OPTIONS:
+        v = getattr(args, field)
+        if v is not None:
+            changes[field] = v
+    if args.central_eval is not None:
+        changes["central_eval"] = args.central_eval
+    out = args.out or Path("runs") / f"{mode}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    changes["run_dir"] = str(out.resolve())
+    changes.update(fixed)
+    try:
+        return RunSettings(**changes)
+    except TypeError as exc:  # pragma: no cover - programming error
+        raise FedvaultError(str(exc)) from exc
+
+
+# --------------------------------------------------------------------------------------
+# progress and results
+# --------------------------------------------------------------------------------------
+class RoundProgress:
+    """A rich progress bar driven by the run's event log."""
+
+    def __init__(self, rounds: int, label: str) -> None:
+        self.rounds = rounds
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task_id = self.progress.add_task(label, total=rounds, detail="starting…")
+
+    def __enter__(self) -> RoundProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def status(self, msg: str) -> None:
+        self.progress.update(self.task_id, detail=msg)
+
+    def on_event(self, e: dict[str, Any]) -> None:
+        kind = e.get("kind")
+        if kind == "run_started":
+            self.status(f"{e.get('sites')} sites connected, round 1 running")
+        elif kind == "round_completed":
+            r = int(e.get("round", 0))
+            acc = e.get("accuracy")
+            acc_s = f"acc {acc:.3f}" if isinstance(acc, int | float) else "acc n/a"
+            if r == 0:
+                self.status(f"initial model {acc_s}")
+            else:
+                self.progress.update(
+                    self.task_id, completed=r,
+                    detail=f"round {r}: {acc_s}, {e.get('sites_participated')} sites",
+                )
+        elif kind in ("update_rejected", "site_error"):
+            console.print(f"[yellow]round {e.get('round')}: node {e.get('node_id')} "
+                          f"{'rejected' if kind == 'update_rejected' else 'failed'}: "
+                          f"{e.get('reason')}[/]")
+        elif kind == "aggregate_refused":
+            console.print(f"[yellow]round {e.get('round')}: no aggregate: {e.get('reason')}[/]")
+
+
+def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    t = RichTable(title=f"fedvault · {summary.get('mode')} · task {summary.get('task')} · "
+                        f"{summary.get('sites')} sites")
+    for col in ("round", "accuracy", "loss", "sites", "rejected", "seconds"):
+        t.add_column(col, justify="right")
+    for h in summary.get("history", []):
+        t.add_row(
+            str(h["round"]),
+            "-" if h.get("accuracy") is None else f"{h['accuracy']:.4f}",
+            "-" if h.get("loss") is None else f"{h['loss']:.4f}",
+            str(h.get("sites_participated", "")),
+            str(h.get("rejected", 0) + h.get("errors", 0)),
+            f"{h.get('seconds', 0):.1f}",
+        )
+    console.print(t)
+    acc = summary.get("final_accuracy")
+    console.print(
+        f"final accuracy ({summary.get('metric_source')}): "
+        f"[bold]{'n/a' if acc is None else f'{acc:.4f}'}[/]   "
+        f"wall time: {summary.get('wall_seconds', 0):.1f} s"
+    )
+    console.print(f"summary: {run_dir / 'summary.json'}")
+    if (run_dir / "accuracy.png").exists():
+        console.print(f"plot:    {run_dir / 'accuracy.png'}")
+
+
+def _finish(args: argparse.Namespace, summary: dict[str, Any], run_dir: Path) -> int:
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print_summary(summary, run_dir)
+    return 0 if summary.get("status") == "completed" else 1
+
+
+# --------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulations.runner import check_run, simulate
+
+    settings = _settings_from(args, "simulation")
+    check_run(settings, args.sites)
+    with RoundProgress(settings.num_server_rounds, f"simulating {args.sites} sites") as bar:
+        bar.status("starting the Simulation Engine (Ray)")
+        summary = simulate(settings, sites=args.sites, cpus_per_site=args.cpus_per_site,
+                           on_event=bar.on_event, verbose=args.verbose)
+    return _finish(args, summary, Path(settings.run_dir))
+
+
+def cmd_rehearse(args: argparse.Namespace) -> int:
+    from fedvault.rehearse import rehearse
+    from simulations.runner import check_run
+
+    settings = _settings_from(args, "rehearsal")
+    check_run(settings, args.sites)
+    with RoundProgress(settings.num_server_rounds, f"rehearsing {args.sites} sites") as bar:
+        summary = rehearse(settings, sites=args.sites, on_event=bar.on_event,
+                           on_status=bar.status, timeout=args.timeout)
+    code = _finish(args, summary, Path(settings.run_dir))
+    if not args.json:
+        console.print(f"logs:    {summary['deployment']['logs']}")
+    return code
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from fedvault.rundir import RunDirectory
+
+    run_dir = RunDirectory(args.run_dir)
+    summary = run_dir.read_summary()
+    return _finish(args, summary, args.run_dir)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from protocols.hashchain import verify_chain
+
+    path: Path = args.path
+    if path.is_dir():
+        path = path / "events.jsonl"
+    report = verify_chain(path)
+    if report.ok:
+        console.print(f"[green]{report.describe()}[/]")
+        return 0
+    err_console.print(f"[red]{report.describe()}[/]")
+    return 1
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from fedvault.tasks import TASKS
+
+    t = RichTable(title="built-in tasks")
+    for col in ("task", "features", "classes", "label column", "description"):
+        t.add_column(col)
+    for task in TASKS.values():
+        t.add_row(task.name, str(task.default_num_features), str(task.default_num_classes),
+                  task.default_label_column, task.description)
+    console.print(t)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedvault",
+        description="Privacy-preserving federated learning on Flower.",
+    )
+    p.add_argument("--version", action="version", version=f"fedvault {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("simulate", help="run a simulated federation on Flower's Simulation "
+                       "Engine (default: digits, 10 sites, Dirichlet alpha 0.5, 5 rounds)",
+                       description="Run fedvault's ServerApp and ClientApp with simulated "
+                       "sites on Flower's Simulation Engine (Ray).")
+    s.add_argument("--sites", type=int, default=10, help="number of simulated sites (default: 10)")
+    s.add_argument("--cpus-per-site", type=float, default=1.0,
+                   help="CPUs Ray reserves per simulated site (default: 1)")
+    s.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    _add_run_options(s)
+    s.set_defaults(func=cmd_simulate)
+
+    r = sub.add_parser("rehearse", help="run on a real loopback deployment: flower-superlink "
+                       "+ N flower-supernode processes",
+                       description="Start a real SuperLink and N SuperNodes on 127.0.0.1, "
+                       "each site with its own data file, run, and stop them all.")
+    r.add_argument("--sites", type=int, default=3, help="number of SuperNodes (default: 3)")
+    r.add_argument("--timeout", type=float, default=3600.0,
+                   help="give up after this many seconds (default: 3600)")
+    _add_run_options(r)
+    r.set_defaults(func=cmd_rehearse)
+
+    sh = sub.add_parser("show", help="print the table of a finished run",
+                        description="Print the per-round table of a finished run directory.")
+    sh.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    sh.add_argument("--json", action="store_true", help="print summary.json")
+    sh.set_defaults(func=cmd_show)
+
+    v = sub.add_parser("verify", help="verify a hash-chained log (a run's events.jsonl)",
+                       description="Check every entry's hash and link; exit 1 naming the "
+                       "first bad entry.")
+    v.add_argument("path", type=Path, metavar="PATH", help="a log file or a run directory")
+    v.set_defaults(func=cmd_verify)
+
+    t = sub.add_parser("tasks", help="list the built-in tasks",
+                       description="List the built-in tasks.")
+    t.set_defaults(func=cmd_tasks)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except FedvaultError as exc:
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted; every process was stopped.[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

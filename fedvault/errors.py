@@ -1,0 +1,48 @@
+"""The one exception hierarchy of fedvault.
+
+::
+
+    FedvaultError                  every error fedvault raises on purpose
+    ├── ConfigError                a run config, node config or CLI option is invalid
+    ├── TaskError                  unknown task, or a model/data shape mismatch
+    ├── DataError                  a site's data cannot be loaded or is malformed
+    ├── IntegrityError             a hash-chained record fails verification
+    ├── UpdateRejected             a site's reply is invalid; recorded for that
+    │                              site, never a crashed round
+    └── DeploymentError            a SuperLink/SuperNode process failed to start or died
+
+Errors from third-party libraries (Flower, gRPC, TenSEAL, torch) are mapped into
+this hierarchy with ``raise ... from exc`` where they cross a fedvault API. The
+command line prints ``error: <message>`` for any ``FedvaultError`` and exits
+with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class FedvaultError(Exception):
+    """Base class of every error fedvault raises on purpose."""
+
+
+class ConfigError(FedvaultError, ValueError):
+    """A run config, node config or command-line option is invalid."""
+
+
+class TaskError(FedvaultError, ValueError):
+    """Unknown task name, or data/model shapes that do not fit the task."""
+
+
+class DataError(FedvaultError):
+    """A site's data cannot be loaded: missing file, bad format, missing label column."""
+
+
+class IntegrityError(FedvaultError):
+    """A hash-chained log (events, privacy ledger, audit trail) fails verification."""
+
+
+class UpdateRejected(FedvaultError):
+    """A site's reply failed validation; the round goes on without it."""
+
+
+class DeploymentError(FedvaultError):
+    """A SuperLink or SuperNode process failed to start, or died during a run."""

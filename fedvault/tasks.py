@@ -1,0 +1,240 @@
+"""Built-in tasks: a task bundles a model factory, a preprocessing step and embedded data.
+
+A task never touches the network: its embedded data ships inside an installed
+package (scikit-learn's bundled datasets), so a fresh machine with no internet
+can run the demo. A data owner's own data reaches a task as a table (CSV,
+Parquet or NPZ; see :mod:`client.data`) whose features and labels the task then
+preprocesses exactly as it does its embedded data.
+
+Every model is Opacus-compatible (no BatchNorm: GroupNorm or none), so the DP
+issue can wrap any built-in task with ``PrivacyEngine.make_private``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedvault.errors import TaskError
+
+#: Fraction of the embedded data held out as the central test split.
+TEST_FRACTION = 0.2
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Table:
+    """Features and integer labels of one dataset, as loaded (before preprocessing)."""
+
+    x: np.ndarray  # float32, shape (n, num_features)
+    y: np.ndarray  # int64, shape (n,)
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 2:
+            raise ValueError(f"Table.x must be 2-D (rows, features). Found shape {self.x.shape}.")
+        if self.y.ndim != 1 or len(self.y) != len(self.x):
+            raise ValueError(
+                f"Table.y must be 1-D with one label per row. Found shape {self.y.shape} "
+                f"for {len(self.x)} rows."
+            )
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def num_features(self) -> int:
+        return int(self.x.shape[1])
+
+    def subset(self, indices: np.ndarray) -> Table:
+        return Table(x=self.x[indices], y=self.y[indices])
+
+
+class DigitsCNN(nn.Module):
+    """A small CNN for 8x8 digits (about 10k parameters, GroupNorm: Opacus-compatible)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, kernel_size=3, padding=1),
+            nn.GroupNorm(4, 16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, kernel_size=3, padding=1),
+            nn.GroupNorm(4, 32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Linear(32 * 4 * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(-1, 1, 8, 8)
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+class TabularMLP(nn.Module):
+    """A two-hidden-layer MLP for tabular data (Opacus-compatible: Linear + ReLU only)."""
+
+    def __init__(self, num_features: int, num_classes: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(num_features, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _load_digits() -> Table:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return Table(x=bunch.data.astype(np.float32), y=bunch.target.astype(np.int64))
+
+
+def _load_breast_cancer() -> Table:
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer()
+    return Table(x=bunch.data.astype(np.float32), y=bunch.target.astype(np.int64))
+
+
+def _scale_digits(x: np.ndarray) -> np.ndarray:
+    # Pixel intensities of sklearn's digits are 0..16: a fixed scale, no statistics.
+    return np.clip(x, 0.0, 16.0).astype(np.float32) / 16.0
+
+
+def _standardise(x: np.ndarray) -> np.ndarray:
+    # Each dataset is standardised with its own statistics: a site never needs
+    # another site's means. Constant columns are left centred (std taken as 1).
+    mean = x.mean(axis=0, keepdims=True)
+    std = x.std(axis=0, keepdims=True)
+    std[std < 1e-8] = 1.0
+    return ((x - mean) / std).astype(np.float32)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Task:
+    """A model factory, a preprocessing step and the embedded default data."""
+
+    name: str
+    description: str
+    default_label_column: str
+    default_num_features: int
+    default_num_classes: int
+    model_factory: Callable[[int, int], nn.Module]
+    preprocess: Callable[[np.ndarray], np.ndarray]
+    embedded_loader: Callable[[], Table]
+    embedded_name: str
+
+    def build_model(self, *, num_features: int = 0, num_classes: int = 0) -> nn.Module:
+        """A freshly initialised model (seed torch before calling for determinism)."""
+        nf = num_features or self.default_num_features
+        nc = num_classes or self.default_num_classes
+        if nf < 1 or nc < 2:
+            raise TaskError(
+                f"Task {self.name!r} needs num-features >= 1 and num-classes >= 2. "
+                f"Found num-features={nf}, num-classes={nc}."
+            )
+        return self.model_factory(nf, nc)
+
+    def embedded(self) -> Table:
+        """The whole embedded dataset, as loaded (not preprocessed)."""
+        return self.embedded_loader()
+
+    def check_table(self, table: Table, *, num_features: int = 0, num_classes: int = 0) -> None:
+        """Raise ``TaskError`` if ``table`` does not fit this task's model."""
+        nf = num_features or self.default_num_features
+        nc = num_classes or self.default_num_classes
+        if table.num_features != nf:
+            raise TaskError(
+                f"Task {self.name!r} expects {nf} feature columns. "
+                f"Found {table.num_features}; set num-features to match the data."
+            )
+        if len(table) and (table.y.min() < 0 or table.y.max() >= nc):
+            raise TaskError(
+                f"Task {self.name!r} expects integer labels in [0, {nc - 1}]. "
+                f"Found labels from {table.y.min()} to {table.y.max()}; set num-classes to match."
+            )
+
+
+def _digits_model(num_features: int, num_classes: int) -> nn.Module:
+    if num_features != 64:
+        raise TaskError(
+            f"Task 'digits' takes 8x8 images (64 features). Found num-features={num_features}."
+        )
+    return DigitsCNN(num_classes)
+
+
+TASKS: dict[str, Task] = {
+    "digits": Task(
+        name="digits",
+        description="8x8 handwritten digits (scikit-learn's bundled data), 10 classes, small CNN",
+        default_label_column="label",
+        default_num_features=64,
+        default_num_classes=10,
+        model_factory=_digits_model,
+        preprocess=_scale_digits,
+        embedded_loader=_load_digits,
+        embedded_name="sklearn.datasets.load_digits",
+    ),
+    "tabular": Task(
+        name="tabular",
+        description=(
+            "any CSV/Parquet table with an integer label column, MLP; "
+            "embedded demo: breast cancer (30 features, 2 classes)"
+        ),
+        default_label_column="label",
+        default_num_features=30,
+        default_num_classes=2,
+        model_factory=lambda nf, nc: TabularMLP(nf, nc),
+        preprocess=_standardise,
+        embedded_loader=_load_breast_cancer,
+        embedded_name="sklearn.datasets.load_breast_cancer",
+    ),
+}
+
+
+def get_task(name: str) -> Task:
+    """The built-in task called ``name``; ``TaskError`` naming the known ones otherwise."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        known = ", ".join(sorted(TASKS))
+        raise TaskError(f"Unknown task {name!r}. Known tasks: {known}.") from None
+
+
+def split_train_test(table: Table, *, test_fraction: float, seed: int) -> tuple[Table, Table]:
+    """Stratified, seeded split into (train, test)."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1). Found {test_fraction}.")
+    rng = np.random.default_rng(seed)
+    train_idx: list[np.ndarray] = []
+    test_idx: list[np.ndarray] = []
+    for label in np.unique(table.y):
+        idx = np.flatnonzero(table.y == label)
+        rng.shuffle(idx)
+        n_test = int(round(len(idx) * test_fraction))
+        if len(idx) > 1:
+            n_test = min(max(n_test, 1), len(idx) - 1)
+        else:
+            n_test = 0
+        test_idx.append(idx[:n_test])
+        train_idx.append(idx[n_test:])
+    tr = np.sort(np.concatenate(train_idx))
+    te = np.sort(np.concatenate(test_idx))
+    return table.subset(tr), table.subset(te)
+
+
+def embedded_split(task: Task, *, seed: int) -> tuple[Table, Table]:
+    """The task's embedded data as (federated pool, central test split).
+
+    The test split is held out before partitioning, so the server's central
+    evaluation never sees a record any site trains on.
+    """
+    return split_train_test(task.embedded(), test_fraction=TEST_FRACTION, seed=seed)

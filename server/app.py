@@ -1,0 +1,122 @@
+"""fedvault's ServerApp: samples sites, aggregates, evaluates, records the run.
+
+Flower loads ``server.app:app`` (``flwr run``, SuperLink deployments).
+``fedvault simulate`` builds the same app with :func:`build_server_app`, passing
+run-config overrides and ``mode="simulation"``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from client.site import pooled_table
+from client.training import evaluate
+from fedvault.errors import FedvaultError
+from fedvault.rundir import RunDirectory, default_run_dir
+from fedvault.tasks import Table, Task, get_task
+from protocols.config import RunSettings
+from server.recorder import RunRecorder
+from server.strategy import FedVaultFedAvg
+
+logger = logging.getLogger("fedvault.server")
+
+
+def central_test_table(task: Task, settings: RunSettings) -> Table | None:
+    """The held-out central test split, preprocessed; ``None`` when disabled."""
+    if not settings.central_eval:
+        return None
+    _, test = pooled_table(task, settings)
+    return Table(x=task.preprocess(test.x), y=test.y)
+
+
+def make_central_evaluator(
+    task: Task, settings: RunSettings, recorder: RunRecorder, test: Table | None
+) -> Callable[[int, ArrayRecord], MetricRecord | None]:
+    """Flower calls this after each round (and for round 0); it evaluates centrally
+    when a test split exists and records the round either way."""
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        central: tuple[float, float] | None = None
+        if test is not None:
+            model = task.build_model(num_features=settings.num_features,
+                                     num_classes=settings.num_classes)
+            model.load_state_dict(arrays.to_torch_state_dict())
+            central = evaluate(model, test)
+        recorder.end_round(server_round, arrays, central)
+        if central is None:
+            return None
+        return MetricRecord({"loss": central[0], "accuracy": central[1]})
+
+    return evaluate_fn
+
+
+def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str) -> None:
+    """One federated run: the body of the ServerApp's main."""
+    task = get_task(settings.task)
+    torch.manual_seed(settings.seed)
+    model = task.build_model(num_features=settings.num_features, num_classes=settings.num_classes)
+    root = Path(settings.run_dir) if settings.run_dir else default_run_dir(context.run_id)
+    recorder = RunRecorder(RunDirectory(root), settings=settings, run_id=context.run_id, mode=mode)
+    try:
+        test = central_test_table(task, settings)
+        initial = ArrayRecord(model.state_dict())
+        recorder.start(
+            num_sites=len(list(grid.get_node_ids())),
+            num_parameters=sum(p.numel() for p in model.parameters()),
+        )
+        strategy = FedVaultFedAvg(
+            recorder=recorder,
+            min_sites=settings.min_sites,
+            fraction_train=settings.fraction_train,
+            fraction_evaluate=settings.fraction_evaluate,
+            min_train_nodes=settings.min_sites,
+            min_evaluate_nodes=1,
+            min_available_nodes=settings.min_sites,
+        )
+        train_config = ConfigRecord(
+            {
+                "local-epochs": settings.local_epochs,
+                "batch-size": settings.batch_size,
+                "learning-rate": settings.learning_rate,
+                "momentum": settings.momentum,
+            }
+        )
+        strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=settings.num_server_rounds,
+            timeout=settings.round_timeout,
+            train_config=train_config,
+            evaluate_fn=make_central_evaluator(task, settings, recorder, test),
+        )
+    except FedvaultError as exc:
+        recorder.finish(status="failed", error=str(exc))
+        raise
+    except BaseException as exc:
+        recorder.finish(status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    recorder.finish(status="completed")
+
+
+def build_server_app(
+    overrides: Mapping[str, Any] | None = None, *, mode: str = "deployment"
+) -> ServerApp:
+    """The ServerApp; ``overrides`` win over the run config (used by simulations)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        settings = RunSettings.from_config({**dict(context.run_config), **dict(overrides or {})})
+        run_server(grid, context, settings, mode=mode)
+
+    return app
+
+
+app = build_server_app()

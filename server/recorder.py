@@ -1,0 +1,228 @@
+"""Records a run into its run directory as it happens (server side).
+
+Every event goes into the hash-chained ``events.jsonl`` (the same format the
+privacy ledger and audit trail use), so progress is observable from outside
+the ServerApp process (``fedvault rehearse`` tails it) and checkable afterwards
+(``fedvault verify-log``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import platform
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import flwr
+import torch
+from flwr.app import ArrayRecord
+
+import fedvault
+from fedvault.plots import plot_accuracy
+from fedvault.rundir import RunDirectory, write_json_atomic
+from protocols.config import RunSettings
+from protocols.hashchain import HashChainLog, utc_now
+
+
+@dataclass
+class _SiteStats:
+    sampled: int = 0
+    trained: int = 0
+    rejected: int = 0
+    errors: int = 0
+    last_reason: str = ""
+
+
+@dataclass
+class _RoundState:
+    sampled: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    errors: int = 0
+    aggregated: bool = False
+    train: dict[str, float] = field(default_factory=dict)
+    federated: dict[str, float] = field(default_factory=dict)
+
+
+class RunRecorder:
+    """Writes run.json, events, per-round models, summary.json and accuracy.png."""
+
+    def __init__(
+        self, run_dir: RunDirectory, *, settings: RunSettings, run_id: int, mode: str
+    ) -> None:
+        self.dir = run_dir.create()
+        self.settings = settings
+        self.run_id = run_id
+        self.mode = mode
+        self.events = HashChainLog(run_dir.events)
+        self._lock = threading.Lock()
+        self._t0 = time.monotonic()
+        self._round_t0 = self._t0
+        self._rounds: dict[int, _RoundState] = defaultdict(_RoundState)
+        self._sites: dict[int, _SiteStats] = defaultdict(_SiteStats)
+        self.history: list[dict[str, Any]] = []
+        self.num_sites = 0
+        self.started = utc_now()
+
+    # -- run lifecycle ---------------------------------------------------------------
+    def start(self, *, num_sites: int, num_parameters: int) -> None:
+        self.num_sites = num_sites
+        write_json_atomic(
+            self.dir.run_json,
+            {
+                "format": "fedvault.run/1",
+                "run_id": self.run_id,
+                "mode": self.mode,
+                "task": self.settings.task,
+                "settings": self.settings.to_config(),
+                "num_parameters": num_parameters,
+                "started": self.started,
+                "versions": {
+                    "fedvault": fedvault.__version__,
+                    "flwr": flwr.__version__,
+                    "torch": torch.__version__,
+                    "python": platform.python_version(),
+                },
+            },
+        )
+        self.events.append(
+            "run_started", run_id=self.run_id, mode=self.mode, task=self.settings.task,
+            rounds=self.settings.num_server_rounds, sites=num_sites,
+            num_parameters=num_parameters,
+        )
+
+    def finish(self, *, status: str = "completed", error: str = "") -> dict[str, Any]:
+        wall = time.monotonic() - self._t0
+        ev = self.events.append("run_finished", status=status, error=error,
+                                wall_seconds=round(wall, 3))
+        summary = self.summary(status=status, wall_seconds=wall, error=error)
+        summary["events_last_hash"] = ev["hash"]
+        write_json_atomic(self.dir.summary, summary)
+        if self.history:
+            plot_accuracy(summary, self.dir.accuracy_png)
+        return summary
+
+    # -- notes from the strategy -----------------------------------------------------
+    def note_sampled(self, server_round: int, node_ids: list[int]) -> None:
+        with self._lock:
+            self._rounds[server_round].sampled = len(node_ids)
+            for n in node_ids:
+                self._sites[n].sampled += 1
+
+    def note_rejected(self, server_round: int, node_id: int, reason: str) -> None:
+        with self._lock:
+            self._rounds[server_round].rejected += 1
+            self._sites[node_id].rejected += 1
+            self._sites[node_id].last_reason = reason
+        self.events.append("update_rejected", round=server_round, node_id=node_id,
+                           reason=reason)
+
+    def note_site_error(self, server_round: int, node_id: int, phase: str, reason: str) -> None:
+        with self._lock:
+            self._rounds[server_round].errors += 1
+            self._sites[node_id].errors += 1
+            self._sites[node_id].last_reason = reason
+        self.events.append("site_error", round=server_round, node_id=node_id, phase=phase,
+                           reason=reason)
+
+    def note_trained(self, server_round: int, node_ids: list[int], aggregated: bool,
+                     metrics: dict[str, float]) -> None:
+        with self._lock:
+            st = self._rounds[server_round]
+            st.accepted = len(node_ids)
+            st.aggregated = aggregated
+            st.train = metrics
+            for n in node_ids:
+                self._sites[n].trained += 1
+        if not aggregated:
+            self.events.append(
+                "aggregate_refused", round=server_round, valid=len(node_ids),
+                min_sites=self.settings.min_sites,
+                reason=f"{len(node_ids)} valid updates < min-sites {self.settings.min_sites}",
+            )
+
+    def note_federated_eval(self, server_round: int, metrics: dict[str, float]) -> None:
+        with self._lock:
+            self._rounds[server_round].federated = metrics
+
+    def end_round(
+        self, server_round: int, arrays: ArrayRecord, central: tuple[float, float] | None
+    ) -> dict[str, Any]:
+        """Save the round's global model and append its row to the history."""
+        buf = io.BytesIO()
+        torch.save(arrays.to_torch_state_dict(), buf)
+        blob = buf.getvalue()
+        sha = hashlib.sha256(blob).hexdigest()
+        path = self.dir.model_path(server_round)
+        path.write_bytes(blob)
+        st = self._rounds[server_round]
+        fed = st.federated
+        if central is not None:
+            loss, acc = central
+        else:
+            loss = fed.get("eval-loss", float("nan"))
+            acc = fed.get("eval-acc", float("nan"))
+        now = time.monotonic()
+        row: dict[str, Any] = {
+            "round": server_round,
+            "accuracy": _num(acc),
+            "loss": _num(loss),
+            "sites_participated": st.accepted,
+            "sites_sampled": st.sampled,
+            "rejected": st.rejected,
+            "errors": st.errors,
+            "aggregated": st.aggregated if server_round > 0 else True,
+            "train_loss": _num(st.train.get("train-loss")),
+            "federated_accuracy": _num(fed.get("eval-acc")),
+            "federated_loss": _num(fed.get("eval-loss")),
+            "central_accuracy": _num(central[1]) if central else None,
+            "central_loss": _num(central[0]) if central else None,
+            "seconds": round(now - self._round_t0, 3),
+            "model": str(path.relative_to(self.dir.root)),
+            "model_sha256": sha,
+        }
+        self._round_t0 = now
+        write_json_atomic(path.with_suffix(".json"), row)
+        self.history.append(row)
+        self.events.append("round_completed", **row)
+        return row
+
+    # -- result ----------------------------------------------------------------------
+    def summary(self, *, status: str, wall_seconds: float, error: str = "") -> dict[str, Any]:
+        final = self.history[-1] if self.history else {}
+        has_central = any(h["central_accuracy"] is not None for h in self.history)
+        return {
+            "format": "fedvault.summary/1",
+            "run_id": self.run_id,
+            "status": status,
+            "error": error,
+            "mode": self.mode,
+            "task": self.settings.task,
+            "rounds": self.settings.num_server_rounds,
+            "rounds_completed": max((h["round"] for h in self.history), default=0),
+            "sites": self.num_sites,
+            "metric_source": "central" if has_central else "federated",
+            "final_accuracy": final.get("accuracy"),
+            "final_loss": final.get("loss"),
+            "started": self.started,
+            "finished": utc_now(),
+            "wall_seconds": round(wall_seconds, 3),
+            "history": self.history,
+            "participants": [
+                {"node_id": nid, "sampled": s.sampled, "trained": s.trained,
+                 "rejected": s.rejected, "errors": s.errors, "last_reason": s.last_reason}
+                for nid, s in sorted(self._sites.items())
+            ],
+            "settings": self.settings.to_config(),
+        }
+
+
+def _num(v: Any) -> float | None:
+    if v is None:
+        return None
+    f = float(v)
+    return None if f != f else round(f, 6)  # NaN -> null (JSON has no NaN)

@@ -1,0 +1,103 @@
+"""fedvault's plaintext FedAvg: Flower's Message-API ``FedAvg`` extended with
+per-reply validation, a ``min-sites`` floor for aggregation and run recording.
+
+It extends rather than reimplements: sampling, message construction and the
+weighted average are Flower's (``aggregate_arrayrecords``); this class only
+decides which replies may enter that average and records what happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.supercore import log
+
+from fedvault.errors import UpdateRejected
+from server.recorder import RunRecorder
+from server.validation import check_train_reply, num_examples_of
+
+
+class FedVaultFedAvg(FedAvg):
+    """FedAvg weighted by example count, over validated replies only.
+
+    ``min_sites``: fewer valid training replies than this in a round and no
+    aggregate is formed; the global model stays as it was.
+    """
+
+    def __init__(self, *, recorder: RunRecorder, min_sites: int, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        if min_sites < 1:
+            raise ValueError(f"min_sites must be >= 1. Found {min_sites}.")
+        self.recorder = recorder
+        self.min_sites = min_sites
+        self._reference: ArrayRecord | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._reference = arrays
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.recorder.note_sampled(server_round, [m.metadata.dst_node_id for m in messages])
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid: list[Message] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                self.recorder.note_site_error(server_round, node, "train", msg.error.reason)
+                continue
+            try:
+                if self._reference is None:
+                    raise UpdateRejected("no global model was sent this round")
+                check_train_reply(msg, self._reference, key=self.weighted_by_key)
+            except UpdateRejected as exc:
+                log(WARNING, "Round %s: rejected update from node %s: %s", server_round, node, exc)
+                self.recorder.note_rejected(server_round, node, str(exc))
+                continue
+            valid.append(msg)
+
+        nodes = [m.metadata.src_node_id for m in valid]
+        if len(valid) < self.min_sites:
+            log(WARNING, "Round %s: %d valid updates < min-sites %d; no aggregate formed",
+                server_round, len(valid), self.min_sites)
+            self.recorder.note_trained(server_round, nodes, aggregated=False, metrics={})
+            return None, None
+        contents = [m.content for m in valid]
+        arrays = aggregate_arrayrecords(contents, self.weighted_by_key)
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        self.recorder.note_trained(server_round, nodes, aggregated=True,
+                                   metrics={k: float(v) for k, v in metrics.items()  # type: ignore[arg-type]
+                                            if not isinstance(v, list)})
+        return arrays, metrics
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        valid: list[Message] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                self.recorder.note_site_error(server_round, node, "evaluate", msg.error.reason)
+                continue
+            try:
+                num_examples_of(msg, key=self.weighted_by_key)
+            except UpdateRejected as exc:
+                self.recorder.note_rejected(server_round, node, f"evaluation reply: {exc}")
+                continue
+            valid.append(msg)
+        if not valid:
+            return None
+        metrics = self.evaluate_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        self.recorder.note_federated_eval(
+            server_round,
+            {k: float(v) for k, v in metrics.items() if not isinstance(v, list)},  # type: ignore[arg-type]
+        )
+        return metrics

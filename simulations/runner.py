@@ -1,0 +1,161 @@
+"""Run fedvault's ServerApp and ClientApp on Flower's Simulation Engine (Ray backend).
+
+The very same apps as a real deployment (``server.app``, ``client.app``); the
+only difference is that run-config values arrive as overrides, because
+``flwr.simulation.run_simulation`` carries no run config. Progress is read from
+the run's own event log, exactly as ``fedvault rehearse`` reads it from a real
+SuperLink's ServerApp process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from client.app import build_client_app
+from client.site import pooled_table
+from fedvault.errors import ConfigError, FedvaultError
+from fedvault.rundir import RunDirectory
+from fedvault.tasks import get_task
+from protocols.config import RunSettings
+from protocols.hashchain import read_chain
+from server.app import build_server_app
+from simulations.partition import partition_indices
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+class _DropFlowerNoise(logging.Filter):
+    """Flower's ``run_simulation`` logs a deprecation warning a user should not see."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not (msg.startswith("DEPRECATED FEATURE") or msg.startswith("FEATURE UPDATE"))
+
+
+@contextmanager
+def quiet_flower(verbose: bool) -> Iterator[None]:
+    """Silence Flower's INFO chatter and its deprecation notice unless ``verbose``."""
+    flwr_logger = logging.getLogger("flwr")
+    old_level = flwr_logger.level
+    filt = _DropFlowerNoise()
+    flwr_logger.addFilter(filt)
+    for h in flwr_logger.handlers:
+        h.addFilter(filt)
+    if not verbose:
+        flwr_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        flwr_logger.setLevel(old_level)
+        flwr_logger.removeFilter(filt)
+        for h in flwr_logger.handlers:
+            h.removeFilter(filt)
+
+
+def check_run(settings: RunSettings, sites: int) -> None:
+    """Fail fast, before any process starts, on anything a run cannot run with."""
+    if sites < 1:
+        raise ConfigError(f"sites must be >= 1. Found {sites}.")
+    if settings.min_sites > sites:
+        raise ConfigError(f"min-sites ({settings.min_sites}) exceeds the number of sites ({sites}).")
+    if not settings.run_dir:
+        raise ConfigError("a run needs run-dir set.")
+    task = get_task(settings.task)
+    pool, _ = pooled_table(task, settings)  # loads data-path: DataError if bad
+    task.check_table(pool, num_features=settings.num_features, num_classes=settings.num_classes)
+    task.build_model(num_features=settings.num_features, num_classes=settings.num_classes)
+    if len(pool) < sites:
+        raise ConfigError(f"{len(pool)} training rows cannot be split across {sites} sites.")
+    partition_indices(pool.y, sites, partitioner=settings.partitioner, alpha=settings.alpha,
+                      seed=settings.seed)
+
+
+def tail_events(path: Path, stop: threading.Event, on_event: ProgressCallback,
+                poll: float = 0.2) -> None:
+    """Call ``on_event`` for each new event appended to ``path`` until ``stop`` is set."""
+    seen = 0
+    while True:
+        done = stop.is_set()
+        if path.exists():
+            try:
+                entries = read_chain(path, verify=False)
+            except OSError:
+                entries = []
+            for e in entries[seen:]:
+                on_event(e)
+            seen = max(seen, len(entries))
+        if done:
+            return
+        stop.wait(poll)
+
+
+def simulate(
+    settings: RunSettings,
+    *,
+    sites: int,
+    cpus_per_site: float = 1.0,
+    on_event: ProgressCallback | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Run a simulated federation of ``sites`` sites; return its ``summary.json``."""
+    from flwr.simulation import run_simulation
+
+    check_run(settings, sites)
+    run_dir = RunDirectory(Path(settings.run_dir))
+    if run_dir.events.exists():
+        raise ConfigError(f"run directory {str(run_dir.root)!r} already holds a run.")
+    overrides = settings.to_config()
+    server_app = build_server_app(overrides, mode="simulation")
+    client_app = build_client_app(overrides)
+    backend_config: dict[str, Any] = {
+        "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": os.cpu_count() or 1,
+            "logging_level": "INFO" if verbose else "ERROR",
+            "log_to_driver": verbose,
+            "include_dashboard": False,
+        },
+    }
+    stop = threading.Event()
+    tail: threading.Thread | None = None
+    if on_event is not None:
+        tail = threading.Thread(target=tail_events, args=(run_dir.events, stop, on_event),
+                                daemon=True)
+        tail.start()
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    t0 = time.monotonic()
+    try:
+        with quiet_flower(verbose):
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=sites,
+                backend_config=backend_config,  # type: ignore[arg-type]
+                verbose_logging=verbose,
+            )
+    except FedvaultError:
+        raise
+    except Exception as exc:
+        if run_dir.summary.exists():
+            summ = run_dir.read_summary()
+            if summ.get("error"):
+                raise FedvaultError(f"simulation failed: {summ['error']}") from exc
+        raise FedvaultError(f"simulation failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        stop.set()
+        if tail is not None:
+            tail.join(timeout=5)
+    summary = run_dir.read_summary()
+    summary["simulation_wall_seconds"] = round(time.monotonic() - t0, 3)
+    return summary
