@@ -51,7 +51,7 @@ def _cfg(msg: Message) -> ConfigRecord:
 def _train_seed(settings: RunSettings, server_round: int, context: Context) -> int:
     # Deterministic per (run seed, round, site): simulated sites are keyed by their
     # partition id, which, unlike Flower's node id, is the same in every run.
-    site_key = int(context.node_config.get("partition-id", context.node_id))  # type: ignore[arg-type]
+    site_key = int(context.node_config.get("partition-id", context.node_id))
     return (settings.seed * 100_003 + server_round * 1_009 + site_key) % (2**31)
 
 

@@ -41,7 +41,9 @@ def _int(node_config: Mapping[str, Any], key: str) -> int:
     try:
         return int(node_config[key])
     except (TypeError, ValueError):
-        raise ConfigError(f"node-config {key!r} must be an integer. Found {node_config[key]!r}.")
+        raise ConfigError(
+            f"node-config {key!r} must be an integer. Found {node_config[key]!r}."
+        ) from None
 
 
 def pooled_table(task: Task, settings: RunSettings) -> tuple[Table, Table]:

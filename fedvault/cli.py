@@ -103,8 +103,9 @@ def _settings_from(args: argparse.Namespace, mode: str, **fixed: Any) -> RunSett
 class RoundProgress:
     """A rich progress bar driven by the run's event log."""
 
-    def __init__(self, rounds: int, label: str) -> None:
+    def __init__(self, rounds: int, label: str, *, to_stderr: bool = False) -> None:
         self.rounds = rounds
+        self.console = err_console if to_stderr else console
         self.progress = Progress(
             SpinnerColumn(),
             TextColumn("[bold]{task.description}"),
@@ -112,7 +113,7 @@ class RoundProgress:
             MofNCompleteColumn(),
             TextColumn("{task.fields[detail]}"),
             TimeElapsedColumn(),
-            console=console,
+            console=self.console,
             transient=False,
         )
         self.task_id = self.progress.add_task(label, total=rounds, detail="starting…")
@@ -143,11 +144,13 @@ class RoundProgress:
                     detail=f"round {r}: {acc_s}, {e.get('sites_participated')} sites",
                 )
         elif kind in ("update_rejected", "site_error"):
-            console.print(f"[yellow]round {e.get('round')}: node {e.get('node_id')} "
+            self.console.print(f"[yellow]round {e.get('round')}: node {e.get('node_id')} "
                           f"{'rejected' if kind == 'update_rejected' else 'failed'}: "
                           f"{e.get('reason')}[/]")
         elif kind == "aggregate_refused":
-            console.print(f"[yellow]round {e.get('round')}: no aggregate: {e.get('reason')}[/]")
+            self.console.print(
+                f"[yellow]round {e.get('round')}: no aggregate: {e.get('reason')}[/]"
+            )
 
 
 def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
@@ -192,7 +195,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     settings = _settings_from(args, "simulation")
     check_run(settings, args.sites)
-    with RoundProgress(settings.num_server_rounds, f"simulating {args.sites} sites") as bar:
+    with RoundProgress(settings.num_server_rounds, f"simulating {args.sites} sites",
+                       to_stderr=args.json) as bar:
         bar.status("starting the Simulation Engine (Ray)")
         summary = simulate(settings, sites=args.sites, cpus_per_site=args.cpus_per_site,
                            on_event=bar.on_event, verbose=args.verbose)
@@ -205,7 +209,8 @@ def cmd_rehearse(args: argparse.Namespace) -> int:
 
     settings = _settings_from(args, "rehearsal")
     check_run(settings, args.sites)
-    with RoundProgress(settings.num_server_rounds, f"rehearsing {args.sites} sites") as bar:
+    with RoundProgress(settings.num_server_rounds, f"rehearsing {args.sites} sites",
+                       to_stderr=args.json) as bar:
         summary = rehearse(settings, sites=args.sites, on_event=bar.on_event,
                            on_status=bar.status, timeout=args.timeout)
     code = _finish(args, summary, Path(settings.run_dir))
@@ -303,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except FedvaultError as exc:
-        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted; every process was stopped.[/]")

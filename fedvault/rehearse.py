@@ -107,7 +107,7 @@ class Deployment:
         log = self.root / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         fh = log.open("wb")
-        popen = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+        popen = subprocess.Popen(
             argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             cwd=cwd, start_new_session=True,
         )
@@ -127,7 +127,10 @@ class Deployment:
                 )
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM every process group, wait ``grace`` seconds, SIGKILL what is left."""
+        """SIGTERM every process group, wait ``grace`` seconds, then SIGKILL every
+        process left of this deployment: the groups, their descendants, and any
+        process carrying a ``FLWR_HOME`` under this deployment (Flower's SuperExec
+        starts its own session, so a group kill alone would miss it)."""
         for p in reversed(self.procs):
             _signal_group(p.popen, signal.SIGTERM)
         deadline = time.monotonic() + grace
@@ -136,8 +139,19 @@ class Deployment:
                 p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
+        for _ in range(3):  # a dying parent may still spawn; sweep until nothing is left
+            leftovers = deployment_processes(self.root, [p.popen.pid for p in self.procs])
+            for p in self.procs:
+                _signal_group(p.popen, signal.SIGKILL)
+            for pid in leftovers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            if not leftovers:
+                break
+            time.sleep(0.2)
         for p in self.procs:
-            _signal_group(p.popen, signal.SIGKILL)  # children of a clean exit, too
             try:
                 p.popen.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -176,6 +190,42 @@ def reap_orphans(timeout: float = 3.0) -> None:
             if time.monotonic() > deadline:
                 return
             time.sleep(0.05)
+
+
+def deployment_processes(root: Path, roots: list[int]) -> list[int]:
+    """Live PIDs descending from ``roots`` or whose ``FLWR_HOME`` lies under ``root``
+    (Linux ``/proc``; elsewhere only the process groups are signalled)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    prefix = f"FLWR_HOME={root.resolve()}".encode()
+    children: dict[int, list[int]] = {}
+    found: set[int] = set()
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        pid = int(d.name)
+        try:
+            stat = (d / "stat").read_text()
+            state, ppid = stat.rsplit(") ", 1)[1].split()[:2]
+            if state == "Z":
+                continue
+            children.setdefault(int(ppid), []).append(pid)
+            env = (d / "environ").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if any(v.startswith(prefix) for v in env.split(b"\0")):
+            found.add(pid)
+    stack = list(roots)
+    while stack:
+        pid = stack.pop()
+        for c in children.get(pid, []):
+            if c not in found:
+                found.add(c)
+                stack.append(c)
+    found.update(r for r in roots if (proc / str(r)).exists())
+    found.discard(os.getpid())
+    return sorted(found)
 
 
 def _signal_group(popen: subprocess.Popen[bytes], sig: int) -> None:
@@ -285,8 +335,8 @@ def rehearse(
             link_home.mkdir(exist_ok=True)
             link = dep.spawn(
                 "superlink",
-                [_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-                 "--port", str(link_port)],
+                [_bin("flower-superlink"), "--insecure",
+                 "--disable-runtime-dependency-installation", "--port", str(link_port)],
                 env={**base_env, "FLWR_HOME": str(link_home)},
             )
             wait_for_port(link_port, link)

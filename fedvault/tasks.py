@@ -219,7 +219,7 @@ def split_train_test(table: Table, *, test_fraction: float, seed: int) -> tuple[
     for label in np.unique(table.y):
         idx = np.flatnonzero(table.y == label)
         rng.shuffle(idx)
-        n_test = int(round(len(idx) * test_fraction))
+        n_test = round(len(idx) * test_fraction)
         if len(idx) > 1:
             n_test = min(max(n_test, 1), len(idx) - 1)
         else:

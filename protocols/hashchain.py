@@ -86,9 +86,11 @@ def verify_chain(path: str | Path) -> ChainReport:
     prev = GENESIS_HASH
     count = 0
     for lineno, raw, complete in _iter_lines(p):
-        def bad(reason: str, lineno: int = lineno) -> ChainReport:
+        def bad(reason: str, lineno: int = lineno, count: int = count,
+                prev: str = prev) -> ChainReport:
             return ChainReport(path=str(p), entries=count, ok=False, first_bad_line=lineno,
                                reason=reason, last_hash=prev)
+
         if not complete:
             return bad("torn last line (the process was interrupted while writing it)")
         try:

@@ -35,12 +35,12 @@ class FedVaultFedAvg(FedAvg):
             raise ValueError(f"min_sites must be >= 1. Found {min_sites}.")
         self.recorder = recorder
         self.min_sites = min_sites
-        self._reference: ArrayRecord | None = None
+        self.global_arrays: ArrayRecord | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._reference = arrays
+        self.global_arrays = arrays
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.recorder.note_sampled(server_round, [m.metadata.dst_node_id for m in messages])
         return messages
@@ -52,12 +52,13 @@ class FedVaultFedAvg(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                self.recorder.note_site_error(server_round, node, "train", msg.error.reason)
+                self.recorder.note_site_error(server_round, node, "train",
+                                              msg.error.reason or "unknown error")
                 continue
             try:
-                if self._reference is None:
+                if self.global_arrays is None:
                     raise UpdateRejected("no global model was sent this round")
-                check_train_reply(msg, self._reference, key=self.weighted_by_key)
+                check_train_reply(msg, self.global_arrays, key=self.weighted_by_key)
             except UpdateRejected as exc:
                 log(WARNING, "Round %s: rejected update from node %s: %s", server_round, node, exc)
                 self.recorder.note_rejected(server_round, node, str(exc))
@@ -74,7 +75,7 @@ class FedVaultFedAvg(FedAvg):
         arrays = aggregate_arrayrecords(contents, self.weighted_by_key)
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         self.recorder.note_trained(server_round, nodes, aggregated=True,
-                                   metrics={k: float(v) for k, v in metrics.items()  # type: ignore[arg-type]
+                                   metrics={k: float(v) for k, v in metrics.items()
                                             if not isinstance(v, list)})
         return arrays, metrics
 
@@ -85,7 +86,8 @@ class FedVaultFedAvg(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                self.recorder.note_site_error(server_round, node, "evaluate", msg.error.reason)
+                self.recorder.note_site_error(server_round, node, "evaluate",
+                                              msg.error.reason or "unknown error")
                 continue
             try:
                 num_examples_of(msg, key=self.weighted_by_key)
@@ -98,6 +100,6 @@ class FedVaultFedAvg(FedAvg):
         metrics = self.evaluate_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         self.recorder.note_federated_eval(
             server_round,
-            {k: float(v) for k, v in metrics.items() if not isinstance(v, list)},  # type: ignore[arg-type]
+            {k: float(v) for k, v in metrics.items() if not isinstance(v, list)},
         )
         return metrics

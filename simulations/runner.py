@@ -67,7 +67,9 @@ def check_run(settings: RunSettings, sites: int) -> None:
     if sites < 1:
         raise ConfigError(f"sites must be >= 1. Found {sites}.")
     if settings.min_sites > sites:
-        raise ConfigError(f"min-sites ({settings.min_sites}) exceeds the number of sites ({sites}).")
+        raise ConfigError(
+            f"min-sites ({settings.min_sites}) exceeds the number of sites ({sites})."
+        )
     if not settings.run_dir:
         raise ConfigError("a run needs run-dir set.")
     task = get_task(settings.task)
@@ -141,7 +143,7 @@ def simulate(
                 server_app=server_app,
                 client_app=client_app,
                 num_supernodes=sites,
-                backend_config=backend_config,  # type: ignore[arg-type]
+                backend_config=backend_config,
                 verbose_logging=verbose,
             )
     except FedvaultError:

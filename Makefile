@@ -1,0 +1,41 @@
+# fedvault: the two commands.
+#   make demo   set up .venv (if needed) and run the default simulation
+#   make test   set up .venv (if needed) and run the whole test suite
+#
+# torch is installed first and pinned to 2.13.0: on this machine pip takes the
+# CPU build from disk; an unpinned torch would pull a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fedvault-installed
+
+.PHONY: demo test rehearse bench lint setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fedvault simulate
+
+rehearse: $(STAMP)
+	$(BIN)/fedvault rehearse --sites 3
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/footprint.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy .
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info .pytest_cache .mypy_cache .ruff_cache
