@@ -323,6 +323,11 @@ def rehearse(
 
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
     base_env["PYTHONUNBUFFERED"] = "1"
+    # Flower's processes start their helpers (flower-superexec, flwr-serverapp,
+    # flwr-clientapp) by name from PATH: put this interpreter's scripts first, so an
+    # un-activated virtualenv works and no other Flower install is picked up.
+    base_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent),
+                                        base_env.get("PATH", os.defpath)])
     dep = Deployment(root=dep_root)
     subreaper = become_subreaper()
     stop = threading.Event()
