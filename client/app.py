@@ -13,6 +13,8 @@ Train message in: ``arrays`` (global model) and ``config`` (``server-round``,
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,11 +22,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.budget import SitePolicy, check_request, noise_multiplier_for_run, site_policy
+from client.dp import plan_round, train_dp
 from client.site import resolve_site_data
-from client.training import evaluate, train_local
-from fedvault.errors import ConfigError
+from client.training import TrainResult, evaluate, train_local
+from fedvault.errors import ConfigError, PrivacyRefused
 from fedvault.tasks import get_task
+from privacy.ledger import PrivacyLedger
 from protocols.config import RunSettings
+
+logger = logging.getLogger("fedvault.client")
 
 
 def _settings(context: Context, overrides: Mapping[str, Any] | None) -> RunSettings:
@@ -55,6 +62,30 @@ def _train_seed(settings: RunSettings, server_round: int, context: Context) -> i
     return (settings.seed * 100_003 + server_round * 1_009 + site_key) % (2**31)
 
 
+def _train_reply(msg: Message, model: torch.nn.Module, result: TrainResult,
+                 privacy: dict[str, Any] | None) -> Message:
+    records: dict[str, Any] = {
+        "arrays": ArrayRecord(model.state_dict()),
+        "metrics": MetricRecord({"train-loss": result.loss,
+                                 "num-examples": result.num_examples,
+                                 "steps": result.steps}),
+    }
+    if privacy is not None:
+        records["privacy"] = ConfigRecord(privacy)
+    return Message(content=RecordDict(records), reply_to=msg)
+
+
+def _refusal(msg: Message, policy: SitePolicy, reason: str, spent: float | None = None
+             ) -> Message:
+    """A reply that trains nothing and says why (the server logs and counts it)."""
+    record: dict[str, Any] = {"reason": reason, "site": policy.site_name,
+                              "epsilon-limit": policy.max_epsilon, "delta": policy.delta}
+    if spent is not None:
+        record["epsilon-spent"] = spent
+    logger.warning("refusing round: %s", reason)
+    return Message(content=RecordDict({"refusal": ConfigRecord(record)}), reply_to=msg)
+
+
 def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """The ClientApp; ``overrides`` win over the run config (used by simulations)."""
     app = ClientApp()
@@ -67,28 +98,57 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         model = _model_from(msg, settings)
         cfg = _cfg(msg)
         server_round = int(cfg.get("server-round", 0))  # type: ignore[arg-type]
-        result = train_local(
-            model,
-            site.train,
-            epochs=int(cfg.get("local-epochs", settings.local_epochs)),  # type: ignore[arg-type]
-            batch_size=int(cfg.get("batch-size", settings.batch_size)),  # type: ignore[arg-type]
-            learning_rate=float(cfg.get("learning-rate", settings.learning_rate)),  # type: ignore[arg-type]
-            momentum=float(cfg.get("momentum", settings.momentum)),  # type: ignore[arg-type]
-            seed=_train_seed(settings, server_round, context),
-        )
-        content = RecordDict(
-            {
-                "arrays": ArrayRecord(model.state_dict()),
-                "metrics": MetricRecord(
-                    {
-                        "train-loss": result.loss,
-                        "num-examples": result.num_examples,
-                        "steps": result.steps,
-                    }
-                ),
-            }
-        )
-        return Message(content=content, reply_to=msg)
+        epochs = int(cfg.get("local-epochs", settings.local_epochs))  # type: ignore[arg-type]
+        batch_size = int(cfg.get("batch-size", settings.batch_size))  # type: ignore[arg-type]
+        lr = float(cfg.get("learning-rate", settings.learning_rate))  # type: ignore[arg-type]
+        momentum = float(cfg.get("momentum", settings.momentum))  # type: ignore[arg-type]
+        seed = _train_seed(settings, server_round, context)
+
+        policy = site_policy(settings, context.node_config)
+        if not settings.dp:
+            try:
+                check_request(settings, policy, 0.0)
+            except PrivacyRefused as exc:
+                return _refusal(msg, policy, str(exc))
+            result = train_local(model, site.train, epochs=epochs, batch_size=batch_size,
+                                 learning_rate=lr, momentum=momentum, seed=seed,
+                                 max_grad_norm=settings.max_grad_norm)
+            return _train_reply(msg, model, result, privacy=None)
+
+        ledger = PrivacyLedger(policy.ledger_path, accountant=policy.accountant)
+        ledger.register(site.fingerprint, source=site.source, rows=len(site.train))
+        plan = plan_round(num_examples=len(site.train), batch_size=batch_size, epochs=epochs,
+                          noise_multiplier=1.0, max_grad_norm=settings.max_grad_norm)
+        sigma = noise_multiplier_for_run(settings, policy, sample_rate=plan.sample_rate,
+                                         steps_per_round=plan.steps)
+        plan = dataclasses.replace(plan, noise_multiplier=sigma)
+        run_id = str(context.run_id)
+        try:
+            check_request(settings, policy, sigma)
+        except PrivacyRefused as exc:
+            ledger.refuse(site.fingerprint, run_id=run_id, server_round=server_round,
+                          reason=str(exc), delta=policy.delta, limit=policy.max_epsilon)
+            return _refusal(msg, policy, str(exc),
+                            spent=ledger.spent(site.fingerprint, delta=policy.delta))
+        try:
+            # Durable (fsync-ed) before the first step: a crash mid-round still counts.
+            reservation = ledger.reserve(site.fingerprint, [plan.event()], run_id=run_id,
+                                         server_round=server_round, delta=policy.delta,
+                                         limit=policy.max_epsilon)
+        except PrivacyRefused as exc:
+            return _refusal(msg, policy, str(exc),
+                            spent=ledger.spent(site.fingerprint, delta=policy.delta))
+        if not settings.secure_mode:
+            logger.warning("secure-mode is off: DP noise comes from torch's seeded PRNG, "
+                           "not a CSPRNG. Use this only for experiments.")
+        result = train_dp(model, site.train, plan, learning_rate=lr, momentum=momentum,
+                          secure_mode=settings.secure_mode, seed=seed, task_name=settings.task)
+        ledger.complete(reservation, steps_taken=result.steps)
+        privacy = {"site": policy.site_name, "epsilon": float(reservation["epsilon_after"]),
+                   "delta": policy.delta, "accountant": policy.accountant,
+                   "noise-multiplier": sigma, "sample-rate": plan.sample_rate,
+                   "steps": plan.steps}
+        return _train_reply(msg, model, result, privacy=privacy)
 
     @app.evaluate()
     def evaluate_fn(msg: Message, context: Context) -> Message:

@@ -36,8 +36,12 @@ def train_local(
     learning_rate: float,
     momentum: float,
     seed: int,
+    max_grad_norm: float = 0.0,
 ) -> TrainResult:
-    """SGD on ``table`` for ``epochs`` epochs; returns mean loss of the last epoch."""
+    """SGD on ``table`` for ``epochs`` epochs; returns mean loss of the last epoch.
+
+    ``max_grad_norm > 0`` clips each batch gradient's norm (stabilises the large
+    learning rates that suit DP-SGD when the same run config trains without DP)."""
     torch.manual_seed(seed)
     loader = to_loader(table, batch_size=batch_size, shuffle=True, seed=seed)
     opt = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
@@ -51,6 +55,8 @@ def train_local(
             opt.zero_grad()
             loss = loss_fn(model(xb), yb)
             loss.backward()
+            if max_grad_norm > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             opt.step()
             total += float(loss.item()) * len(yb)
             n += len(yb)

@@ -13,6 +13,7 @@ from fedvault.errors import (
     DeploymentError,
     FedvaultError,
     IntegrityError,
+    PrivacyRefused,
     TaskError,
     UpdateRejected,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "DeploymentError",
     "FedvaultError",
     "IntegrityError",
+    "PrivacyRefused",
     "TaskError",
     "UpdateRejected",
     "__version__",

@@ -241,6 +241,62 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_budget_verify(args: argparse.Namespace) -> int:
+    from protocols.hashchain import verify_chain
+
+    report = verify_chain(args.ledger)
+    if report.ok:
+        console.print(f"[green]{report.describe()}[/]", soft_wrap=True)
+        return 0
+    err_console.print(f"[red]{escape(report.describe())}[/]", soft_wrap=True)
+    return 1
+
+
+def cmd_budget_report(args: argparse.Namespace) -> int:
+    from fedvault import reports
+
+    data = reports.ledger_report(args.ledger, accountant=args.accountant)
+    if args.format == "table":
+        print_budget_table(data)
+        text = None
+    elif args.format == "json":
+        text = reports.to_json(data)
+    elif args.format == "csv":
+        text = reports.to_csv(data)
+    else:
+        text = reports.to_html(data)
+    if text is not None:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text, encoding="utf-8")
+            console.print(f"wrote {args.out}")
+        else:
+            sys.stdout.write(text)
+    elif args.out:
+        raise FedvaultError("--out needs --format json, csv or html.")
+    return 0
+
+
+def print_budget_table(data: dict[str, Any]) -> None:
+    t = RichTable(title=f"privacy budget · {data['ledger']}")
+    for col in ("dataset", "source", "ε spent", "ε limit", "remaining", "δ", "accountant",
+                "runs", "rounds", "refused", "last use"):
+        t.add_column(col, justify="right" if col.startswith(("ε", "rem", "run", "rou", "ref"))
+                     else "left")
+    for d in data["datasets"]:
+        lim = d["epsilon_limit"]
+        t.add_row(d["fingerprint"][:12], d["source"][-40:], f"{d['epsilon_spent']:.4f}",
+                  "-" if lim is None else f"{lim:g}",
+                  "-" if d["epsilon_remaining"] is None else f"{d['epsilon_remaining']:.4f}",
+                  "-" if d["delta"] is None else f"{d['delta']:g}", d["accountant"],
+                  str(len(d["runs"])), str(d["rounds"]), str(d["refusals"]),
+                  d["last_use"][:19].replace("T", " "))
+    console.print(t)
+    v = data["verified"]
+    console.print(f"[green]hash chain verified[/]: {v['entries']} entries, "
+                  f"last hash {v['last_hash'][:16]}…")
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from fedvault.tasks import TASKS
 
@@ -294,6 +350,28 @@ def build_parser() -> argparse.ArgumentParser:
                        "first bad entry.")
     v.add_argument("path", type=Path, metavar="PATH", help="a log file or a run directory")
     v.set_defaults(func=cmd_verify)
+
+    b = sub.add_parser("budget", help="privacy ledgers: verify their integrity, report "
+                       "the budget spent", description="Compliance tools for a site's "
+                       "privacy ledger.")
+    bsub = b.add_subparsers(dest="budget_command", metavar="ACTION", required=True)
+    bv = bsub.add_parser("verify", help="verify a ledger's hash chain",
+                         description="Check every entry's hash, sequence number and link; "
+                         "exit 1 naming the first edited, deleted or reordered entry.")
+    bv.add_argument("ledger", type=Path, metavar="LEDGER")
+    bv.set_defaults(func=cmd_budget_verify)
+    br = bsub.add_parser("report", help="per dataset: epsilon spent, limit, remaining, ...",
+                         description="Report a verified ledger: per dataset epsilon spent "
+                         "(recomputed from the stored mechanisms), limit, remaining, delta, "
+                         "accountant, runs, rounds, last use.")
+    br.add_argument("ledger", type=Path, metavar="LEDGER")
+    br.add_argument("--format", choices=["table", "json", "csv", "html"], default="table",
+                    help="table (default, for a terminal), json, csv, or html (one "
+                    "self-contained file with a plot)")
+    br.add_argument("--out", type=Path, default=None, help="write to FILE instead of stdout")
+    br.add_argument("--accountant", choices=["prv", "rdp"], default=None,
+                    help="recompute with this accountant (default: the ledger's own)")
+    br.set_defaults(func=cmd_budget_report)
 
     t = sub.add_parser("tasks", help="list the built-in tasks",
                        description="List the built-in tasks.")

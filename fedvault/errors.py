@@ -9,6 +9,8 @@
     ├── IntegrityError             a hash-chained record fails verification
     ├── UpdateRejected             a site's reply is invalid; recorded for that
     │                              site, never a crashed round
+    ├── PrivacyRefused             a site refuses to train: the round would exceed its
+    │                              privacy budget, or the server asks for weaker privacy
     └── DeploymentError            a SuperLink/SuperNode process failed to start or died
 
 Errors from third-party libraries (Flower, gRPC, TenSEAL, torch) are mapped into
@@ -42,6 +44,11 @@ class IntegrityError(FedvaultError):
 
 class UpdateRejected(FedvaultError):
     """A site's reply failed validation; the round goes on without it."""
+
+
+class PrivacyRefused(FedvaultError):
+    """A site refuses a round: its budget would be exceeded or the privacy asked
+    for is weaker than the site allows. The site trains nothing."""
 
 
 class DeploymentError(FedvaultError):

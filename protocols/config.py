@@ -32,9 +32,9 @@ class RunSettings:
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_sites: int = 2
-    local_epochs: int = 2
-    batch_size: int = 32
-    learning_rate: float = 0.05
+    local_epochs: int = 8
+    batch_size: int = 256
+    learning_rate: float = 0.3
     momentum: float = 0.9
     seed: int = 0
     run_dir: str = ""
@@ -46,6 +46,18 @@ class RunSettings:
     alpha: float = 0.5
     central_eval: bool = True
     round_timeout: float = 600.0
+    # -- differential privacy (sample-level DP-SGD at every site) --
+    dp: bool = True
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 8.0
+    max_grad_norm: float = 1.0
+    dp_delta: float = 1e-5
+    accountant: str = "prv"
+    secure_mode: bool = True
+    # -- policy of *simulated* sites (a real site's own node config always wins) --
+    site_max_epsilon: float = 10.0
+    site_delta: float = 1e-5
+    site_min_noise_multiplier: float = 0.5
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:
@@ -77,6 +89,23 @@ class RunSettings:
             raise ConfigError(f"alpha must be > 0. Found {self.alpha}.")
         if not self.round_timeout > 0:
             raise ConfigError(f"round-timeout must be > 0. Found {self.round_timeout}.")
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            raise ConfigError(
+                f"noise-multiplier must be >= 0 (0 = calibrate to target-epsilon). "
+                f"Found {self.noise_multiplier}.")
+        for name in ("target_epsilon", "max_grad_norm", "site_max_epsilon"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{_key(name)} must be > 0. Found {v}.")
+        for name in ("dp_delta", "site_delta"):
+            v = getattr(self, name)
+            if not 0 < v < 1:
+                raise ConfigError(f"{_key(name)} must be in (0, 1). Found {v}.")
+        if self.accountant not in ("prv", "rdp"):
+            raise ConfigError(f"accountant must be 'prv' or 'rdp'. Found {self.accountant!r}.")
+        if not self.site_min_noise_multiplier >= 0:
+            raise ConfigError(f"site-min-noise-multiplier must be >= 0. "
+                              f"Found {self.site_min_noise_multiplier}.")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> RunSettings:

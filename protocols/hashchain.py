@@ -129,6 +129,33 @@ def read_chain(path: str | Path, *, verify: bool = True) -> list[dict[str, Any]]
     return out
 
 
+def repair_torn_tail(path: str | Path) -> bytes | None:
+    """If the only defect of ``path`` is a torn last line, move that fragment to a
+    sidecar file (``<name>.torn-<UTC time>``), truncate it away and return it.
+
+    Returns ``None`` when there is nothing to repair; raises ``IntegrityError`` when
+    the chain is broken anywhere else (that is tampering, not a crash, and is never
+    repaired automatically).
+    """
+    p = Path(path)
+    report = verify_chain(p)
+    if report.ok:
+        return None
+    if "torn last line" not in report.reason:
+        raise IntegrityError(f"cannot repair: {report.describe()}")
+    data = p.read_bytes()
+    cut = data.rfind(b"\n") + 1  # keep every complete line
+    fragment = data[cut:]
+    stamp = utc_now().replace(":", "").replace(".", "")
+    side = p.with_name(f"{p.name}.torn-{stamp}")
+    side.write_bytes(fragment)
+    with p.open("r+b") as fh:
+        fh.truncate(cut)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return fragment
+
+
 class HashChainLog:
     """Appends entries to a hash-chained JSON-lines file, durably (fsync per entry).
 

@@ -34,7 +34,10 @@ class _SiteStats:
     trained: int = 0
     rejected: int = 0
     errors: int = 0
+    refused: int = 0
     last_reason: str = ""
+    name: str = ""
+    privacy: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -43,6 +46,7 @@ class _RoundState:
     accepted: int = 0
     rejected: int = 0
     errors: int = 0
+    refused: int = 0
     aggregated: bool = False
     train: dict[str, float] = field(default_factory=dict)
     federated: dict[str, float] = field(default_factory=dict)
@@ -129,6 +133,30 @@ class RunRecorder:
         self.events.append("site_error", round=server_round, node_id=node_id, phase=phase,
                            reason=reason)
 
+    def note_refused(self, server_round: int, node_id: int, refusal: dict[str, Any]) -> None:
+        """A site refused the round (privacy budget or weaker privacy than it allows)."""
+        with self._lock:
+            self._rounds[server_round].refused += 1
+            st = self._sites[node_id]
+            st.refused += 1
+            st.last_reason = str(refusal.get("reason", ""))
+            st.name = str(refusal.get("site") or st.name)
+            if "epsilon-spent" in refusal:
+                st.privacy.setdefault("epsilon", refusal["epsilon-spent"])
+            st.privacy.setdefault("delta", refusal.get("delta"))
+        self.events.append("site_refused", round=server_round, node_id=node_id,
+                           site=str(refusal.get("site", "")),
+                           reason=str(refusal.get("reason", "")),
+                           epsilon_spent=refusal.get("epsilon-spent"),
+                           epsilon_limit=refusal.get("epsilon-limit"))
+
+    def note_privacy(self, node_id: int, privacy: dict[str, Any]) -> None:
+        """The privacy a site reports after a round (its cumulative epsilon)."""
+        with self._lock:
+            st = self._sites[node_id]
+            st.name = str(privacy.get("site") or st.name)
+            st.privacy = dict(privacy)
+
     def note_trained(self, server_round: int, node_ids: list[int], aggregated: bool,
                      metrics: dict[str, float]) -> None:
         with self._lock:
@@ -175,6 +203,7 @@ class RunRecorder:
             "sites_sampled": st.sampled,
             "rejected": st.rejected,
             "errors": st.errors,
+            "refused": st.refused,
             "aggregated": st.aggregated if server_round > 0 else True,
             "train_loss": _num(st.train.get("train-loss")),
             "federated_accuracy": _num(fed.get("eval-acc")),
@@ -192,6 +221,27 @@ class RunRecorder:
         return row
 
     # -- result ----------------------------------------------------------------------
+    def _privacy_summary(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "dp": s.dp,
+            "level": "sample" if s.dp else "none",
+            "accountant": s.accountant,
+            "target_epsilon": s.target_epsilon if s.dp and s.noise_multiplier == 0 else None,
+            "noise_multiplier": s.noise_multiplier or None,
+            "max_grad_norm": s.max_grad_norm if s.dp else None,
+            "secure_mode": s.secure_mode,
+            "sites": [
+                {"site": st.name or f"node-{nid}", "node_id": nid,
+                 "epsilon": _num(st.privacy.get("epsilon")),
+                 "delta": st.privacy.get("delta"),
+                 "accountant": st.privacy.get("accountant"),
+                 "noise_multiplier": _num(st.privacy.get("noise-multiplier")),
+                 "refused_rounds": st.refused}
+                for nid, st in sorted(self._sites.items(), key=_site_key)
+            ],
+        }
+
     def summary(self, *, status: str, wall_seconds: float, error: str = "") -> dict[str, Any]:
         final = self.history[-1] if self.history else {}
         has_central = any(h["central_accuracy"] is not None for h in self.history)
@@ -213,12 +263,18 @@ class RunRecorder:
             "wall_seconds": round(wall_seconds, 3),
             "history": self.history,
             "participants": [
-                {"node_id": nid, "sampled": s.sampled, "trained": s.trained,
-                 "rejected": s.rejected, "errors": s.errors, "last_reason": s.last_reason}
+                {"node_id": nid, "site": s.name, "sampled": s.sampled, "trained": s.trained,
+                 "rejected": s.rejected, "errors": s.errors, "refused": s.refused,
+                 "last_reason": s.last_reason}
                 for nid, s in sorted(self._sites.items())
             ],
+            "privacy": self._privacy_summary(),
             "settings": self.settings.to_config(),
         }
+
+
+def _site_key(item: tuple[int, _SiteStats]) -> tuple[str, int]:
+    return (item[1].name, item[0])
 
 
 def _num(v: Any) -> float | None:

@@ -55,6 +55,12 @@ class FedVaultFedAvg(FedAvg):
                 self.recorder.note_site_error(server_round, node, "train",
                                               msg.error.reason or "unknown error")
                 continue
+            if "refusal" in msg.content.config_records:
+                refusal = dict(msg.content.config_records["refusal"])
+                log(WARNING, "Round %s: node %s refused: %s", server_round, node,
+                    refusal.get("reason"))
+                self.recorder.note_refused(server_round, node, refusal)
+                continue
             try:
                 if self.global_arrays is None:
                     raise UpdateRejected("no global model was sent this round")
@@ -64,6 +70,8 @@ class FedVaultFedAvg(FedAvg):
                 self.recorder.note_rejected(server_round, node, str(exc))
                 continue
             valid.append(msg)
+            if "privacy" in msg.content.config_records:
+                self.recorder.note_privacy(node, dict(msg.content.config_records["privacy"]))
 
         nodes = [m.metadata.src_node_id for m in valid]
         if len(valid) < self.min_sites:

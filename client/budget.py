@@ -1,0 +1,150 @@
+"""The site's privacy policy and the guard that enforces it before every round.
+
+The data owner's settings come from the SuperNode's node config and win over
+anything the server sends:
+
+=====================  =========================================  ===========
+node-config key        meaning                                    default
+=====================  =========================================  ===========
+``max-epsilon``        the dataset's total epsilon budget          10.0
+``delta``              delta at which epsilon is accounted         1e-5
+``min-noise-multiplier`` refuse rounds with less noise than this   0.5
+``accountant``         ``prv`` (tight) or ``rdp``                  ``prv``
+``ledger-path``        the site's privacy ledger (mode 0600)       see below
+``require-dp``         refuse rounds without DP                    true
+=====================  =========================================  ===========
+
+The default ledger is ``~/.fedvault/privacy-ledger.jsonl`` of the user running
+the SuperNode.
+
+A simulated site (no ``data-path`` in its node config: Flower's Simulation
+Engine sets only ``partition-id``) is played by the simulation, so its policy
+comes from the run config's ``site-*`` keys and its ledger lives in the run
+directory. A real site never takes its limits from the run config.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from fedvault.errors import ConfigError, PrivacyRefused
+from privacy.accountants import ACCOUNTANTS, get_accountant
+from protocols.config import RunSettings
+
+DEFAULT_MAX_EPSILON = 10.0
+DEFAULT_DELTA = 1e-5
+DEFAULT_MIN_NOISE = 0.5
+DEFAULT_LEDGER = "~/.fedvault/privacy-ledger.jsonl"
+
+_NODE_KEYS = ("max-epsilon", "delta", "min-noise-multiplier", "accountant", "ledger-path",
+              "require-dp")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SitePolicy:
+    """A site's privacy limits (validated)."""
+
+    max_epsilon: float = DEFAULT_MAX_EPSILON
+    delta: float = DEFAULT_DELTA
+    min_noise_multiplier: float = DEFAULT_MIN_NOISE
+    accountant: str = "prv"
+    ledger_path: str = DEFAULT_LEDGER
+    require_dp: bool = True
+    site_name: str = ""
+
+    def __post_init__(self) -> None:
+        if not (self.max_epsilon > 0 and not math.isnan(self.max_epsilon)):
+            raise ConfigError(f"max-epsilon must be > 0. Found {self.max_epsilon}.")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"delta must be in (0, 1). Found {self.delta}.")
+        if not self.min_noise_multiplier >= 0:
+            raise ConfigError(
+                f"min-noise-multiplier must be >= 0. Found {self.min_noise_multiplier}.")
+        if self.accountant not in ACCOUNTANTS:
+            raise ConfigError(f"accountant must be one of {sorted(ACCOUNTANTS)}. "
+                              f"Found {self.accountant!r}.")
+
+
+def _num(cfg: Mapping[str, Any], key: str, default: float) -> float:
+    if key not in cfg:
+        return default
+    try:
+        return float(cfg[key])
+    except (TypeError, ValueError):
+        raise ConfigError(f"node-config {key!r} must be a number. Found {cfg[key]!r}.") from None
+
+
+def _bool(cfg: Mapping[str, Any], key: str, default: bool) -> bool:
+    v = cfg.get(key, default)
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    raise ConfigError(f"node-config {key!r} must be true or false. Found {v!r}.")
+
+
+def site_policy(settings: RunSettings, node_config: Mapping[str, Any]) -> SitePolicy:
+    """The policy of this site: node config first; for simulated sites the run
+    config's ``site-*`` keys; for real sites the documented defaults."""
+    simulated = not node_config.get("data-path")
+    pid = node_config.get("partition-id")
+    name = str(node_config.get("site-name") or (f"site-{pid}" if pid is not None else ""))
+    if simulated:
+        ledger = (str(Path(settings.run_dir) / "ledgers" / f"{name or 'site'}.jsonl")
+                  if settings.run_dir else DEFAULT_LEDGER)
+        base = SitePolicy(max_epsilon=settings.site_max_epsilon, delta=settings.site_delta,
+                          min_noise_multiplier=settings.site_min_noise_multiplier,
+                          accountant=settings.accountant, ledger_path=ledger,
+                          require_dp=settings.dp, site_name=name)
+    else:
+        base = SitePolicy(site_name=name)
+    return SitePolicy(
+        max_epsilon=_num(node_config, "max-epsilon", base.max_epsilon),
+        delta=_num(node_config, "delta", base.delta),
+        min_noise_multiplier=_num(node_config, "min-noise-multiplier",
+                                  base.min_noise_multiplier),
+        accountant=str(node_config.get("accountant", base.accountant)),
+        ledger_path=str(node_config.get("ledger-path", base.ledger_path)),
+        require_dp=_bool(node_config, "require-dp", base.require_dp),
+        site_name=base.site_name,
+    )
+
+
+def noise_multiplier_for_run(settings: RunSettings, policy: SitePolicy, *, sample_rate: float,
+                             steps_per_round: int) -> float:
+    """The run's noise multiplier at this site: the server's explicit value, or the
+    smallest noise that keeps this run (all its rounds) within ``target-epsilon``
+    at the site's delta."""
+    if settings.noise_multiplier > 0:
+        return settings.noise_multiplier
+    return _calibrated(policy.accountant, settings.target_epsilon, policy.delta, sample_rate,
+                       steps_per_round * settings.num_server_rounds)
+
+
+@lru_cache(maxsize=256)
+def _calibrated(accountant: str, target_epsilon: float, delta: float, sample_rate: float,
+                steps: int) -> float:
+    # A pure function of its arguments: cached, since every round of a run asks again.
+    return get_accountant(accountant).noise_for(target_epsilon=target_epsilon, delta=delta,
+                                                sample_rate=sample_rate, steps=steps)
+
+
+def check_request(settings: RunSettings, policy: SitePolicy, noise_multiplier: float) -> None:
+    """Refuse a server config that asks for weaker privacy than the site allows."""
+    if not settings.dp:
+        if policy.require_dp:
+            raise PrivacyRefused("the run asks to train without differential privacy; "
+                                 "this site requires DP (node-config require-dp)")
+        return
+    if settings.dp_delta > policy.delta:
+        raise PrivacyRefused(f"the run asks for delta {settings.dp_delta:g}, above this "
+                             f"site's delta {policy.delta:g}")
+    if noise_multiplier < policy.min_noise_multiplier:
+        raise PrivacyRefused(f"noise multiplier {noise_multiplier:.4g} is below this site's "
+                             f"minimum {policy.min_noise_multiplier:g} "
+                             "(node-config min-noise-multiplier)")
