@@ -65,6 +65,21 @@ _RUN_OPTIONS: list[tuple[str, str, type, str]] = [
     ("--round-timeout", "round_timeout", float, "seconds to wait for replies in a round"),
 ]
 
+_DP_OPTIONS: list[tuple[str, str, type, str]] = [
+    ("--target-epsilon", "target_epsilon", float,
+     "epsilon this run may spend at each site (noise is calibrated per site)"),
+    ("--noise-multiplier", "noise_multiplier", float,
+     "fixed noise multiplier instead of --target-epsilon (0 = calibrate)"),
+    ("--max-grad-norm", "max_grad_norm", float, "per-example clipping norm"),
+    ("--delta", "dp_delta", float, "delta the run asks for"),
+    ("--accountant", "accountant", str, "prv (tight) | rdp"),
+    ("--site-max-epsilon", "site_max_epsilon", float,
+     "each site's total epsilon budget (simulated sites / rehearsal node config)"),
+    ("--site-delta", "site_delta", float, "each site's delta"),
+    ("--site-min-noise", "site_min_noise_multiplier", float,
+     "each site refuses rounds with less noise than this"),
+]
+
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     d = RunSettings()
@@ -75,6 +90,15 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                        help=f"{help_} (default: {default!r})")
     g.add_argument("--no-central-eval", dest="central_eval", action="store_false", default=None,
                    help="skip evaluation on the held-out central test split")
+    dp = p.add_argument_group("differential privacy (on by default)")
+    dp.add_argument("--no-dp", dest="dp", action="store_false", default=None,
+                    help="train without DP (sites that require DP refuse)")
+    for flag, field, typ, help_ in _DP_OPTIONS:
+        dp.add_argument(flag, dest=field, type=typ, default=None,
+                        help=f"{help_} (default: {getattr(d, field)!r})")
+    dp.add_argument("--insecure-noise", dest="secure_mode", action="store_false", default=None,
+                    help="DP noise from torch's seeded PRNG instead of the OS CSPRNG "
+                    "(reproducible; warns at every round)")
     p.add_argument("--out", type=Path, default=None,
                    help="run directory (default: runs/<mode>-<UTC time>)")
     p.add_argument("--json", action="store_true", help="print summary.json instead of a table")
@@ -82,12 +106,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 def _settings_from(args: argparse.Namespace, mode: str, **fixed: Any) -> RunSettings:
     changes: dict[str, Any] = {}
-    for _, field, _, _ in _RUN_OPTIONS:
+    for _, field, _, _ in _RUN_OPTIONS + _DP_OPTIONS:
         v = getattr(args, field)
         if v is not None:
             changes[field] = v
-    if args.central_eval is not None:
-        changes["central_eval"] = args.central_eval
+    for flag_field in ("central_eval", "dp", "secure_mode"):
+        if getattr(args, flag_field) is not None:
+            changes[flag_field] = getattr(args, flag_field)
     out = args.out or Path("runs") / f"{mode}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     changes["run_dir"] = str(out.resolve())
     changes.update(fixed)
@@ -147,6 +172,9 @@ class RoundProgress:
             self.console.print(f"[yellow]round {e.get('round')}: node {e.get('node_id')} "
                           f"{'rejected' if kind == 'update_rejected' else 'failed'}: "
                           f"{e.get('reason')}[/]")
+        elif kind == "site_refused":
+            self.console.print(f"[yellow]round {e.get('round')}: {e.get('site') or 'a site'} "
+                               f"refused: {e.get('reason')}[/]", soft_wrap=True)
         elif kind == "aggregate_refused":
             self.console.print(
                 f"[yellow]round {e.get('round')}: no aggregate: {e.get('reason')}[/]"
@@ -156,7 +184,7 @@ class RoundProgress:
 def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     t = RichTable(title=f"fedvault · {summary.get('mode')} · task {summary.get('task')} · "
                         f"{summary.get('sites')} sites")
-    for col in ("round", "accuracy", "loss", "sites", "rejected", "seconds"):
+    for col in ("round", "accuracy", "loss", "sites", "refused", "rejected", "seconds"):
         t.add_column(col, justify="right")
     for h in summary.get("history", []):
         t.add_row(
@@ -164,6 +192,7 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
             "-" if h.get("accuracy") is None else f"{h['accuracy']:.4f}",
             "-" if h.get("loss") is None else f"{h['loss']:.4f}",
             str(h.get("sites_participated", "")),
+            str(h.get("refused", 0)),
             str(h.get("rejected", 0) + h.get("errors", 0)),
             f"{h.get('seconds', 0):.1f}",
         )
@@ -174,6 +203,26 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         f"[bold]{'n/a' if acc is None else f'{acc:.4f}'}[/]   "
         f"wall time: {summary.get('wall_seconds', 0):.1f} s"
     )
+    privacy = summary.get("privacy") or {}
+    if privacy.get("dp"):
+        pt = RichTable(title=f"privacy per site (sample-level DP-SGD, {privacy.get('accountant')})")
+        for col in ("site", "ε spent", "δ", "noise σ", "refused rounds"):
+            pt.add_column(col, justify="left" if col == "site" else "right")
+        for s in privacy.get("sites", []):
+            pt.add_row(s["site"], "-" if s["epsilon"] is None else f"{s['epsilon']:.3f}",
+                       "-" if s["delta"] is None else f"{s['delta']:g}",
+                       "-" if s["noise_multiplier"] is None else f"{s['noise_multiplier']:.3f}",
+                       str(s["refused_rounds"]))
+        console.print(pt)
+        eps = [s["epsilon"] for s in privacy.get("sites", []) if s["epsilon"] is not None]
+        if eps:
+            console.print(f"max ε over sites: [bold]{max(eps):.3f}[/] "
+                          f"(δ = {privacy['sites'][0]['delta']:g})")
+        if not privacy.get("secure_mode"):
+            console.print("[yellow]warning: --insecure-noise: DP noise came from a seeded "
+                          "PRNG, not a CSPRNG[/]")
+    elif privacy:
+        console.print("[yellow]trained WITHOUT differential privacy (--no-dp)[/]")
     console.print(f"summary: {run_dir / 'summary.json'}")
     if (run_dir / "accuracy.png").exists():
         console.print(f"plot:    {run_dir / 'accuracy.png'}")
@@ -190,11 +239,18 @@ def _finish(args: argparse.Namespace, summary: dict[str, Any], run_dir: Path) ->
 # --------------------------------------------------------------------------------------
 # commands
 # --------------------------------------------------------------------------------------
+def _warn_insecure(settings: RunSettings) -> None:
+    if settings.dp and not settings.secure_mode:
+        err_console.print("[yellow]warning: secure mode is off (--insecure-noise): DP noise "
+                          "comes from torch's seeded PRNG, not a CSPRNG.[/]")
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.runner import check_run, simulate
 
     settings = _settings_from(args, "simulation")
     check_run(settings, args.sites)
+    _warn_insecure(settings)
     with RoundProgress(settings.num_server_rounds, f"simulating {args.sites} sites",
                        to_stderr=args.json) as bar:
         bar.status("starting the Simulation Engine (Ray)")
@@ -209,6 +265,7 @@ def cmd_rehearse(args: argparse.Namespace) -> int:
 
     settings = _settings_from(args, "rehearsal")
     check_run(settings, args.sites)
+    _warn_insecure(settings)
     with RoundProgress(settings.num_server_rounds, f"rehearsing {args.sites} sites",
                        to_stderr=args.json) as bar:
         summary = rehearse(settings, sites=args.sites, on_event=bar.on_event,

@@ -348,8 +348,14 @@ def rehearse(
 
             for k, path in enumerate(data_files):
                 home = path.parent
-                node_config = (f'data-path="{path}" label-column="{label}" '
-                               f'task="{settings.task}" partition-id={k} num-partitions={sites}')
+                node_config = (
+                    f'data-path="{path}" label-column="{label}" task="{settings.task}" '
+                    f'partition-id={k} num-partitions={sites} site-name="site-{k}" '
+                    f'ledger-path="{home / "privacy-ledger.jsonl"}" '
+                    f"max-epsilon={settings.site_max_epsilon!r} delta={settings.site_delta!r} "
+                    f"min-noise-multiplier={settings.site_min_noise_multiplier!r} "
+                    f'accountant="{settings.accountant}" '
+                    f"require-dp={'true' if settings.dp else 'false'}")
                 status(f"starting flower-supernode site-{k}")
                 node = dep.spawn(
                     f"site-{k}",

@@ -44,12 +44,41 @@ def test_digits_simulation_improves_and_writes_its_run(tmp_path: Path) -> None:
     shown = run_cli("show", str(out))
     assert shown.returncode == 0 and "final accuracy" in shown.stdout
 
+    # DP is on by default: every site reports its epsilon, within the run's target,
+    # and keeps a verified ledger in the run directory
+    privacy = summary["privacy"]
+    assert privacy["dp"] and privacy["accountant"] == "prv"
+    sites = privacy["sites"]
+    assert sorted(s["site"] for s in sites) == ["site-0", "site-1", "site-2"]
+    for s in sites:
+        assert 0 < s["epsilon"] <= 8.0 and s["delta"] == 1e-5 and s["refused_rounds"] == 0
+        ledger = out / "ledgers" / f"{s['site']}.jsonl"
+        assert verify_chain(ledger).ok
+        rep = run_cli("budget", "report", str(ledger), "--format", "json")
+        data = json.loads(rep.stdout)
+        assert data["datasets"][0]["epsilon_spent"] == pytest.approx(s["epsilon"], rel=1e-6)
+    assert "privacy per site" in r.stdout and "max ε over sites" in r.stdout
+
+
+def test_small_budget_makes_sites_refuse_and_the_run_goes_on(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = run_cli("simulate", "--sites", "3", "--rounds", "3", "--site-max-epsilon", "5",
+                "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "completed" and s["rounds_completed"] == 3
+    for site in s["privacy"]["sites"]:
+        assert site["epsilon"] <= 5.0 and site["refused_rounds"] >= 1
+    kinds = [e["kind"] for e in read_chain(out / "events.jsonl")]
+    assert "site_refused" in kinds and "aggregate_refused" in kinds
+    assert "refused" in r.stdout
+
 
 def test_simulation_is_reproducible(tmp_path: Path) -> None:
     accs = []
     for name in ("a", "b"):
         r = run_cli("simulate", "--sites", "2", "--rounds", "1", "--partition", "iid",
-                    "--out", str(tmp_path / name), "--json")
+                    "--insecure-noise", "--out", str(tmp_path / name), "--json")
         assert r.returncode == 0, r.stderr
         accs.append([h["accuracy"] for h in json.loads(r.stdout)["history"]])
     assert accs[0] == accs[1]
@@ -68,4 +97,4 @@ def test_tabular_on_a_users_csv(tmp_path: Path) -> None:
                 "diagnosis", "--sites", "2", "--rounds", "2", "--out", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
     s = json.loads((out / "summary.json").read_text())
-    assert s["task"] == "tabular" and s["final_accuracy"] > 0.85
+    assert s["task"] == "tabular" and s["final_accuracy"] > 0.8
