@@ -335,20 +335,28 @@ def cmd_budget_report(args: argparse.Namespace) -> int:
 
 
 def print_budget_table(data: dict[str, Any]) -> None:
-    t = RichTable(title=f"privacy budget · {data['ledger']}")
-    for col in ("dataset", "source", "ε spent", "ε limit", "remaining", "δ", "accountant",
-                "runs", "rounds", "refused", "last use"):
-        t.add_column(col, justify="right" if col.startswith(("ε", "rem", "run", "rou", "ref"))
-                     else "left")
+    from rich import box
+
+    t = RichTable(title="privacy budget per dataset", box=box.SIMPLE_HEAD, padding=(0, 1))
+    for col in ("dataset", "ε spent", "ε limit", "remaining", "δ", "runs", "rounds",
+                "refused", "last use (UTC)"):
+        t.add_column(col, no_wrap=True,
+                     justify="left" if col in ("dataset", "last use (UTC)") else "right")
     for d in data["datasets"]:
         lim = d["epsilon_limit"]
-        t.add_row(d["fingerprint"][:12], d["source"][-40:], f"{d['epsilon_spent']:.4f}",
+        t.add_row(d["fingerprint"][:12], f"{d['epsilon_spent']:.4f}",
                   "-" if lim is None else f"{lim:g}",
                   "-" if d["epsilon_remaining"] is None else f"{d['epsilon_remaining']:.4f}",
-                  "-" if d["delta"] is None else f"{d['delta']:g}", d["accountant"],
+                  "-" if d["delta"] is None else f"{d['delta']:g}",
                   str(len(d["runs"])), str(d["rounds"]), str(d["refusals"]),
-                  d["last_use"][:19].replace("T", " "))
+                  d["last_use"][:16].replace("T", " "))
+    console.print(f"ledger: {data['ledger']}", soft_wrap=True, highlight=False)
+    console.print(f"accountant: {data['accountant']} (every ε recomputed from the stored "
+                  "mechanisms)", highlight=False)
     console.print(t)
+    for d in data["datasets"]:
+        console.print(f"  {d['fingerprint'][:12]}: {d['source']} (fingerprint {d['fingerprint']})",
+                      soft_wrap=True, highlight=False)
     v = data["verified"]
     console.print(f"[green]hash chain verified[/]: {v['entries']} entries, "
                   f"last hash {v['last_hash'][:16]}…")

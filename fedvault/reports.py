@@ -81,7 +81,7 @@ def epsilon_plot_png(report: dict[str, Any]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(9.5, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, d in enumerate(report["datasets"]):
         c = colors[i % len(colors)]
@@ -94,8 +94,11 @@ def epsilon_plot_png(report: dict[str, Any]) -> bytes:
     ax.set_xlabel("rounds trained (reservations, in ledger order)")
     ax.set_ylabel(f"cumulative epsilon ({report['accountant']})")
     ax.set_ylim(bottom=0)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.set_title("privacy budget spent per dataset")
     fig.tight_layout()
     buf = io.BytesIO()
@@ -104,9 +107,11 @@ def epsilon_plot_png(report: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, column: str = "") -> str:
     if v is None:
         return "–"
+    if column in ("epsilon_limit", "delta"):
+        return f"{v:g}"
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
     if isinstance(v, list):
@@ -125,8 +130,9 @@ def to_html(report: dict[str, Any]) -> str:
     png = base64.b64encode(epsilon_plot_png(report)).decode("ascii")
     e = html.escape
     rows = "".join(
-        "<tr>" + "".join(f"<td>{e(_fmt(d[c]))}</td>" for c in (
-            "fingerprint", "source", "epsilon_spent", "epsilon_limit", "epsilon_remaining",
+        f"<tr><td title=\"{e(d['fingerprint'])}\"><code>{e(d['fingerprint'][:16])}…</code></td>"
+        + "".join(f"<td>{e(_fmt(d[c], c))}</td>" for c in (
+            "source", "epsilon_spent", "epsilon_limit", "epsilon_remaining",
             "delta", "accountant", "rounds", "refusals", "runs", "last_use")) + "</tr>"
         for d in report["datasets"])
     mech = "".join(

@@ -26,7 +26,7 @@ def _round(app: object, tmp_path: Path, r: int, **settings: object) -> Message:
     ctx = Context(run_id=99, node_id=5, node_config={"partition-id": 1, "num-partitions": 4},
                   state=RecordDict(),
                   run_config=RunSettings(run_dir=str(tmp_path), **settings).to_config())  # type: ignore[arg-type]
-    return app(msg, ctx)  # type: ignore[operator, no-any-return]
+    return app(msg, ctx)  # type: ignore[operator]
 
 
 def test_site_stops_exactly_when_the_next_round_would_exceed(tmp_path: Path) -> None:
@@ -56,6 +56,6 @@ def test_site_stops_exactly_when_the_next_round_would_exceed(tmp_path: Path) -> 
     res = [e for e in entries if e["kind"] == "reservation"]
     assert res[-1]["epsilon_after"] <= limit
     assert res[-1]["epsilon_after"] == pytest.approx(oracle(3), rel=0.01)
-    ref = [e for e in entries if e["kind"] == "refusal"][0]
+    ref = next(e for e in entries if e["kind"] == "refusal")
     assert ref["epsilon_requested"] > limit
     assert ref["epsilon_requested"] == pytest.approx(oracle(4), rel=0.01)

@@ -34,18 +34,12 @@ def test_rehearsal_runs_a_real_deployment_and_cleans_up(tmp_path: Path) -> None:
     assert "Starting Flower SuperLink" in (dep / "logs" / "superlink.log").read_text()
     assert processes_with_flwr_home_under(out) == []
     # each SuperNode kept its privacy ledger at the node-config path
-    for s in sorted(p.name for p in (dep / "sites").iterdir()):
-        ledger = dep / "sites" / s / "privacy-ledger.jsonl"
+    for site in sorted(p.name for p in (dep / "sites").iterdir()):
+        ledger = dep / "sites" / site / "privacy-ledger.jsonl"
         assert verify_chain(ledger).ok
         assert oct(ledger.stat().st_mode & 0o777) == "0o600"
-    eps = {x["site"]: x["epsilon"] for x in s_privacy(out)}
+    eps = {x["site"]: float(x["epsilon"]) for x in s["privacy"]["sites"]}
     assert sorted(eps) == ["site-0", "site-1", "site-2"] and all(0 < e <= 8 for e in eps.values())
-
-
-def s_privacy(out: Path) -> list[dict[str, object]]:
-    sites: list[dict[str, object]] = json.loads((out / "summary.json").read_text())["privacy"][
-        "sites"]
-    return sites
 
 
 def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
