@@ -78,6 +78,12 @@ _DP_OPTIONS: list[tuple[str, str, type, str]] = [
     ("--site-delta", "site_delta", float, "each site's delta"),
     ("--site-min-noise", "site_min_noise_multiplier", float,
      "each site refuses rounds with less noise than this"),
+    ("--client-dp-noise", "client_dp_noise_multiplier", float,
+     "client-level DP: noise multiplier per release"),
+    ("--client-dp-clip", "client_dp_clipping_norm", float,
+     "client-level DP: L2 bound of a site's model update"),
+    ("--client-dp-max-epsilon", "client_dp_max_epsilon", float,
+     "client-level DP: central epsilon budget of the server ledger"),
 ]
 
 
@@ -96,6 +102,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     for flag, field, typ, help_ in _DP_OPTIONS:
         dp.add_argument(flag, dest=field, type=typ, default=None,
                         help=f"{help_} (default: {getattr(d, field)!r})")
+    dp.add_argument("--client-dp", dest="client_dp", action="store_true", default=None,
+                    help="also add client-level DP (DP-FedAvg) at the server")
     dp.add_argument("--insecure-noise", dest="secure_mode", action="store_false", default=None,
                     help="DP noise from torch's seeded PRNG instead of the OS CSPRNG "
                     "(reproducible; warns at every round)")
@@ -110,7 +118,7 @@ def _settings_from(args: argparse.Namespace, mode: str, **fixed: Any) -> RunSett
         v = getattr(args, field)
         if v is not None:
             changes[field] = v
-    for flag_field in ("central_eval", "dp", "secure_mode"):
+    for flag_field in ("central_eval", "dp", "secure_mode", "client_dp"):
         if getattr(args, flag_field) is not None:
             changes[flag_field] = getattr(args, flag_field)
     out = args.out or Path("runs") / f"{mode}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
@@ -175,6 +183,9 @@ class RoundProgress:
         elif kind == "site_refused":
             self.console.print(f"[yellow]round {e.get('round')}: {e.get('site') or 'a site'} "
                                f"refused: {e.get('reason')}[/]", soft_wrap=True)
+        elif kind == "release_refused":
+            self.console.print(f"[yellow]round {e.get('round')}: no aggregate released: "
+                               f"{e.get('reason')}[/]", soft_wrap=True)
         elif kind == "aggregate_refused":
             self.console.print(
                 f"[yellow]round {e.get('round')}: no aggregate: {e.get('reason')}[/]"
@@ -218,6 +229,11 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         if eps:
             console.print(f"max ε over sites: [bold]{max(eps):.3f}[/] "
                           f"(δ = {privacy['sites'][0]['delta']:g})")
+        central = privacy.get("client_level") or {}
+        if central.get("enabled") and central.get("epsilon") is not None:
+            console.print(f"client-level DP (server ledger): ε = {central['epsilon']:.3f} "
+                          f"at δ = {central['delta']:g}, σ = {central['noise_multiplier']:g}, "
+                          f"clip {central['clipping_norm']:g}")
         if not privacy.get("secure_mode"):
             console.print("[yellow]warning: --insecure-noise: DP noise came from a seeded "
                           "PRNG, not a CSPRNG[/]")

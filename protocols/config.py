@@ -54,6 +54,13 @@ class RunSettings:
     dp_delta: float = 1e-5
     accountant: str = "prv"
     secure_mode: bool = True
+    # -- client-level DP (DP-FedAvg at the server, accounted in a server-side ledger) --
+    client_dp: bool = False
+    client_dp_noise_multiplier: float = 1.0
+    client_dp_clipping_norm: float = 1.0
+    client_dp_delta: float = 1e-5
+    client_dp_max_epsilon: float = 10.0
+    federation: str = "default"
     # -- policy of *simulated* sites (a real site's own node config always wins) --
     site_max_epsilon: float = 10.0
     site_delta: float = 1e-5
@@ -101,6 +108,13 @@ class RunSettings:
             v = getattr(self, name)
             if not 0 < v < 1:
                 raise ConfigError(f"{_key(name)} must be in (0, 1). Found {v}.")
+        for name in ("client_dp_noise_multiplier", "client_dp_clipping_norm",
+                     "client_dp_max_epsilon"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{_key(name)} must be > 0. Found {v}.")
+        if not 0 < self.client_dp_delta < 1:
+            raise ConfigError(f"client-dp-delta must be in (0, 1). Found {self.client_dp_delta}.")
         if self.accountant not in ("prv", "rdp"):
             raise ConfigError(f"accountant must be 'prv' or 'rdp'. Found {self.accountant!r}.")
         if not self.site_min_noise_multiplier >= 0:

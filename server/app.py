@@ -21,7 +21,9 @@ from client.training import evaluate
 from fedvault.errors import FedvaultError
 from fedvault.rundir import RunDirectory, default_run_dir
 from fedvault.tasks import Table, Task, get_task
+from privacy.ledger import PrivacyLedger
 from protocols.config import RunSettings
+from server.dp import ClientLevelDP
 from server.recorder import RunRecorder
 from server.strategy import FedVaultFedAvg
 
@@ -88,7 +90,16 @@ def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str
                 "momentum": settings.momentum,
             }
         )
-        strategy.start(
+        runner: FedVaultFedAvg | ClientLevelDP = strategy
+        if settings.client_dp:
+            runner = ClientLevelDP(
+                strategy, noise_multiplier=settings.client_dp_noise_multiplier,
+                clipping_norm=settings.client_dp_clipping_norm,
+                ledger=PrivacyLedger(recorder.dir.root / "server-ledger.jsonl",
+                                     accountant=settings.accountant),
+                federation=settings.federation, run_id=str(context.run_id),
+                delta=settings.client_dp_delta, max_epsilon=settings.client_dp_max_epsilon)
+        runner.start(
             grid=grid,
             initial_arrays=initial,
             num_rounds=settings.num_server_rounds,

@@ -71,6 +71,7 @@ class RunRecorder:
         self.history: list[dict[str, Any]] = []
         self.num_sites = 0
         self.started = utc_now()
+        self.central_privacy: dict[str, Any] = {}
 
     # -- run lifecycle ---------------------------------------------------------------
     def start(self, *, num_sites: int, num_parameters: int) -> None:
@@ -157,6 +158,11 @@ class RunRecorder:
             st.name = str(privacy.get("site") or st.name)
             st.privacy = dict(privacy)
 
+    def note_central_privacy(self, **facts: Any) -> None:
+        """Client-level DP: the server ledger's cumulative epsilon after a release."""
+        with self._lock:
+            self.central_privacy = dict(facts)
+
     def note_trained(self, server_round: int, node_ids: list[int], aggregated: bool,
                      metrics: dict[str, float]) -> None:
         with self._lock:
@@ -231,6 +237,8 @@ class RunRecorder:
             "noise_multiplier": s.noise_multiplier or None,
             "max_grad_norm": s.max_grad_norm if s.dp else None,
             "secure_mode": s.secure_mode,
+            "client_level": ({"enabled": True, **self.central_privacy} if s.client_dp
+                             else {"enabled": False}),
             "sites": [
                 {"site": st.name or f"node-{nid}", "node_id": nid,
                  "epsilon": _num(st.privacy.get("epsilon")),

@@ -48,6 +48,21 @@ class FedVaultFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid = self.valid_train_replies(server_round, replies)
+        if valid is None:
+            return None, None
+        contents = [m.content for m in valid]
+        arrays = aggregate_arrayrecords(contents, self.weighted_by_key)
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        self.recorder.note_trained(server_round, [m.metadata.src_node_id for m in valid],
+                                   aggregated=True, metrics=_floats(metrics))
+        return arrays, metrics
+
+    def valid_train_replies(self, server_round: int, replies: Iterable[Message]
+                            ) -> list[Message] | None:
+        """The replies that may enter the aggregate, each bad one recorded for its
+        site; ``None`` (and an ``aggregate_refused`` record) if fewer than
+        ``min_sites`` remain."""
         valid: list[Message] = []
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -73,19 +88,13 @@ class FedVaultFedAvg(FedAvg):
             if "privacy" in msg.content.config_records:
                 self.recorder.note_privacy(node, dict(msg.content.config_records["privacy"]))
 
-        nodes = [m.metadata.src_node_id for m in valid]
         if len(valid) < self.min_sites:
             log(WARNING, "Round %s: %d valid updates < min-sites %d; no aggregate formed",
                 server_round, len(valid), self.min_sites)
-            self.recorder.note_trained(server_round, nodes, aggregated=False, metrics={})
-            return None, None
-        contents = [m.content for m in valid]
-        arrays = aggregate_arrayrecords(contents, self.weighted_by_key)
-        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-        self.recorder.note_trained(server_round, nodes, aggregated=True,
-                                   metrics={k: float(v) for k, v in metrics.items()
-                                            if not isinstance(v, list)})
-        return arrays, metrics
+            self.recorder.note_trained(server_round, [m.metadata.src_node_id for m in valid],
+                                       aggregated=False, metrics={})
+            return None
+        return valid
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -106,8 +115,9 @@ class FedVaultFedAvg(FedAvg):
         if not valid:
             return None
         metrics = self.evaluate_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
-        self.recorder.note_federated_eval(
-            server_round,
-            {k: float(v) for k, v in metrics.items() if not isinstance(v, list)},
-        )
+        self.recorder.note_federated_eval(server_round, _floats(metrics))
         return metrics
+
+
+def _floats(metrics: MetricRecord) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
