@@ -2,8 +2,8 @@
 
 from client.app import build_client_app
 from client.budget import SitePolicy, site_policy
-from client.dp import DPPlan, plan_round, train_dp
 from client.data import fingerprint, load_table, save_table
+from client.dp import DPPlan, plan_round, train_dp
 from client.site import SiteData, resolve_site_data
 from client.training import evaluate, train_local
 

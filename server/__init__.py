@@ -6,4 +6,11 @@ from server.recorder import RunRecorder
 from server.strategy import FedVaultFedAvg
 from server.validation import check_train_reply
 
-__all__ = ["ClientLevelDP", "FedVaultFedAvg", "RunRecorder", "build_server_app", "check_train_reply", "run_server"]
+__all__ = [
+    "ClientLevelDP",
+    "FedVaultFedAvg",
+    "RunRecorder",
+    "build_server_app",
+    "check_train_reply",
+    "run_server",
+]
