@@ -378,6 +378,32 @@ def print_budget_table(data: dict[str, Any]) -> None:
                   f"last hash {v['last_hash'][:16]}…")
 
 
+def cmd_provision(args: argparse.Namespace) -> int:
+    import os
+
+    from fedvault.provision import provision
+    from privacy.he import HEParams, ckks_params
+
+    passphrase = None
+    if args.passphrase_env:
+        passphrase = os.environ.get(args.passphrase_env)
+        if not passphrase:
+            raise FedvaultError(f"environment variable {args.passphrase_env} is empty or unset.")
+    params = (ckks_params() if args.scheme == "ckks" else
+              HEParams(max_sites=max(16, 1 << max(0, args.sites - 1).bit_length())))
+    m = provision(args.out, sites=args.sites, params=params, passphrase=passphrase)
+    he = m["he"]
+    console.print(f"federation of {args.sites} sites in {args.out}")
+    console.print(f"  HE: {he['scheme'].upper()} N={he['poly_modulus_degree']} "
+                  f"coeff moduli {he['coeff_mod_bit_sizes']} (128-bit security)"
+                  + (f", plain modulus {he['plain_modulus']}" if "plain_modulus" in he else ""))
+    console.print(f"  fingerprint: {he['fingerprint']}")
+    console.print(f"  server: {args.out / m['server']['he_context']} (public: cannot decrypt)")
+    console.print(f"  sites:  {args.out / 'sites'}/site-K/ (secret, mode 0600, "
+                  f"{he['secret_at_rest']})")
+    return 0
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from fedvault.tasks import TASKS
 
@@ -453,6 +479,19 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--accountant", choices=["prv", "rdp"], default=None,
                     help="recompute with this accountant (default: the ledger's own)")
     br.set_defaults(func=cmd_budget_report)
+
+    pv = sub.add_parser("provision", help="create a federation: HE contexts and a manifest",
+                        description="Create a federation directory: the server's public HE "
+                        "context (no secret key), each site's secret context (mode 0600), "
+                        "and a manifest with the parameters and their fingerprint.")
+    pv.add_argument("--sites", type=int, required=True, help="number of sites")
+    pv.add_argument("--out", type=Path, required=True, help="federation directory to create")
+    pv.add_argument("--scheme", choices=["bfv", "ckks"], default="bfv",
+                    help="bfv (default: quantised, exact sums, ~11-13 bytes/parameter) or ckks")
+    pv.add_argument("--passphrase-env", metavar="VAR", default=None,
+                    help="encrypt each site's secret context at rest with the passphrase in "
+                    "environment variable VAR")
+    pv.set_defaults(func=cmd_provision)
 
     t = sub.add_parser("tasks", help="list the built-in tasks",
                        description="List the built-in tasks.")

@@ -9,6 +9,9 @@
     ├── IntegrityError             a hash-chained record fails verification
     ├── UpdateRejected             a site's reply is invalid; recorded for that
     │                              site, never a crashed round
+    ├── HEError                    an HE operation failed: unparsable ciphertext,
+    │                              wrong context, missing secret key (TenSEAL errors
+    │                              are mapped here)
     ├── PrivacyRefused             a site refuses to train: the round would exceed its
     │                              privacy budget, or the server asks for weaker privacy
     └── DeploymentError            a SuperLink/SuperNode process failed to start or died
@@ -44,6 +47,10 @@ class IntegrityError(FedvaultError):
 
 class UpdateRejected(FedvaultError):
     """A site's reply failed validation; the round goes on without it."""
+
+
+class HEError(FedvaultError):
+    """An HE operation failed: unparsable ciphertext, wrong context, missing secret key."""
 
 
 class PrivacyRefused(FedvaultError):

@@ -87,3 +87,11 @@ def test_table_validates_shapes() -> None:
         Table(x=np.zeros(3, np.float32), y=np.zeros(3, np.int64))
     with pytest.raises(ValueError, match="one label per row"):
         Table(x=np.zeros((3, 2), np.float32), y=np.zeros(2, np.int64))
+
+
+def test_dp_refuses_a_model_opacus_cannot_train() -> None:
+    from client.dp import check_opacus_compatible
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    with pytest.raises(TaskError, match="cannot be trained with DP-SGD"):
+        check_opacus_compatible(model, "custom")

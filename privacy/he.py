@@ -1,0 +1,342 @@
+"""Homomorphic encryption of model updates with TenSEAL: parameters, packing, contexts.
+
+Two schemes:
+
+``bfv`` (default): quantised integers, exact sums.
+    Each value is clipped to ``[-bound, bound]`` and stochastically rounded to one
+    of ``2**quant_bits`` levels (unbiased: E[decode(q)] = the clipped value). Two
+    quantised values share one BFV slot (``lo + hi * 2**field_bits``), where
+    ``field_bits = quant_bits + ceil(log2(max_sites))`` leaves headroom so that a
+    sum over up to ``max_sites`` sites never carries from one field into the
+    other nor wraps modulo the plaintext modulus. The whole flattened update is
+    packed into ``ceil(n / (2 * N))`` ciphertexts (never one per layer) and no
+    context travels with the data.
+``ckks``: approximate real arithmetic (N = 8192, moduli [60, 40, 60], scale 2**40),
+    one value per slot; the alternative for models whose values are unbounded.
+
+Security: every parameter set is checked against the HomomorphicEncryption.org
+standard (Albrecht et al. 2018, "Homomorphic Encryption Security Standard",
+table 1, classical, uniform/ternary secret): at 128-bit security the total
+coefficient modulus may have at most 27, 54, 109, 218, 438 or 881 bits for
+N = 1024 ... 32768. Anything weaker is refused with a clear error.
+
+One secret context is shared by every site (the known limit of single-key HE,
+see DESIGN.md); the server only ever holds the public context, which cannot
+decrypt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedvault.errors import ConfigError, HEError
+
+#: Max total coefficient-modulus bits for 128-bit classical security (HE standard, table 1).
+MAX_COEFF_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+#: SEAL's default BFV coefficient moduli at 128-bit security (``CoeffModulus::BFVDefault``).
+SEAL_BFV_DEFAULT = {4096: (36, 36, 37), 8192: (43, 43, 44, 44, 44)}
+
+
+__all__ = ["HEContext", "HEError", "HEParams", "ckks_params", "new_secret_context"]
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    small = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
+    for p in small:
+        if n % p == 0:
+            return n == p
+    d, s = n - 1, 0
+    while d % 2 == 0:
+        d //= 2
+        s += 1
+    for a in small:  # deterministic Miller-Rabin for n < 3.3e24
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(s - 1):
+            x = pow(x, 2, n)
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def batching_prime(bits: int, poly_modulus_degree: int) -> int:
+    """Smallest prime p >= 2**(bits-1) with p = 1 mod 2N (needed for BFV batching)."""
+    step = 2 * poly_modulus_degree
+    p = ((1 << (bits - 1)) // step + 1) * step + 1
+    while not _is_prime(p):
+        p += step
+    if p.bit_length() != bits:
+        raise ConfigError(f"no {bits}-bit batching prime for N={poly_modulus_degree}.")
+    return p
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HEParams:
+    """An HE parameter set; validated (128-bit security, no wrap-around) on construction."""
+
+    scheme: str = "bfv"
+    poly_modulus_degree: int = 4096
+    coeff_mod_bit_sizes: tuple[int, ...] = ()
+    quant_bits: int = 16
+    max_sites: int = 16
+    bound: float = 8.0
+    ckks_scale_bits: int = 40
+
+    def __post_init__(self) -> None:
+        if self.scheme not in ("bfv", "ckks"):
+            raise ConfigError(f"HE scheme must be 'bfv' or 'ckks'. Found {self.scheme!r}.")
+        if self.poly_modulus_degree not in MAX_COEFF_BITS_128:
+            raise ConfigError(f"poly_modulus_degree must be one of "
+                              f"{sorted(MAX_COEFF_BITS_128)}. Found {self.poly_modulus_degree}.")
+        bits = sum(self.coeff_moduli)
+        limit = MAX_COEFF_BITS_128[self.poly_modulus_degree]
+        if bits > limit:
+            raise ConfigError(
+                f"HE parameters below 128-bit security: N={self.poly_modulus_degree} allows at "
+                f"most {limit} bits of coefficient modulus (HomomorphicEncryption.org "
+                f"standard). Found {bits} ({list(self.coeff_moduli)}).")
+        if self.scheme == "bfv":
+            if not 2 <= self.quant_bits <= 24:
+                raise ConfigError(f"quant_bits must be in [2, 24]. Found {self.quant_bits}.")
+            if not 1 <= self.max_sites <= 4096:
+                raise ConfigError(f"max_sites must be in [1, 4096]. Found {self.max_sites}.")
+            if 2 * self.field_bits + 2 > 60:
+                raise ConfigError(
+                    f"quant_bits {self.quant_bits} with max_sites {self.max_sites} needs a "
+                    f"{2 * self.field_bits + 2}-bit plaintext modulus; SEAL allows 60.")
+        if not (math.isfinite(self.bound) and self.bound > 0):
+            raise ConfigError(f"bound must be > 0. Found {self.bound}.")
+
+    @property
+    def coeff_moduli(self) -> tuple[int, ...]:
+        if self.coeff_mod_bit_sizes:
+            return self.coeff_mod_bit_sizes
+        if self.scheme == "ckks":
+            return (60, 40, 60)
+        return SEAL_BFV_DEFAULT.get(self.poly_modulus_degree, (36, 36, 37))
+
+    @property
+    def field_bits(self) -> int:
+        """Bits of one packed field: the quantised value plus headroom for the sum."""
+        return self.quant_bits + max(1, math.ceil(math.log2(self.max_sites)))
+
+    @property
+    def plain_modulus(self) -> int:
+        # Two fields per slot, and the slot's value must stay below t/2 (SEAL decodes
+        # batched BFV values to the centred range), hence 2 * field_bits + 1 bits.
+        return batching_prime(2 * self.field_bits + 2, self.poly_modulus_degree)
+
+    @property
+    def values_per_ciphertext(self) -> int:
+        """BFV: two packed values in each of N slots; CKKS: one value in each of N/2."""
+        n = self.poly_modulus_degree
+        return 2 * n if self.scheme == "bfv" else n // 2
+
+    @property
+    def step(self) -> float:
+        """Quantisation step: the largest rounding error of one value (BFV)."""
+        return 2 * self.bound / ((1 << self.quant_bits) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["coeff_mod_bit_sizes"] = list(self.coeff_moduli)
+        if self.scheme == "bfv":
+            d["plain_modulus"] = self.plain_modulus
+        d["security_bits"] = 128
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HEParams:
+        keys = {"scheme", "poly_modulus_degree", "coeff_mod_bit_sizes", "quant_bits",
+                "max_sites", "bound", "ckks_scale_bits"}
+        kw = {k: d[k] for k in keys if k in d}
+        kw["coeff_mod_bit_sizes"] = tuple(kw.get("coeff_mod_bit_sizes", ()))
+        return cls(**kw)
+
+
+def ckks_params(**kw: Any) -> HEParams:
+    return HEParams(scheme="ckks", poly_modulus_degree=8192, **kw)
+
+
+# ----------------------------------------------------------------------------------------
+# quantisation and packing (BFV)
+# ----------------------------------------------------------------------------------------
+def quantise(values: np.ndarray, params: HEParams, rng: np.random.Generator) -> np.ndarray:
+    """Clip to [-bound, bound] and stochastically round to integers in [0, 2**quant_bits).
+
+    Unbiased: E[dequantise(quantise(x))] = clip(x)."""
+    levels = (1 << params.quant_bits) - 1
+    x = (np.clip(values.astype(np.float64), -params.bound, params.bound) + params.bound) / (
+        2 * params.bound) * levels
+    floor = np.floor(x)
+    q = floor + (rng.random(x.shape) < (x - floor))
+    return np.clip(q, 0, levels).astype(np.int64)
+
+
+def dequantise_sum(q_sum: np.ndarray, count: int, params: HEParams) -> np.ndarray:
+    """The mean of ``count`` sites' values from the sum of their quantised values."""
+    levels = (1 << params.quant_bits) - 1
+    return (q_sum.astype(np.float64) / count) / levels * (2 * params.bound) - params.bound
+
+
+def pack(q: np.ndarray, params: HEParams) -> list[np.ndarray]:
+    """Two quantised values per slot: slot i of chunk c holds values (lo, hi)."""
+    n = params.poly_modulus_degree
+    per = 2 * n
+    chunks = []
+    for start in range(0, len(q), per):
+        part = q[start:start + per]
+        padded = np.zeros(per, dtype=np.int64)
+        padded[:len(part)] = part
+        chunks.append(padded[:n] + (padded[n:] << params.field_bits))
+    return chunks
+
+
+def unpack(slots: list[np.ndarray], num_values: int, params: HEParams) -> np.ndarray:
+    mask = (1 << params.field_bits) - 1
+    out = []
+    for s in slots:
+        s = np.asarray(s, dtype=np.int64)
+        out.append(np.concatenate([s & mask, s >> params.field_bits]))
+    return np.concatenate(out)[:num_values] if out else np.zeros(0, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------
+# contexts
+# ----------------------------------------------------------------------------------------
+def _ts() -> Any:
+    import tenseal as ts
+
+    return ts
+
+
+def new_secret_context(params: HEParams) -> Any:
+    """A fresh TenSEAL context holding the secret key (for the sites)."""
+    ts = _ts()
+    if params.scheme == "bfv":
+        ctx = ts.context(ts.SCHEME_TYPE.BFV, poly_modulus_degree=params.poly_modulus_degree,
+                         plain_modulus=params.plain_modulus,
+                         coeff_mod_bit_sizes=list(params.coeff_moduli))
+    else:
+        ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=params.poly_modulus_degree,
+                         coeff_mod_bit_sizes=list(params.coeff_moduli))
+        ctx.global_scale = 2.0 ** params.ckks_scale_bits
+    return ctx
+
+
+def public_bytes(ctx: Any) -> bytes:
+    """The context without its secret key (what the server gets)."""
+    pub = ctx.copy()
+    pub.make_context_public()
+    data: bytes = pub.serialize(save_public_key=True, save_secret_key=False,
+                                save_galois_keys=False, save_relin_keys=False)
+    return data
+
+
+def fingerprint(public_context: bytes, params: HEParams) -> str:
+    """What every party checks: SHA-256 over the parameters and the public context."""
+    h = hashlib.sha256(b"fedvault-he-v1")
+    h.update(repr(sorted(params.to_dict().items())).encode())
+    h.update(public_context)
+    return h.hexdigest()
+
+
+class HEContext:
+    """A loaded TenSEAL context plus its parameters; encrypt/decrypt need the secret key."""
+
+    def __init__(self, ctx: Any, params: HEParams) -> None:
+        self.ctx = ctx
+        self.params = params
+        self._pub = public_bytes(ctx)
+        self.fingerprint = fingerprint(self._pub, params)
+
+    @property
+    def has_secret_key(self) -> bool:
+        return bool(self.ctx.has_secret_key())
+
+    @classmethod
+    def load(cls, data: bytes, params: HEParams) -> HEContext:
+        ts = _ts()
+        try:
+            ctx = ts.context_from(data)
+        except Exception as exc:  # TenSEAL raises ValueError/RuntimeError
+            raise HEError(f"not a TenSEAL context ({exc})") from exc
+        return cls(ctx, params)
+
+    @classmethod
+    def load_file(cls, path: str | Path, params: HEParams) -> HEContext:
+        p = Path(path)
+        if not p.exists():
+            raise HEError(f"HE context {str(p)!r} does not exist.")
+        return cls.load(p.read_bytes(), params)
+
+    # -- encryption (sites) ----------------------------------------------------------------
+    def encrypt(self, values: np.ndarray, rng: np.random.Generator | None = None) -> list[bytes]:
+        """Quantise (BFV), pack and encrypt a flat vector; one bytes per ciphertext."""
+        ts = _ts()
+        flat = np.asarray(values, dtype=np.float64).ravel()
+        out = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if self.params.scheme == "bfv":
+                q = quantise(flat, self.params, rng or np.random.default_rng(
+                    int.from_bytes(os.urandom(8), "little")))
+                for chunk in pack(q, self.params):
+                    out.append(ts.bfv_vector(self.ctx, chunk.tolist()).serialize())
+            else:
+                n = self.params.poly_modulus_degree // 2
+                for start in range(0, len(flat), n):
+                    out.append(ts.ckks_vector(self.ctx, flat[start:start + n].tolist())
+                               .serialize())
+        return out
+
+    # -- aggregation (server: public context suffices) --------------------------------------
+    def parse(self, data: bytes) -> Any:
+        ts = _ts()
+        try:
+            if self.params.scheme == "bfv":
+                return ts.bfv_vector_from(self.ctx, data)
+            return ts.ckks_vector_from(self.ctx, data)
+        except Exception as exc:
+            raise HEError(f"ciphertext does not parse under this context ({exc})") from exc
+
+    def add(self, updates: list[list[bytes]]) -> list[bytes]:
+        """Homomorphic sum of several sites' ciphertext lists (same length each)."""
+        if not updates:
+            raise HEError("nothing to add.")
+        length = len(updates[0])
+        if any(len(u) != length for u in updates):
+            raise HEError("updates have different numbers of ciphertexts.")
+        out = []
+        for i in range(length):
+            acc = self.parse(updates[0][i])
+            for u in updates[1:]:
+                acc = acc + self.parse(u[i])
+            out.append(acc.serialize())
+        return out
+
+    # -- decryption (sites) ------------------------------------------------------------------
+    def decrypt_mean(self, chunks: list[bytes], *, num_values: int, count: int) -> np.ndarray:
+        """Decrypt the sum of ``count`` sites' updates and return their mean."""
+        if not self.has_secret_key:
+            raise HEError("this context holds no secret key: it cannot decrypt.")
+        if count < 1:
+            raise HEError(f"count must be >= 1. Found {count}.")
+        slots = [np.asarray(self.parse(c).decrypt(), dtype=np.int64 if
+                            self.params.scheme == "bfv" else np.float64) for c in chunks]
+        if self.params.scheme == "bfv":
+            return dequantise_sum(unpack(slots, num_values, self.params), count, self.params)
+        return (np.concatenate(slots)[:num_values] / count).astype(np.float64)

@@ -1,0 +1,158 @@
+"""Homomorphic encryption with real TenSEAL: exactness, key separation, provisioning."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tenseal as ts
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedvault.errors import ConfigError, HEError
+from fedvault.provision import load_context, provision, read_manifest
+from privacy.he import (
+    HEContext,
+    HEParams,
+    _is_prime,
+    ckks_params,
+    new_secret_context,
+    pack,
+    public_bytes,
+    quantise,
+    unpack,
+)
+
+
+@pytest.fixture(scope="module")
+def bfv() -> tuple[HEContext, HEContext]:
+    p = HEParams()
+    ctx = new_secret_context(p)
+    return HEContext(ctx, p), HEContext.load(public_bytes(ctx), p)
+
+
+def test_parameters_are_128_bit_and_wrap_free() -> None:
+    p = HEParams()
+    t = p.plain_modulus
+    assert _is_prime(t) and t % (2 * p.poly_modulus_degree) == 1
+    # a full field (max_sites sites at the top level) fits twice in a slot below t/2
+    top = (p.max_sites * ((1 << p.quant_bits) - 1)) * (1 + (1 << p.field_bits))
+    assert top < t // 2
+    with pytest.raises(ConfigError, match="below 128-bit security"):
+        HEParams(poly_modulus_degree=4096, coeff_mod_bit_sizes=(60, 60))
+    with pytest.raises(ConfigError, match="below 128-bit security"):
+        HEParams(scheme="ckks", poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 60, 60, 60))
+    with pytest.raises(ConfigError, match="SEAL allows 60"):
+        HEParams(quant_bits=24, max_sites=4096)
+    with pytest.raises(ConfigError, match="scheme must be"):
+        HEParams(scheme="paillier")
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 20000), sites=st.integers(1, 16), seed=st.integers(0, 2**31),
+       scale=st.floats(0.01, 20.0))
+def test_decrypted_mean_equals_plaintext_mean_within_the_bound(
+        bfv: tuple[HEContext, HEContext], n: int, sites: int, seed: int, scale: float) -> None:
+    secret, public = bfv
+    rng = np.random.default_rng(seed)
+    xs = [rng.normal(0, scale, n) for _ in range(sites)]
+    agg = public.add([secret.encrypt(x, rng) for x in xs])
+    mean = secret.decrypt_mean(agg, num_values=n, count=sites)
+    ref = np.mean([np.clip(x, -8, 8) for x in xs], axis=0)
+    assert np.abs(mean - ref).max() <= secret.params.step + 1e-9
+
+
+def test_quantisation_is_unbiased() -> None:
+    p = HEParams()
+    x = np.full(200_000, 0.123456789)
+    q = quantise(x, p, np.random.default_rng(1))
+    levels = (1 << p.quant_bits) - 1
+    back = q / levels * 2 * p.bound - p.bound
+    assert abs(back.mean() - 0.123456789) < p.step / 100
+
+
+def test_pack_roundtrip() -> None:
+    p = HEParams()
+    q = np.random.default_rng(0).integers(0, 1 << 16, 10_000)
+    assert np.array_equal(unpack(pack(q, p), len(q), p), q)
+
+
+def test_public_context_cannot_decrypt(bfv: tuple[HEContext, HEContext]) -> None:
+    secret, public = bfv
+    agg = public.add([secret.encrypt(np.ones(10))])
+    assert not public.has_secret_key
+    with pytest.raises(HEError, match="no secret key"):
+        public.decrypt_mean(agg, num_values=10, count=1)
+    with pytest.raises(ValueError, match="secret_key"):  # TenSEAL itself refuses too
+        ts.bfv_vector_from(public.ctx, agg[0]).decrypt()
+
+
+def test_garbage_ciphertext_is_a_clear_error(bfv: tuple[HEContext, HEContext]) -> None:
+    _, public = bfv
+    with pytest.raises(HEError, match="does not parse"):
+        public.add([[b"\x00garbage"]])
+    with pytest.raises(HEError, match="different numbers of ciphertexts"):
+        public.add([[b"a"], [b"a", b"b"]])
+
+
+def test_bfv_costs_under_16_bytes_per_parameter(bfv: tuple[HEContext, HEContext]) -> None:
+    secret, _ = bfv
+    n = 100_000
+    size = sum(len(c) for c in secret.encrypt(np.zeros(n)))
+    assert size / n < 16  # 4x the 4 bytes of a float32
+
+
+def test_ckks_alternative() -> None:
+    p = ckks_params()
+    ctx = new_secret_context(p)
+    secret, public = HEContext(ctx, p), HEContext.load(public_bytes(ctx), p)
+    xs = [np.linspace(-50, 50, 5000) * k for k in (1, 2, 3)]
+    mean = secret.decrypt_mean(public.add([secret.encrypt(x) for x in xs]), num_values=5000,
+                               count=3)
+    assert np.abs(mean - np.mean(xs, axis=0)).max() < 1e-4
+
+
+def test_provisioned_server_side_cannot_decrypt(tmp_path: Path) -> None:
+    fed = tmp_path / "fed"
+    m = provision(fed, sites=3, params=HEParams())
+    server = load_context(fed, site=None)
+    site = load_context(fed, site="site-1")
+    assert server.fingerprint == site.fingerprint == m["he"]["fingerprint"]
+    # everything the server side holds, loaded as TenSEAL contexts: no secret key
+    for f in (fed / "server").iterdir():
+        assert not ts.context_from(f.read_bytes()).has_secret_key()
+    agg = server.add([site.encrypt(np.full(100, 0.5)), site.encrypt(np.full(100, 1.5))])
+    with pytest.raises(HEError):
+        server.decrypt_mean(agg, num_values=100, count=2)
+    assert np.allclose(site.decrypt_mean(agg, num_values=100, count=2), 1.0, atol=1e-3)
+    for k in range(3):
+        secret = fed / "sites" / f"site-{k}" / "he-secret.ctx"
+        assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+    assert read_manifest(fed)["he"]["security_bits"] == 128
+
+
+def test_passphrase_at_rest(tmp_path: Path) -> None:
+    fed = tmp_path / "fed"
+    provision(fed, sites=2, params=HEParams(), passphrase="correct horse")
+    enc = fed / "sites" / "site-0" / "he-secret.ctx.enc"
+    assert stat.S_IMODE(os.stat(enc).st_mode) == 0o600
+    assert not (fed / "sites" / "site-0" / "he-secret.ctx").exists()
+    with pytest.raises(HEError, match="passphrase is needed"):
+        load_context(fed, site="site-0")
+    with pytest.raises(HEError, match="wrong passphrase"):
+        load_context(fed, site="site-0", passphrase="wrong")
+    assert load_context(fed, site="site-0", passphrase="correct horse").has_secret_key
+
+
+def test_tampered_context_fails_the_fingerprint(tmp_path: Path) -> None:
+    fed = tmp_path / "fed"
+    provision(fed, sites=1, params=HEParams())
+    other = tmp_path / "other"
+    provision(other, sites=1, params=HEParams())
+    (fed / "server" / "he-public.ctx").write_bytes((other / "server" / "he-public.ctx")
+                                                   .read_bytes())
+    with pytest.raises(HEError, match="fingerprint"):
+        load_context(fed, site=None)
