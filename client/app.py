@@ -24,6 +24,7 @@ from flwr.clientapp import ClientApp
 
 from client.budget import SitePolicy, check_request, noise_multiplier_for_run, site_policy
 from client.dp import plan_round, train_dp
+from client.he_client import encrypt_update, load_encrypted_global, site_context
 from client.site import resolve_site_data
 from client.training import TrainResult, evaluate, train_local
 from fedvault.errors import ConfigError, PrivacyRefused
@@ -38,9 +39,13 @@ def _settings(context: Context, overrides: Mapping[str, Any] | None) -> RunSetti
     return RunSettings.from_config({**dict(context.run_config), **dict(overrides or {})})
 
 
-def _model_from(msg: Message, settings: RunSettings) -> torch.nn.Module:
+def _model_from(msg: Message, settings: RunSettings, context: Context) -> torch.nn.Module:
     task = get_task(settings.task)
     model = task.build_model(num_features=settings.num_features, num_classes=settings.num_classes)
+    if "he-global" in msg.content.config_records:
+        he = site_context(settings, context.node_config)
+        load_encrypted_global(model, msg.content.config_records["he-global"], he)
+        return model
     if "arrays" not in msg.content.array_records:
         raise ConfigError("the server's message carries no 'arrays' record (the global model).")
     arrays = msg.content.array_records["arrays"]
@@ -63,13 +68,21 @@ def _train_seed(settings: RunSettings, server_round: int, context: Context) -> i
 
 
 def _train_reply(msg: Message, model: torch.nn.Module, result: TrainResult,
-                 privacy: dict[str, Any] | None) -> Message:
+                 privacy: dict[str, Any] | None, *, settings: RunSettings, context: Context,
+                 server_round: int) -> Message:
     records: dict[str, Any] = {
-        "arrays": ArrayRecord(model.state_dict()),
         "metrics": MetricRecord({"train-loss": result.loss,
                                  "num-examples": result.num_examples,
                                  "steps": result.steps}),
     }
+    if settings.he:
+        # DP-SGD already happened; now quantise, pack and encrypt (never plaintext).
+        he = site_context(settings, context.node_config)
+        records["he-update"] = encrypt_update(model, he, context=context,
+                                              server_round=server_round,
+                                              num_examples=result.num_examples).to_record()
+    else:
+        records["arrays"] = ArrayRecord(model.state_dict())
     if privacy is not None:
         records["privacy"] = ConfigRecord(privacy)
     return Message(content=RecordDict(records), reply_to=msg)
@@ -95,7 +108,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         torch.set_num_threads(1)
         settings = _settings(context, overrides)
         site = resolve_site_data(settings, context.node_config)
-        model = _model_from(msg, settings)
+        model = _model_from(msg, settings, context)
         cfg = _cfg(msg)
         server_round = int(cfg.get("server-round", 0))  # type: ignore[arg-type]
         epochs = int(cfg.get("local-epochs", settings.local_epochs))  # type: ignore[arg-type]
@@ -113,7 +126,8 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             result = train_local(model, site.train, epochs=epochs, batch_size=batch_size,
                                  learning_rate=lr, momentum=momentum, seed=seed,
                                  max_grad_norm=settings.max_grad_norm)
-            return _train_reply(msg, model, result, privacy=None)
+            return _train_reply(msg, model, result, privacy=None, settings=settings,
+                                context=context, server_round=server_round)
 
         ledger = PrivacyLedger(policy.ledger_path, accountant=policy.accountant)
         ledger.register(site.fingerprint, source=site.source, rows=len(site.train))
@@ -148,14 +162,15 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
                    "delta": policy.delta, "accountant": policy.accountant,
                    "noise-multiplier": sigma, "sample-rate": plan.sample_rate,
                    "steps": plan.steps}
-        return _train_reply(msg, model, result, privacy=privacy)
+        return _train_reply(msg, model, result, privacy=privacy, settings=settings,
+                            context=context, server_round=server_round)
 
     @app.evaluate()
     def evaluate_fn(msg: Message, context: Context) -> Message:
         torch.set_num_threads(1)
         settings = _settings(context, overrides)
         site = resolve_site_data(settings, context.node_config)
-        model = _model_from(msg, settings)
+        model = _model_from(msg, settings, context)
         loss, acc = evaluate(model, site.validation)
         metrics = MetricRecord(
             {"eval-loss": loss, "eval-acc": acc, "num-examples": len(site.validation)}

@@ -102,6 +102,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     for flag, field, typ, help_ in _DP_OPTIONS:
         dp.add_argument(flag, dest=field, type=typ, default=None,
                         help=f"{help_} (default: {getattr(d, field)!r})")
+    he = p.add_argument_group("encrypted aggregation")
+    he.add_argument("--he", dest="he", action="store_true", default=None,
+                    help="the server sums TenSEAL ciphertexts it cannot decrypt (BFV); a "
+                    "federation is provisioned in the run directory")
+    he.add_argument("--he-federation", dest="he_federation", default=None,
+                    help="use this provisioned federation (fedvault provision) instead")
     dp.add_argument("--client-dp", dest="client_dp", action="store_true", default=None,
                     help="also add client-level DP (DP-FedAvg) at the server")
     dp.add_argument("--insecure-noise", dest="secure_mode", action="store_false", default=None,
@@ -118,7 +124,10 @@ def _settings_from(args: argparse.Namespace, mode: str, **fixed: Any) -> RunSett
         v = getattr(args, field)
         if v is not None:
             changes[field] = v
-    for flag_field in ("central_eval", "dp", "secure_mode", "client_dp"):
+    if args.he_federation:
+        changes["he_federation"] = str(Path(args.he_federation).resolve())
+        changes["he"] = True
+    for flag_field in ("central_eval", "dp", "secure_mode", "client_dp", "he"):
         if getattr(args, flag_field) is not None:
             changes[flag_field] = getattr(args, flag_field)
     out = args.out or Path("runs") / f"{mode}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
@@ -239,6 +248,14 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
                           "PRNG, not a CSPRNG[/]")
     elif privacy:
         console.print("[yellow]trained WITHOUT differential privacy (--no-dp)[/]")
+    he = summary.get("he") or {}
+    if he.get("enabled"):
+        console.print(f"encrypted aggregation: {str(he.get('scheme')).upper()} "
+                      f"N={he.get('poly_modulus_degree')}, "
+                      f"[bold]{he.get('bytes_per_parameter')} bytes per parameter[/] on the wire "
+                      f"({he.get('ciphertext_vs_float32')}x float32), "
+                      f"{he.get('bytes_up_per_round')} bytes up per round; the server never "
+                      "held a secret key")
     console.print(f"summary: {run_dir / 'summary.json'}")
     if (run_dir / "accuracy.png").exists():
         console.print(f"plot:    {run_dir / 'accuracy.png'}")

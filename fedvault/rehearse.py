@@ -46,7 +46,7 @@ from fedvault.rundir import RunDirectory
 from fedvault.tasks import get_task
 from protocols.config import RunSettings
 from simulations.partition import partition_indices
-from simulations.runner import check_run, tail_events
+from simulations.runner import check_run, ensure_federation, tail_events
 
 STARTUP_TIMEOUT = 60.0
 CONNECTION_NAME = "fedvault-rehearsal"
@@ -316,6 +316,7 @@ def rehearse(
     dep_root = run_dir.root / "deployment"
     dep_root.mkdir(parents=True, exist_ok=True)
 
+    settings = ensure_federation(settings, sites, dep_root)
     status("writing each site's data file")
     data_files = write_site_data(settings, sites, dep_root)
     task = get_task(settings.task)
@@ -355,7 +356,8 @@ def rehearse(
                     f"max-epsilon={settings.site_max_epsilon!r} delta={settings.site_delta!r} "
                     f"min-noise-multiplier={settings.site_min_noise_multiplier!r} "
                     f'accountant="{settings.accountant}" '
-                    f"require-dp={'true' if settings.dp else 'false'}")
+                    f"require-dp={'true' if settings.dp else 'false'}"
+                    + (f' he-federation="{settings.he_federation}"' if settings.he else ""))
                 status(f"starting flower-supernode site-{k}")
                 node = dep.spawn(
                     f"site-{k}",

@@ -61,6 +61,9 @@ class RunSettings:
     client_dp_delta: float = 1e-5
     client_dp_max_epsilon: float = 10.0
     federation: str = "default"
+    # -- encrypted aggregation (TenSEAL) --
+    he: bool = False
+    he_federation: str = ""
     # -- policy of *simulated* sites (a real site's own node config always wins) --
     site_max_epsilon: float = 10.0
     site_delta: float = 1e-5

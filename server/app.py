@@ -18,12 +18,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from client.site import pooled_table
 from client.training import evaluate
-from fedvault.errors import FedvaultError
+from fedvault.errors import ConfigError, FedvaultError
+from fedvault.provision import load_context
 from fedvault.rundir import RunDirectory, default_run_dir
 from fedvault.tasks import Table, Task, get_task
 from privacy.ledger import PrivacyLedger
 from protocols.config import RunSettings
 from server.dp import ClientLevelDP
+from server.he_strategy import EncryptedFedAvg
 from server.recorder import RunRecorder
 from server.strategy import FedVaultFedAvg
 
@@ -46,7 +48,7 @@ def make_central_evaluator(
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         central: tuple[float, float] | None = None
-        if test is not None:
+        if test is not None and "he-count" not in arrays:  # an encrypted model is unreadable here
             model = task.build_model(num_features=settings.num_features,
                                      num_classes=settings.num_classes)
             model.load_state_dict(arrays.to_torch_state_dict())
@@ -90,6 +92,24 @@ def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str
                 "momentum": settings.momentum,
             }
         )
+        if settings.he:
+            if settings.client_dp:
+                raise ConfigError("client-level DP needs the plaintext updates; it cannot be "
+                                  "combined with encrypted aggregation (use sample-level DP).")
+            if not settings.he_federation:
+                raise ConfigError("he = true needs he-federation: a directory made by "
+                                  "`fedvault provision`.")
+            he = load_context(settings.he_federation, site=None)
+            recorder.he_params = {"scheme": he.params.scheme,
+                                  "poly_modulus_degree": he.params.poly_modulus_degree,
+                                  "fingerprint": he.fingerprint}
+            strategy = EncryptedFedAvg(
+                he=he, num_values=sum(int(v.numel()) for v in model.state_dict().values()),
+                run_id=context.run_id, recorder=recorder, min_sites=settings.min_sites,
+                fraction_train=settings.fraction_train,
+                fraction_evaluate=settings.fraction_evaluate,
+                min_train_nodes=settings.min_sites, min_evaluate_nodes=1,
+                min_available_nodes=settings.min_sites)
         runner: FedVaultFedAvg | ClientLevelDP = strategy
         if settings.client_dp:
             runner = ClientLevelDP(

@@ -72,6 +72,8 @@ class RunRecorder:
         self.num_sites = 0
         self.started = utc_now()
         self.central_privacy: dict[str, Any] = {}
+        self.he_rounds: dict[int, dict[str, Any]] = {}
+        self.he_params: dict[str, Any] = {}
 
     # -- run lifecycle ---------------------------------------------------------------
     def start(self, *, num_sites: int, num_parameters: int) -> None:
@@ -158,6 +160,14 @@ class RunRecorder:
             st.name = str(privacy.get("site") or st.name)
             st.privacy = dict(privacy)
 
+    def note_he(self, server_round: int, *, bytes_up: int, bytes_per_update: float,
+                num_values: int) -> None:
+        """Encrypted aggregation: ciphertext bytes received this round."""
+        with self._lock:
+            self.he_rounds[server_round] = {"bytes_up": bytes_up,
+                                            "bytes_per_update": bytes_per_update,
+                                            "num_values": num_values}
+
     def note_central_privacy(self, **facts: Any) -> None:
         """Client-level DP: the server ledger's cumulative epsilon after a release."""
         with self._lock:
@@ -195,6 +205,7 @@ class RunRecorder:
         path.write_bytes(blob)
         st = self._rounds[server_round]
         fed = st.federated
+        encrypted = "he-count" in arrays
         if central is not None:
             loss, acc = central
         else:
@@ -214,10 +225,12 @@ class RunRecorder:
             "train_loss": _num(st.train.get("train-loss")),
             "federated_accuracy": _num(fed.get("eval-acc")),
             "federated_loss": _num(fed.get("eval-loss")),
+            "metric_source": "central" if central is not None else "federated",
             "central_accuracy": _num(central[1]) if central else None,
             "central_loss": _num(central[0]) if central else None,
             "seconds": round(now - self._round_t0, 3),
             "model": str(path.relative_to(self.dir.root)),
+            "encrypted": encrypted,
             "model_sha256": sha,
         }
         self._round_t0 = now
@@ -227,6 +240,23 @@ class RunRecorder:
         return row
 
     # -- result ----------------------------------------------------------------------
+    def _he_summary(self) -> dict[str, Any]:
+        if not self.settings.he:
+            return {"enabled": False}
+        rounds = list(self.he_rounds.values())
+        per_update = rounds[-1]["bytes_per_update"] if rounds else None
+        n = rounds[-1]["num_values"] if rounds else None
+        return {
+            "enabled": True,
+            "scheme": self.he_params.get("scheme"),
+            "poly_modulus_degree": self.he_params.get("poly_modulus_degree"),
+            "fingerprint": self.he_params.get("fingerprint"),
+            "bytes_up_per_round": (round(sum(r["bytes_up"] for r in rounds) / len(rounds))
+                                   if rounds else None),
+            "bytes_per_parameter": round(per_update / n, 3) if per_update and n else None,
+            "ciphertext_vs_float32": round(per_update / (4 * n), 3) if per_update and n else None,
+        }
+
     def _privacy_summary(self) -> dict[str, Any]:
         s = self.settings
         return {
@@ -252,7 +282,6 @@ class RunRecorder:
 
     def summary(self, *, status: str, wall_seconds: float, error: str = "") -> dict[str, Any]:
         final = self.history[-1] if self.history else {}
-        has_central = any(h["central_accuracy"] is not None for h in self.history)
         return {
             "format": "fedvault.summary/1",
             "run_id": self.run_id,
@@ -263,7 +292,7 @@ class RunRecorder:
             "rounds": self.settings.num_server_rounds,
             "rounds_completed": max((h["round"] for h in self.history), default=0),
             "sites": self.num_sites,
-            "metric_source": "central" if has_central else "federated",
+            "metric_source": final.get("metric_source", "none"),
             "final_accuracy": final.get("accuracy"),
             "final_loss": final.get("loss"),
             "started": self.started,
@@ -277,6 +306,7 @@ class RunRecorder:
                 for nid, s in sorted(self._sites.items())
             ],
             "privacy": self._privacy_summary(),
+            "he": self._he_summary(),
             "settings": self.settings.to_config(),
         }
 

@@ -82,6 +82,19 @@ def check_run(settings: RunSettings, sites: int) -> None:
                       seed=settings.seed)
 
 
+def ensure_federation(settings: RunSettings, sites: int, root: Path) -> RunSettings:
+    """With ``he`` on and no federation given, provision one under ``root``."""
+    if not settings.he or settings.he_federation:
+        return settings
+    from fedvault.provision import provision
+    from privacy.he import HEParams
+
+    fed = root / "federation"
+    provision(fed, sites=sites,
+              params=HEParams(max_sites=max(16, 1 << max(0, sites - 1).bit_length())))
+    return settings.replace(he_federation=str(fed.resolve()))
+
+
 def tail_events(path: Path, stop: threading.Event, on_event: ProgressCallback,
                 poll: float = 0.2) -> None:
     """Call ``on_event`` for each new event appended to ``path`` until ``stop`` is set."""
@@ -116,6 +129,7 @@ def simulate(
     run_dir = RunDirectory(Path(settings.run_dir))
     if run_dir.events.exists():
         raise ConfigError(f"run directory {str(run_dir.root)!r} already holds a run.")
+    settings = ensure_federation(settings, sites, run_dir.root)
     overrides = settings.to_config()
     server_app = build_server_app(overrides, mode="simulation")
     client_app = build_client_app(overrides)

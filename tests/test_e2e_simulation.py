@@ -60,6 +60,28 @@ def test_digits_simulation_improves_and_writes_its_run(tmp_path: Path) -> None:
     assert "privacy per site" in r.stdout and "max ε over sites" in r.stdout
 
 
+def test_encrypted_aggregation_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = run_cli("simulate", "--sites", "3", "--rounds", "2", "--he", "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = json.loads((out / "summary.json").read_text())
+    he = s["he"]
+    assert he["enabled"] and he["scheme"] == "bfv" and he["poly_modulus_degree"] == 4096
+    assert he["bytes_per_parameter"] > 0 and he["bytes_up_per_round"] > 0
+    hist = s["history"]
+    # after round 0 the global model is encrypted: federated evaluation only
+    assert hist[0]["metric_source"] == "central"
+    assert [h["metric_source"] for h in hist[1:]] == ["federated", "federated"]
+    assert [h["encrypted"] for h in hist] == [False, True, True]
+    assert hist[-1]["accuracy"] > 0.5 and s["metric_source"] == "federated"
+    # the server side of the federation cannot decrypt what the run stored
+    import tenseal as ts
+
+    for f in (out / "federation" / "server").iterdir():
+        assert not ts.context_from(f.read_bytes()).has_secret_key()
+    assert "bytes per parameter" in r.stdout
+
+
 def test_small_budget_makes_sites_refuse_and_the_run_goes_on(tmp_path: Path) -> None:
     out = tmp_path / "run"
     r = run_cli("simulate", "--sites", "3", "--rounds", "3", "--site-max-epsilon", "5",

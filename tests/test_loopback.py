@@ -19,13 +19,15 @@ pytestmark = pytest.mark.loopback
 
 def test_rehearsal_runs_a_real_deployment_and_cleans_up(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    r = run_cli("rehearse", "--sites", "3", "--rounds", "2", "--out", str(out), timeout=300)
+    r = run_cli("rehearse", "--sites", "3", "--rounds", "2", "--he", "--out", str(out),
+                timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     s = json.loads((out / "summary.json").read_text())
     assert s["mode"] == "deployment" and s["sites"] == 3 and s["status"] == "completed"
     hist = s["history"]
     assert [h["sites_participated"] for h in hist[1:]] == [3, 3]
     assert hist[-1]["accuracy"] > hist[0]["accuracy"] + 0.2
+    assert s["he"]["enabled"] and [h["encrypted"] for h in hist] == [False, True, True]
     assert verify_chain(out / "events.jsonl").ok
     # every site had its own data file and FLWR_HOME; the SuperLink really ran the app
     dep = out / "deployment"

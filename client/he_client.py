@@ -1,0 +1,92 @@
+"""The site's side of encrypted aggregation: decrypt the global model, encrypt the update.
+
+The site's secret HE context comes from the federation directory made by
+``fedvault provision``: node config ``he-federation`` (and ``site-name``,
+``he-passphrase-env`` when the secret is encrypted at rest); a simulated site
+uses the run config's ``he-federation`` and its name ``site-<partition-id>``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context
+
+from fedvault.errors import ConfigError, HEError
+from fedvault.provision import load_context
+from privacy.he import HEContext
+from protocols.config import RunSettings
+from protocols.he_update import WIRE_VERSION, EncryptedUpdate
+
+
+@lru_cache(maxsize=8)
+def _context(federation: str, site: str, passphrase_env: str) -> HEContext:
+    passphrase = os.environ.get(passphrase_env) if passphrase_env else None
+    return load_context(federation, site=site, passphrase=passphrase)
+
+
+def site_context(settings: RunSettings, node_config: Mapping[str, Any]) -> HEContext:
+    federation = str(node_config.get("he-federation") or settings.he_federation)
+    if not federation:
+        raise ConfigError("encrypted aggregation needs the site's he-federation "
+                          "(node config) or the run's he-federation (simulation).")
+    pid = node_config.get("partition-id")
+    site = str(node_config.get("site-name") or (f"site-{pid}" if pid is not None else ""))
+    if not site:
+        raise ConfigError("encrypted aggregation needs node-config site-name.")
+    return _context(federation, site, str(node_config.get("he-passphrase-env", "")))
+
+
+def flatten(state: Mapping[str, torch.Tensor]) -> np.ndarray:
+    return np.concatenate([t.detach().cpu().numpy().astype(np.float64).ravel()
+                           for t in state.values()])
+
+
+def unflatten(flat: np.ndarray, template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out, i = {}, 0
+    for k, t in template.items():
+        n = t.numel()
+        out[k] = torch.from_numpy(flat[i:i + n].reshape(tuple(t.shape))).to(t.dtype)
+        i += n
+    if i != len(flat):
+        raise HEError(f"the decrypted model has {len(flat)} values; the task's has {i}.")
+    return out
+
+
+def load_encrypted_global(model: torch.nn.Module, record: ConfigRecord, he: HEContext) -> None:
+    """Decrypt the aggregate, divide by the count, load it into ``model``."""
+    if _int(record, "version") != WIRE_VERSION:
+        raise HEError(f"global model wire version {record['version']!r}, "
+                      f"expected {WIRE_VERSION}")
+    if record["fingerprint"] != he.fingerprint:
+        raise HEError("the global model was encrypted under another HE context "
+                      "(fingerprint mismatch).")
+    cts = record["ciphertexts"]
+    if not isinstance(cts, list) or not all(isinstance(c, bytes) for c in cts):
+        raise HEError("the global model's ciphertexts are not a list of bytes.")
+    template = model.state_dict()
+    mean = he.decrypt_mean([bytes(c) for c in cts],  # type: ignore[arg-type]
+                           num_values=_int(record, "num-values"), count=_int(record, "count"))
+    model.load_state_dict(unflatten(mean, template), strict=True)
+
+
+def _int(record: ConfigRecord, key: str) -> int:
+    v = record[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise HEError(f"global model field {key!r} must be an integer. Found {v!r}.")
+    return v
+
+
+def encrypt_update(model: torch.nn.Module, he: HEContext, *, context: Context,
+                   server_round: int, num_examples: int) -> EncryptedUpdate:
+    flat = flatten(model.state_dict())
+    return EncryptedUpdate(
+        scheme=he.params.scheme, fingerprint=he.fingerprint, num_values=len(flat),
+        quant_bits=he.params.quant_bits, bound=he.params.bound, weight=1,
+        num_examples=num_examples, run_id=context.run_id, round=server_round,
+        node_id=context.node_id, ciphertexts=tuple(he.encrypt(flat)))

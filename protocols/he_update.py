@@ -1,0 +1,115 @@
+"""Wire format of encrypted model updates and of the encrypted global model.
+
+Both travel in Flower ``ConfigRecord``s (which carry bytes). Version 1::
+
+    "he-update" (site -> server)          "he-global" (server -> sites)
+      version        int = 1                version      int = 1
+      scheme         "bfv" | "ckks"         scheme, fingerprint, num-values
+      fingerprint    HE context SHA-256     count        updates summed in it
+      num-values     values encrypted       round        the round that formed it
+      quant-bits     (bfv) bits per value   ciphertexts  list[bytes]
+      bound          (bfv) clipping bound
+      weight         1 (uniform FedAvg)
+      num-examples   reported, not used for weighting
+      run-id, round, node-id               binding: a replay from another run or
+      ciphertexts    list[bytes]           round, or for another node, is rejected
+
+Validation rejects, with a reason recorded for that site: a record that does not
+parse, another version, scheme or context fingerprint, a wrong number of values
+or ciphertexts, a run/round/node that does not match, and a second update from
+the same node in one round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import ConfigRecord
+
+from fedvault.errors import UpdateRejected
+
+WIRE_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EncryptedUpdate:
+    scheme: str
+    fingerprint: str
+    num_values: int
+    quant_bits: int
+    bound: float
+    weight: int
+    num_examples: int
+    run_id: int
+    round: int
+    node_id: int
+    ciphertexts: tuple[bytes, ...]
+    version: int = WIRE_VERSION
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({
+            "version": self.version, "scheme": self.scheme, "fingerprint": self.fingerprint,
+            "num-values": self.num_values, "quant-bits": self.quant_bits, "bound": self.bound,
+            "weight": self.weight, "num-examples": self.num_examples,
+            "run-id": str(self.run_id), "round": self.round, "node-id": str(self.node_id),
+            "ciphertexts": list(self.ciphertexts),
+        })
+
+    @classmethod
+    def from_record(cls, rec: ConfigRecord) -> EncryptedUpdate:
+        try:
+            cts = rec["ciphertexts"]
+            if not isinstance(cts, list) or not all(isinstance(c, bytes) for c in cts):
+                raise UpdateRejected("ciphertexts must be a list of bytes")
+            return cls(version=_int(rec, "version"), scheme=str(rec["scheme"]),
+                       fingerprint=str(rec["fingerprint"]),
+                       num_values=_int(rec, "num-values"), quant_bits=_int(rec, "quant-bits"),
+                       bound=float(rec["bound"]),  # type: ignore[arg-type]
+                       weight=_int(rec, "weight"), num_examples=_int(rec, "num-examples"),
+                       run_id=int(str(rec["run-id"])), round=_int(rec, "round"),
+                       node_id=int(str(rec["node-id"])),
+                       ciphertexts=tuple(bytes(c) for c in cts))  # type: ignore[arg-type]
+        except UpdateRejected:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UpdateRejected(f"encrypted update does not parse: {exc!r}") from None
+
+
+def _int(rec: ConfigRecord, key: str) -> int:
+    v: Any = rec[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise UpdateRejected(f"field {key!r} must be an integer. Found {v!r}")
+    return v
+
+
+def check_update(u: EncryptedUpdate, *, scheme: str, fingerprint: str, num_values: int,
+                 num_ciphertexts: int, run_id: int, server_round: int, node_id: int) -> None:
+    """Raise ``UpdateRejected`` naming the first thing wrong with ``u``."""
+    if u.version != WIRE_VERSION:
+        raise UpdateRejected(f"wire version {u.version}, expected {WIRE_VERSION}")
+    if u.scheme != scheme:
+        raise UpdateRejected(f"scheme {u.scheme!r}, expected {scheme!r}")
+    if u.fingerprint != fingerprint:
+        raise UpdateRejected(f"HE parameter fingerprint {u.fingerprint[:16]}… does not match "
+                             f"the federation's {fingerprint[:16]}…")
+    if u.num_values != num_values:
+        raise UpdateRejected(f"{u.num_values} values, the model has {num_values}")
+    if len(u.ciphertexts) != num_ciphertexts:
+        raise UpdateRejected(f"{len(u.ciphertexts)} ciphertexts, expected {num_ciphertexts}")
+    if u.run_id != run_id or u.round != server_round:
+        raise UpdateRejected(f"bound to run {u.run_id} round {u.round}, this is run {run_id} "
+                             f"round {server_round} (replay)")
+    if u.node_id != node_id:
+        raise UpdateRejected(f"bound to node {u.node_id}, sent by node {node_id}")
+    if u.weight != 1:
+        raise UpdateRejected(f"weight {u.weight}: encrypted FedAvg averages uniformly (1)")
+    if u.num_examples < 1:
+        raise UpdateRejected(f"num-examples must be >= 1. Found {u.num_examples}")
+
+
+def global_record(*, scheme: str, fingerprint: str, num_values: int, count: int,
+                  server_round: int, ciphertexts: list[bytes]) -> ConfigRecord:
+    return ConfigRecord({"version": WIRE_VERSION, "scheme": scheme, "fingerprint": fingerprint,
+                         "num-values": num_values, "count": count, "round": server_round,
+                         "ciphertexts": ciphertexts})

@@ -1,0 +1,146 @@
+"""Encrypted FedAvg: the server sums TenSEAL ciphertexts it cannot decrypt.
+
+The global model travels between rounds as an ``ArrayRecord`` whose arrays are
+the ciphertext bytes (``ct-NNNN``, uint8) plus ``he-count`` (updates summed) and
+``he-round``; round 1 starts from the plaintext initial model (a random
+initialisation, public). Sites decrypt the aggregate with the shared secret
+context, divide by the count and train from it; server-side evaluation is
+impossible once the model is encrypted, so federated evaluation at the sites
+reports the metrics. Averaging is uniform (each valid update weight 1): with
+quantised BFV the sum must stay below the plaintext modulus, and uniform
+weights keep that bound independent of the sites' example counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import WARNING
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.supercore import log
+
+from fedvault.errors import HEError, UpdateRejected
+from privacy.he import HEContext
+from protocols.he_update import EncryptedUpdate, check_update, global_record
+from server.strategy import FedVaultFedAvg, _floats
+
+
+def encrypted_arrays(ciphertexts: list[bytes], *, count: int, server_round: int) -> ArrayRecord:
+    d = {f"ct-{i:04d}": Array(np.frombuffer(c, dtype=np.uint8).copy())
+         for i, c in enumerate(ciphertexts)}
+    d["he-count"] = Array(np.array([count], dtype=np.int64))
+    d["he-round"] = Array(np.array([server_round], dtype=np.int64))
+    return ArrayRecord(d)
+
+
+def is_encrypted(arrays: ArrayRecord) -> bool:
+    return "he-count" in arrays
+
+
+def ciphertexts_of(arrays: ArrayRecord) -> tuple[list[bytes], int, int]:
+    cts = [arrays[k].numpy().tobytes() for k in sorted(arrays.keys()) if k.startswith("ct-")]
+    return cts, int(arrays["he-count"].numpy()[0]), int(arrays["he-round"].numpy()[0])
+
+
+class EncryptedFedAvg(FedVaultFedAvg):
+    """FedAvg over encrypted, validated updates; holds only the public HE context."""
+
+    def __init__(self, *, he: HEContext, num_values: int, run_id: int, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        if he.has_secret_key:
+            raise HEError("the server must not hold the secret key: give it the public context.")
+        self.he = he
+        self.num_values = num_values
+        self.num_ciphertexts = -(-num_values // he.params.values_per_ciphertext)
+        self.run_id = run_id
+
+    def _content(self, arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:
+        if not is_encrypted(arrays):
+            return RecordDict({"arrays": arrays, "config": config})
+        cts, count, rnd = ciphertexts_of(arrays)
+        return RecordDict({"he-global": global_record(
+            scheme=self.he.params.scheme, fingerprint=self.he.fingerprint,
+            num_values=self.num_values, count=count, server_round=rnd, ciphertexts=cts),
+            "config": config})
+
+    def _sample(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+                fraction: float, minimum: int, kind: str) -> list[Message]:
+        num_nodes = int(len(list(grid.get_node_ids())) * fraction)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, minimum))
+        config["server-round"] = server_round
+        return list(self._construct_messages(self._content(arrays, config), node_ids, kind))
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = self._sample(server_round, arrays, config, grid, self.fraction_train,
+                                self.min_train_nodes, MessageType.TRAIN)
+        self.recorder.note_sampled(server_round, [m.metadata.dst_node_id for m in messages])
+        return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self._sample(server_round, arrays, config, grid, self.fraction_evaluate,
+                            self.min_evaluate_nodes, MessageType.EVALUATE)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid: list[tuple[Message, EncryptedUpdate]] = []
+        seen: set[int] = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                self.recorder.note_site_error(server_round, node, "train",
+                                              msg.error.reason or "unknown error")
+                continue
+            records = msg.content.config_records
+            if "refusal" in records:
+                self.recorder.note_refused(server_round, node, dict(records["refusal"]))
+                continue
+            try:
+                if msg.content.array_records:
+                    raise UpdateRejected("plaintext arrays in an encrypted round")
+                if "he-update" not in records:
+                    raise UpdateRejected("reply has no 'he-update' record")
+                u = EncryptedUpdate.from_record(records["he-update"])
+                check_update(u, scheme=self.he.params.scheme, fingerprint=self.he.fingerprint,
+                             num_values=self.num_values, num_ciphertexts=self.num_ciphertexts,
+                             run_id=self.run_id, server_round=server_round, node_id=node)
+                if node in seen:
+                    raise UpdateRejected("a second update from this node in this round")
+                for c in u.ciphertexts:
+                    self.he.parse(c)
+                if "metrics" not in msg.content.metric_records:
+                    raise UpdateRejected("reply has no 'metrics' record")
+            except (UpdateRejected, HEError) as exc:
+                log(WARNING, "Round %s: rejected encrypted update from node %s: %s",
+                    server_round, node, exc)
+                self.recorder.note_rejected(server_round, node, str(exc))
+                continue
+            seen.add(node)
+            valid.append((msg, u))
+            if "privacy" in records:
+                self.recorder.note_privacy(node, dict(records["privacy"]))
+        nodes = [m.metadata.src_node_id for m, _ in valid]
+        if len(valid) < self.min_sites:
+            log(WARNING, "Round %s: %d valid encrypted updates < min-sites %d; no aggregate",
+                server_round, len(valid), self.min_sites)
+            self.recorder.note_trained(server_round, nodes, aggregated=False, metrics={})
+            return None, None
+        summed = self.he.add([list(u.ciphertexts) for _, u in valid])
+        up = sum(len(c) for _, u in valid for c in u.ciphertexts)
+        self.recorder.note_he(server_round, bytes_up=up,
+                              bytes_per_update=up / len(valid), num_values=self.num_values)
+        metrics = self.train_metrics_aggr_fn([m.content for m, _ in valid], self.weighted_by_key)
+        self.recorder.note_trained(server_round, nodes, aggregated=True, metrics=_floats(metrics))
+        return encrypted_arrays(summed, count=len(valid), server_round=server_round), metrics

@@ -1,0 +1,131 @@
+"""Encrypted FedAvg at the server, with real TenSEAL ciphertexts and real Flower messages."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+from fedvault.errors import HEError
+from fedvault.provision import load_context, provision
+from fedvault.rundir import RunDirectory
+from privacy.he import HEContext, HEParams
+from protocols.config import RunSettings
+from protocols.hashchain import read_chain
+from protocols.he_update import EncryptedUpdate
+from server.he_strategy import EncryptedFedAvg, ciphertexts_of, is_encrypted
+from server.recorder import RunRecorder
+
+pytestmark = pytest.mark.usefixtures("flower_identity")
+N = 5000
+RUN = 4242  # the run id the flower_identity fixture sets
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fed") / "federation"
+    provision(root, sites=4, params=HEParams())
+    return root
+
+
+def _strategy(tmp_path: Path, fed: Path, min_sites: int = 2) -> EncryptedFedAvg:
+    rec = RunRecorder(RunDirectory(tmp_path / "run"), settings=RunSettings(he=True), run_id=RUN,
+                      mode="test")
+    return EncryptedFedAvg(he=load_context(fed, site=None), num_values=N, run_id=RUN,
+                           recorder=rec, min_sites=min_sites)
+
+
+def _update(site: HEContext, x: np.ndarray, node: int, rnd: int = 1) -> EncryptedUpdate:
+    return EncryptedUpdate(scheme="bfv", fingerprint=site.fingerprint, num_values=len(x),
+                           quant_bits=16, bound=8.0, weight=1, num_examples=10, run_id=RUN,
+                           round=rnd, node_id=node, ciphertexts=tuple(site.encrypt(x)))
+
+
+def _reply(node: int, u: EncryptedUpdate | None, **records: object) -> Message:
+    instr = Message(content=RecordDict({}), dst_node_id=node, message_type="train")
+    content: dict[str, object] = {"metrics": MetricRecord({"num-examples": 10})}
+    if u is not None:
+        content["he-update"] = u.to_record()
+    content.update(records)
+    return Message(content=RecordDict(content), reply_to=instr)  # type: ignore[arg-type]
+
+
+def test_server_refuses_a_secret_context(tmp_path: Path, fed: Path) -> None:
+    with pytest.raises(HEError, match="must not hold the secret key"):
+        EncryptedFedAvg(he=load_context(fed, site="site-0"), num_values=N, run_id=RUN,
+                        recorder=_strategy(tmp_path, fed).recorder, min_sites=1)
+
+
+def test_aggregate_decrypts_to_the_plaintext_mean(tmp_path: Path, fed: Path) -> None:
+    s = _strategy(tmp_path, fed)
+    site = load_context(fed, site="site-0")
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(0, 0.5, N) for _ in range(3)]
+    arrays, _ = s.aggregate_train(1, [_reply(i + 1, _update(site, x, i + 1))
+                                      for i, x in enumerate(xs)])
+    assert arrays is not None and is_encrypted(arrays)
+    cts, count, rnd = ciphertexts_of(arrays)
+    assert count == 3 and rnd == 1
+    mean = site.decrypt_mean(cts, num_values=N, count=count)
+    assert np.abs(mean - np.mean(xs, axis=0)).max() <= site.params.step
+    with pytest.raises(HEError):  # and the server's own context cannot read it
+        s.he.decrypt_mean(cts, num_values=N, count=count)
+
+
+def _bad_cases(site: HEContext, other: HEContext) -> list[tuple[str, Message]]:
+    x = np.zeros(N)
+    good = _update(site, x, 9)
+    return [
+        ("does not match the federation", _reply(9, _update(other, x, 9))),
+        ("values, the model has", _reply(9, replace(good, num_values=N - 1))),
+        ("ciphertexts, expected", _reply(9, replace(good, ciphertexts=good.ciphertexts * 2))),
+        ("(replay)", _reply(9, _update(site, x, 9, rnd=0))),
+        ("(replay)", _reply(9, replace(good, run_id=RUN + 1))),
+        ("sent by node", _reply(9, replace(good, node_id=8))),
+        ("does not parse", _reply(9, replace(good, ciphertexts=(b"\x00" * 100,)))),
+        ("wire version", _reply(9, replace(good, version=2))),
+        ("plaintext arrays", _reply(9, good, arrays=ArrayRecord(numpy_ndarrays=[x]))),
+        ("no 'he-update'", _reply(9, None)),
+    ]
+
+
+def test_each_malformed_or_replayed_update_is_rejected_and_the_round_completes(
+        tmp_path: Path, fed: Path) -> None:
+    site = load_context(fed, site="site-0")
+    other_root = tmp_path / "other"
+    provision(other_root, sites=1, params=HEParams())
+    other = load_context(other_root, site="site-0")
+    for i, (reason, bad) in enumerate(_bad_cases(site, other)):
+        s = _strategy(tmp_path / f"case-{i}", fed)
+        xs = [np.full(N, 0.25), np.full(N, 0.75)]
+        arrays, _ = s.aggregate_train(1, [_reply(1, _update(site, xs[0], 1)),
+                                          _reply(2, _update(site, xs[1], 2)), bad])
+        assert arrays is not None, reason
+        cts, count, _ = ciphertexts_of(arrays)
+        assert count == 2, reason
+        assert np.allclose(site.decrypt_mean(cts, num_values=N, count=2), 0.5, atol=1e-3)
+        rejected = [e for e in read_chain(s.recorder.dir.events) if e["kind"] == "update_rejected"]
+        assert len(rejected) == 1 and reason in rejected[0]["reason"], (reason, rejected)
+
+
+def test_duplicate_from_one_node_is_rejected(tmp_path: Path, fed: Path) -> None:
+    s = _strategy(tmp_path, fed)
+    site = load_context(fed, site="site-0")
+    u = _update(site, np.zeros(N), 1)
+    arrays, _ = s.aggregate_train(1, [_reply(1, u), _reply(1, u), _reply(2, _update(
+        site, np.zeros(N), 2))])
+    assert arrays is not None and ciphertexts_of(arrays)[1] == 2
+    ev = [e for e in read_chain(s.recorder.dir.events) if e["kind"] == "update_rejected"]
+    assert "a second update from this node" in ev[0]["reason"]
+
+
+def test_fewer_than_min_sites_form_no_aggregate(tmp_path: Path, fed: Path) -> None:
+    s = _strategy(tmp_path, fed, min_sites=3)
+    site = load_context(fed, site="site-0")
+    arrays, metrics = s.aggregate_train(1, [_reply(1, _update(site, np.zeros(N), 1)),
+                                            _reply(2, _update(site, np.zeros(N), 2))])
+    assert arrays is None and metrics is None
+    assert "aggregate_refused" in [e["kind"] for e in read_chain(s.recorder.dir.events)]
