@@ -103,9 +103,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         dp.add_argument(flag, dest=field, type=typ, default=None,
                         help=f"{help_} (default: {getattr(d, field)!r})")
     he = p.add_argument_group("encrypted aggregation")
-    he.add_argument("--he", dest="he", action="store_true", default=None,
-                    help="the server sums TenSEAL ciphertexts it cannot decrypt (BFV); a "
-                    "federation is provisioned in the run directory")
+    he.add_argument("--he", dest="he", action=argparse.BooleanOptionalAction, default=None,
+                    help="the server sums TenSEAL ciphertexts it cannot decrypt (BFV; on by "
+                    "default, off with --no-he or --client-dp); a federation is provisioned "
+                    "in the run directory")
     he.add_argument("--he-federation", dest="he_federation", default=None,
                     help="use this provisioned federation (fedvault provision) instead")
     dp.add_argument("--client-dp", dest="client_dp", action="store_true", default=None,
@@ -130,6 +131,9 @@ def _settings_from(args: argparse.Namespace, mode: str, **fixed: Any) -> RunSett
     for flag_field in ("central_eval", "dp", "secure_mode", "client_dp", "he"):
         if getattr(args, flag_field) is not None:
             changes[flag_field] = getattr(args, flag_field)
+    # Encrypted aggregation is the default of the command line; client-level DP needs
+    # plaintext updates at the server, so asking for it turns HE off unless --he is given.
+    changes.setdefault("he", not changes.get("client_dp", False))
     out = args.out or Path("runs") / f"{mode}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     changes["run_dir"] = str(out.resolve())
     changes.update(fixed)
@@ -421,6 +425,22 @@ def cmd_provision(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_decrypt(args: argparse.Namespace) -> int:
+    import os
+
+    from fedvault.release import decrypt_model
+
+    passphrase = os.environ.get(args.passphrase_env) if args.passphrase_env else None
+    federation = args.federation or (args.run_dir / "federation")
+    e = decrypt_model(args.run_dir, federation=federation, site=args.site,
+                      server_round=args.round, out=args.out, passphrase=passphrase)
+    console.print(f"decrypted round {e['round']} (mean of {e['sites_in_aggregate']} sites) "
+                  f"with {e['site']}'s key -> {e['output']}", soft_wrap=True)
+    console.print(f"recorded in {args.run_dir / 'releases.jsonl'} (sha256 "
+                  f"{e['output_sha256'][:16]}…)", soft_wrap=True)
+    return 0
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from fedvault.tasks import TASKS
 
@@ -509,6 +529,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="encrypt each site's secret context at rest with the passphrase in "
                     "environment variable VAR")
     pv.set_defaults(func=cmd_provision)
+
+    mdl = sub.add_parser("model", help="release a model: decrypt an encrypted version",
+                         description="Model release tools for key holders.")
+    msub = mdl.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    md = msub.add_parser("decrypt", help="decrypt a stored encrypted global model (key holder)",
+                         description="Turn a stored encrypted version of the global model into "
+                         "a plaintext PyTorch state dict with a site's secret context; the "
+                         "release is recorded in the run's releases.jsonl.")
+    md.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    md.add_argument("--site", required=True, help="the key holder's site name (site-K)")
+    md.add_argument("--federation", type=Path, default=None,
+                    help="the provisioned federation (default: RUN_DIR/federation)")
+    md.add_argument("--round", type=int, default=None, help="round (default: the last one)")
+    md.add_argument("--out", type=Path, default=None, help="where to write the state dict")
+    md.add_argument("--passphrase-env", metavar="VAR", default=None,
+                    help="environment variable holding the secret context's passphrase")
+    md.set_defaults(func=cmd_model_decrypt)
 
     t = sub.add_parser("tasks", help="list the built-in tasks",
                        description="List the built-in tasks.")

@@ -6,7 +6,7 @@ import pytest
 
 from tests.helpers import run_cli
 
-COMMANDS = ["simulate", "rehearse", "show", "verify", "tasks", "budget", "provision"]
+COMMANDS = ["simulate", "rehearse", "show", "verify", "tasks", "budget", "provision", "model"]
 
 
 def test_help_lists_every_command() -> None:

@@ -81,6 +81,27 @@ def test_encrypted_aggregation_end_to_end(tmp_path: Path) -> None:
         assert not ts.context_from(f.read_bytes()).has_secret_key()
     assert "bytes per parameter" in r.stdout
 
+    # release: a key holder decrypts the last version; the release is recorded
+    rel = run_cli("model", "decrypt", str(out), "--site", "site-1", "--out",
+                  str(tmp_path / "final.pt"))
+    assert rel.returncode == 0, rel.stderr
+    import torch
+
+    from client.site import pooled_table
+    from client.training import evaluate
+    from fedvault.tasks import Table, get_task
+    from protocols.config import RunSettings
+
+    task = get_task("digits")
+    model = task.build_model()
+    model.load_state_dict(torch.load(tmp_path / "final.pt"))
+    _, test = pooled_table(task, RunSettings())
+    _, acc = evaluate(model, Table(x=task.preprocess(test.x), y=test.y))
+    assert acc > 0.5
+    releases = read_chain(out / "releases.jsonl")
+    assert releases[0]["kind"] == "model_decrypted" and releases[0]["round"] == 2
+    assert releases[0]["site"] == "site-1"
+
 
 def test_small_budget_makes_sites_refuse_and_the_run_goes_on(tmp_path: Path) -> None:
     out = tmp_path / "run"
