@@ -80,7 +80,8 @@ def _train_reply(msg: Message, model: torch.nn.Module, result: TrainResult,
         he = site_context(settings, context.node_config)
         records["he-update"] = encrypt_update(model, he, context=context,
                                               server_round=server_round,
-                                              num_examples=result.num_examples).to_record()
+                                              num_examples=result.num_examples,
+                                              weight_unit=settings.he_weight_unit).to_record()
     else:
         records["arrays"] = ArrayRecord(model.state_dict())
     if privacy is not None:

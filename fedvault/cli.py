@@ -252,6 +252,11 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
                           "PRNG, not a CSPRNG[/]")
     elif privacy:
         console.print("[yellow]trained WITHOUT differential privacy (--no-dp)[/]")
+    released = summary.get("released_model")
+    if released:
+        console.print(f"released model (round {released['round']}, decrypted by "
+                      f"{released['decrypted_by']}) on the central test split: "
+                      f"[bold]{released['central_accuracy']:.4f}[/]", highlight=False)
     he = summary.get("he") or {}
     if he.get("enabled"):
         console.print(f"encrypted aggregation: {str(he.get('scheme')).upper()} "

@@ -6,9 +6,11 @@ Two schemes:
     Each value is clipped to ``[-bound, bound]`` and stochastically rounded to one
     of ``2**quant_bits`` levels (unbiased: E[decode(q)] = the clipped value). Two
     quantised values share one BFV slot (``lo + hi * 2**field_bits``), where
-    ``field_bits = quant_bits + ceil(log2(max_sites))`` leaves headroom so that a
-    sum over up to ``max_sites`` sites never carries from one field into the
-    other nor wraps modulo the plaintext modulus. The whole flattened update is
+    ``field_bits = quant_bits + weight_bits + ceil(log2(max_sites))`` leaves
+    headroom so that a sum over up to ``max_sites`` sites, each weighted by an
+    integer up to ``2**weight_bits`` (FedAvg by example count, in coarse units),
+    never carries from one field into the other nor wraps modulo the plaintext
+    modulus. The whole flattened update is
     packed into ``ceil(n / (2 * N))`` ciphertexts (never one per layer) and no
     context travels with the data.
 ``ckks``: approximate real arithmetic (N = 8192, moduli [60, 40, 60], scale 2**40),
@@ -92,6 +94,7 @@ class HEParams:
     coeff_mod_bit_sizes: tuple[int, ...] = ()
     quant_bits: int = 16
     max_sites: int = 16
+    weight_bits: int = 4
     bound: float = 8.0
     ckks_scale_bits: int = 40
 
@@ -113,6 +116,8 @@ class HEParams:
                 raise ConfigError(f"quant_bits must be in [2, 24]. Found {self.quant_bits}.")
             if not 1 <= self.max_sites <= 4096:
                 raise ConfigError(f"max_sites must be in [1, 4096]. Found {self.max_sites}.")
+            if not 0 <= self.weight_bits <= 8:
+                raise ConfigError(f"weight_bits must be in [0, 8]. Found {self.weight_bits}.")
             if 2 * self.field_bits + 2 > 60:
                 raise ConfigError(
                     f"quant_bits {self.quant_bits} with max_sites {self.max_sites} needs a "
@@ -130,8 +135,15 @@ class HEParams:
 
     @property
     def field_bits(self) -> int:
-        """Bits of one packed field: the quantised value plus headroom for the sum."""
-        return self.quant_bits + max(1, math.ceil(math.log2(self.max_sites)))
+        """Bits of one packed field: the quantised value times the largest weight, plus
+        headroom for the sum over ``max_sites`` sites."""
+        return (self.quant_bits + self.weight_bits
+                + max(1, math.ceil(math.log2(self.max_sites))))
+
+    @property
+    def max_weight(self) -> int:
+        """Largest integer weight one site's update may carry."""
+        return 1 << self.weight_bits
 
     @property
     def plain_modulus(self) -> int:
@@ -161,7 +173,7 @@ class HEParams:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HEParams:
         keys = {"scheme", "poly_modulus_degree", "coeff_mod_bit_sizes", "quant_bits",
-                "max_sites", "bound", "ckks_scale_bits"}
+                "max_sites", "weight_bits", "bound", "ckks_scale_bits"}
         kw = {k: d[k] for k in keys if k in d}
         kw["coeff_mod_bit_sizes"] = tuple(kw.get("coeff_mod_bit_sizes", ()))
         return cls(**kw)
@@ -186,10 +198,11 @@ def quantise(values: np.ndarray, params: HEParams, rng: np.random.Generator) -> 
     return np.clip(q, 0, levels).astype(np.int64)
 
 
-def dequantise_sum(q_sum: np.ndarray, count: int, params: HEParams) -> np.ndarray:
-    """The mean of ``count`` sites' values from the sum of their quantised values."""
+def dequantise_sum(q_sum: np.ndarray, total_weight: int, params: HEParams) -> np.ndarray:
+    """The weighted mean from the sum of weighted quantised values (weights summing
+    to ``total_weight``)."""
     levels = (1 << params.quant_bits) - 1
-    return (q_sum.astype(np.float64) / count) / levels * (2 * params.bound) - params.bound
+    return (q_sum.astype(np.float64) / total_weight) / levels * (2 * params.bound) - params.bound
 
 
 def pack(q: np.ndarray, params: HEParams) -> list[np.ndarray]:
@@ -284,9 +297,13 @@ class HEContext:
         return cls.load(p.read_bytes(), params)
 
     # -- encryption (sites) ----------------------------------------------------------------
-    def encrypt(self, values: np.ndarray, rng: np.random.Generator | None = None) -> list[bytes]:
-        """Quantise (BFV), pack and encrypt a flat vector; one bytes per ciphertext."""
+    def encrypt(self, values: np.ndarray, rng: np.random.Generator | None = None, *,
+                weight: int = 1) -> list[bytes]:
+        """Quantise (BFV), multiply by the integer ``weight``, pack and encrypt a flat
+        vector; one bytes per ciphertext. (CKKS multiplies the floats by ``weight``.)"""
         ts = _ts()
+        if not 1 <= weight <= self.params.max_weight:
+            raise HEError(f"weight must be in [1, {self.params.max_weight}]. Found {weight}.")
         flat = np.asarray(values, dtype=np.float64).ravel()
         out = []
         with warnings.catch_warnings():
@@ -294,13 +311,13 @@ class HEContext:
             if self.params.scheme == "bfv":
                 q = quantise(flat, self.params, rng or np.random.default_rng(
                     int.from_bytes(os.urandom(8), "little")))
-                for chunk in pack(q, self.params):
+                for chunk in pack(q * weight, self.params):
                     out.append(ts.bfv_vector(self.ctx, chunk.tolist()).serialize())
             else:
                 n = self.params.poly_modulus_degree // 2
                 for start in range(0, len(flat), n):
-                    out.append(ts.ckks_vector(self.ctx, flat[start:start + n].tolist())
-                               .serialize())
+                    out.append(ts.ckks_vector(self.ctx, (weight * flat[start:start + n])
+                                              .tolist()).serialize())
         return out
 
     # -- aggregation (server: public context suffices) --------------------------------------
@@ -330,7 +347,8 @@ class HEContext:
 
     # -- decryption (sites) ------------------------------------------------------------------
     def decrypt_mean(self, chunks: list[bytes], *, num_values: int, count: int) -> np.ndarray:
-        """Decrypt the sum of ``count`` sites' updates and return their mean."""
+        """Decrypt a sum of weighted updates whose weights total ``count`` and return
+        their weighted mean (with weights 1, ``count`` is the number of sites)."""
         if not self.has_secret_key:
             raise HEError("this context holds no secret key: it cannot decrypt.")
         if count < 1:

@@ -64,6 +64,7 @@ class RunSettings:
     # -- encrypted aggregation (TenSEAL) --
     he: bool = False
     he_federation: str = ""
+    he_weight_unit: int = 16
     # -- policy of *simulated* sites (a real site's own node config always wins) --
     site_max_epsilon: float = 10.0
     site_delta: float = 1e-5
@@ -118,6 +119,8 @@ class RunSettings:
                 raise ConfigError(f"{_key(name)} must be > 0. Found {v}.")
         if not 0 < self.client_dp_delta < 1:
             raise ConfigError(f"client-dp-delta must be in (0, 1). Found {self.client_dp_delta}.")
+        if self.he_weight_unit < 1:
+            raise ConfigError(f"he-weight-unit must be >= 1. Found {self.he_weight_unit}.")
         if self.accountant not in ("prv", "rdp"):
             raise ConfigError(f"accountant must be 'prv' or 'rdp'. Found {self.accountant!r}.")
         if not self.site_min_noise_multiplier >= 0:

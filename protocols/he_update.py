@@ -5,12 +5,13 @@ Both travel in Flower ``ConfigRecord``s (which carry bytes). Version 1::
     "he-update" (site -> server)          "he-global" (server -> sites)
       version        int = 1                version      int = 1
       scheme         "bfv" | "ckks"         scheme, fingerprint, num-values
-      fingerprint    HE context SHA-256     count        updates summed in it
+      fingerprint    HE context SHA-256     count        total weight summed
       num-values     values encrypted       round        the round that formed it
       quant-bits     (bfv) bits per value   ciphertexts  list[bytes]
       bound          (bfv) clipping bound
-      weight         1 (uniform FedAvg)
-      num-examples   reported, not used for weighting
+      weight         integer in [1, 2**weight_bits]: FedAvg weight, from the site's
+                     example count in units of he-weight-unit
+      num-examples   reported
       run-id, round, node-id               binding: a replay from another run or
       ciphertexts    list[bytes]           round, or for another node, is rejected
 
@@ -84,7 +85,8 @@ def _int(rec: ConfigRecord, key: str) -> int:
 
 
 def check_update(u: EncryptedUpdate, *, scheme: str, fingerprint: str, num_values: int,
-                 num_ciphertexts: int, run_id: int, server_round: int, node_id: int) -> None:
+                 num_ciphertexts: int, run_id: int, server_round: int, node_id: int,
+                 max_weight: int = 1) -> None:
     """Raise ``UpdateRejected`` naming the first thing wrong with ``u``."""
     if u.version != WIRE_VERSION:
         raise UpdateRejected(f"wire version {u.version}, expected {WIRE_VERSION}")
@@ -102,8 +104,8 @@ def check_update(u: EncryptedUpdate, *, scheme: str, fingerprint: str, num_value
                              f"round {server_round} (replay)")
     if u.node_id != node_id:
         raise UpdateRejected(f"bound to node {u.node_id}, sent by node {node_id}")
-    if u.weight != 1:
-        raise UpdateRejected(f"weight {u.weight}: encrypted FedAvg averages uniformly (1)")
+    if not 1 <= u.weight <= max_weight:
+        raise UpdateRejected(f"weight {u.weight} outside [1, {max_weight}] (the sum could wrap)")
     if u.num_examples < 1:
         raise UpdateRejected(f"num-examples must be >= 1. Found {u.num_examples}")
 

@@ -6,9 +6,10 @@ the ciphertext bytes (``ct-NNNN``, uint8) plus ``he-count`` (updates summed) and
 initialisation, public). Sites decrypt the aggregate with the shared secret
 context, divide by the count and train from it; server-side evaluation is
 impossible once the model is encrypted, so federated evaluation at the sites
-reports the metrics. Averaging is uniform (each valid update weight 1): with
-quantised BFV the sum must stay below the plaintext modulus, and uniform
-weights keep that bound independent of the sites' example counts.
+reports the metrics. Averaging is weighted by integer weights in
+[1, 2**weight_bits] that each site derives from its example count (in units of
+``he-weight-unit``): bounded, so the BFV sum provably stays below the plaintext
+modulus; the server checks each weight and sums them in the clear.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ class EncryptedFedAvg(FedVaultFedAvg):
                 u = EncryptedUpdate.from_record(records["he-update"])
                 check_update(u, scheme=self.he.params.scheme, fingerprint=self.he.fingerprint,
                              num_values=self.num_values, num_ciphertexts=self.num_ciphertexts,
-                             run_id=self.run_id, server_round=server_round, node_id=node)
+                             run_id=self.run_id, server_round=server_round, node_id=node,
+                             max_weight=self.he.params.max_weight)
                 if node in seen:
                     raise UpdateRejected("a second update from this node in this round")
                 for c in u.ciphertexts:
@@ -143,4 +145,5 @@ class EncryptedFedAvg(FedVaultFedAvg):
                               bytes_per_update=up / len(valid), num_values=self.num_values)
         metrics = self.train_metrics_aggr_fn([m.content for m, _ in valid], self.weighted_by_key)
         self.recorder.note_trained(server_round, nodes, aggregated=True, metrics=_floats(metrics))
-        return encrypted_arrays(summed, count=len(valid), server_round=server_round), metrics
+        total = sum(u.weight for _, u in valid)
+        return encrypted_arrays(summed, count=total, server_round=server_round), metrics

@@ -22,7 +22,7 @@ from typing import Any
 from client.app import build_client_app
 from client.site import pooled_table
 from fedvault.errors import ConfigError, FedvaultError
-from fedvault.rundir import RunDirectory
+from fedvault.rundir import RunDirectory, write_json_atomic
 from fedvault.tasks import get_task
 from protocols.config import RunSettings
 from protocols.hashchain import read_chain
@@ -173,5 +173,30 @@ def simulate(
         if tail is not None:
             tail.join(timeout=5)
     summary = run_dir.read_summary()
+    if settings.he and settings.central_eval and summary.get("status") == "completed":
+        summary["released_model"] = evaluate_release(settings, run_dir)
+        write_json_atomic(run_dir.summary, summary)
     summary["simulation_wall_seconds"] = round(time.monotonic() - t0, 3)
     return summary
+
+
+def evaluate_release(settings: RunSettings, run_dir: RunDirectory) -> dict[str, Any]:
+    """Encrypted runs: play the key holder (site-0), release the final model (recorded in
+    releases.jsonl) and evaluate it on the central test split, which the server could
+    not do. A real federation does this with ``fedvault model decrypt``."""
+    import torch
+
+    from client.training import evaluate
+    from fedvault.release import decrypt_model
+    from fedvault.tasks import Table
+
+    out = run_dir.root / "released-model.pt"
+    entry = decrypt_model(run_dir.root, federation=settings.he_federation, site="site-0",
+                          out=out)
+    task = get_task(settings.task)
+    model = task.build_model(num_features=settings.num_features, num_classes=settings.num_classes)
+    model.load_state_dict(torch.load(out, weights_only=True))
+    _, test = pooled_table(task, settings)
+    loss, acc = evaluate(model, Table(x=task.preprocess(test.x), y=test.y))
+    return {"round": entry["round"], "decrypted_by": "site-0", "path": str(out),
+            "central_accuracy": round(acc, 6), "central_loss": round(loss, 6)}

@@ -99,8 +99,10 @@ def test_encrypted_aggregation_end_to_end(tmp_path: Path) -> None:
     _, acc = evaluate(model, Table(x=task.preprocess(test.x), y=test.y))
     assert acc > 0.5
     releases = read_chain(out / "releases.jsonl")
-    assert releases[0]["kind"] == "model_decrypted" and releases[0]["round"] == 2
-    assert releases[0]["site"] == "site-1"
+    assert [e["kind"] for e in releases] == ["model_decrypted", "model_decrypted"]
+    assert releases[-1]["round"] == 2 and releases[-1]["site"] == "site-1"
+    assert s["released_model"]["central_accuracy"] == pytest.approx(acc, abs=1e-6)
+    assert "released model (round 2" in r.stdout
 
 
 def test_small_budget_makes_sites_refuse_and_the_run_goes_on(tmp_path: Path) -> None:

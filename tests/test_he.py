@@ -39,8 +39,9 @@ def test_parameters_are_128_bit_and_wrap_free() -> None:
     t = p.plain_modulus
     assert _is_prime(t) and t % (2 * p.poly_modulus_degree) == 1
     # a full field (max_sites sites at the top level) fits twice in a slot below t/2
-    top = (p.max_sites * ((1 << p.quant_bits) - 1)) * (1 + (1 << p.field_bits))
-    assert top < t // 2
+    field_max = p.max_sites * p.max_weight * ((1 << p.quant_bits) - 1)
+    assert field_max < (1 << p.field_bits)  # no carry between the two fields
+    assert field_max * (1 + (1 << p.field_bits)) < t // 2  # no wrap modulo t
     with pytest.raises(ConfigError, match="below 128-bit security"):
         HEParams(poly_modulus_degree=4096, coeff_mod_bit_sizes=(60, 60))
     with pytest.raises(ConfigError, match="below 128-bit security"):
@@ -63,6 +64,16 @@ def test_decrypted_mean_equals_plaintext_mean_within_the_bound(
     mean = secret.decrypt_mean(agg, num_values=n, count=sites)
     ref = np.mean([np.clip(x, -8, 8) for x in xs], axis=0)
     assert np.abs(mean - ref).max() <= secret.params.step + 1e-9
+
+
+def test_weighted_mean(bfv: tuple[HEContext, HEContext]) -> None:
+    secret, public = bfv
+    a, b = np.full(1000, 1.0), np.full(1000, -3.0)
+    agg = public.add([secret.encrypt(a, weight=3), secret.encrypt(b, weight=16)])
+    mean = secret.decrypt_mean(agg, num_values=1000, count=19)
+    assert np.allclose(mean, (3 * 1.0 + 16 * -3.0) / 19, atol=secret.params.step)
+    with pytest.raises(HEError, match="weight must be in"):
+        secret.encrypt(a, weight=17)
 
 
 def test_quantisation_is_unbiased() -> None:

@@ -87,6 +87,7 @@ def _bad_cases(site: HEContext, other: HEContext) -> list[tuple[str, Message]]:
         ("sent by node", _reply(9, replace(good, node_id=8))),
         ("does not parse", _reply(9, replace(good, ciphertexts=(b"\x00" * 100,)))),
         ("wire version", _reply(9, replace(good, version=2))),
+        ("outside [1, 16]", _reply(9, replace(good, weight=17))),
         ("plaintext arrays", _reply(9, good, arrays=ArrayRecord(numpy_ndarrays=[x]))),
         ("no 'he-update'", _reply(9, None)),
     ]
@@ -109,6 +110,19 @@ def test_each_malformed_or_replayed_update_is_rejected_and_the_round_completes(
         assert np.allclose(site.decrypt_mean(cts, num_values=N, count=2), 0.5, atol=1e-3)
         rejected = [e for e in read_chain(s.recorder.dir.events) if e["kind"] == "update_rejected"]
         assert len(rejected) == 1 and reason in rejected[0]["reason"], (reason, rejected)
+
+
+def test_weights_are_summed_in_the_clear(tmp_path: Path, fed: Path) -> None:
+    s = _strategy(tmp_path, fed)
+    site = load_context(fed, site="site-0")
+    u1 = replace(_update(site, np.full(N, 1.0), 1), weight=4,
+                 ciphertexts=tuple(site.encrypt(np.full(N, 1.0), weight=4)))
+    u2 = _update(site, np.full(N, 0.0), 2)
+    arrays, _ = s.aggregate_train(1, [_reply(1, u1), _reply(2, u2)])
+    assert arrays is not None
+    cts, total, _ = ciphertexts_of(arrays)
+    assert total == 5
+    assert np.allclose(site.decrypt_mean(cts, num_values=N, count=total), 0.8, atol=1e-3)
 
 
 def test_duplicate_from_one_node_is_rejected(tmp_path: Path, fed: Path) -> None:
