@@ -31,7 +31,7 @@ class RunSettings:
     num_server_rounds: int = 5
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
-    min_sites: int = 2
+    min_sites: int = 3
     local_epochs: int = 8
     batch_size: int = 256
     learning_rate: float = 0.3

@@ -122,7 +122,8 @@ def test_small_budget_makes_sites_refuse_and_the_run_goes_on(tmp_path: Path) -> 
 def test_simulation_is_reproducible(tmp_path: Path) -> None:
     accs = []
     for name in ("a", "b"):
-        r = run_cli("simulate", "--sites", "2", "--rounds", "1", "--partition", "iid",
+        r = run_cli("simulate", "--sites", "2", "--min-sites", "2", "--rounds", "1",
+                    "--partition", "iid",
                     "--insecure-noise", "--out", str(tmp_path / name), "--json")
         assert r.returncode == 0, r.stderr
         accs.append([h["accuracy"] for h in json.loads(r.stdout)["history"]])
@@ -139,7 +140,7 @@ def test_tabular_on_a_users_csv(tmp_path: Path) -> None:
     csv = save_table(t.subset(np.arange(len(t))), tmp_path / "bc.csv", label_column="diagnosis")
     out = tmp_path / "run"
     r = run_cli("simulate", "--task", "tabular", "--data-path", str(csv), "--label-column",
-                "diagnosis", "--sites", "2", "--rounds", "2", "--client-dp",
+                "diagnosis", "--sites", "2", "--min-sites", "2", "--rounds", "2", "--client-dp",
                 "--client-dp-noise", "1.0", "--client-dp-clip", "5", "--out", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
     s = json.loads((out / "summary.json").read_text())

@@ -54,15 +54,17 @@ def test_parameters_are_128_bit_and_wrap_free() -> None:
 
 @settings(max_examples=15, deadline=None)
 @given(n=st.integers(1, 20000), sites=st.integers(1, 16), seed=st.integers(0, 2**31),
-       scale=st.floats(0.01, 20.0))
-def test_decrypted_mean_equals_plaintext_mean_within_the_bound(
-        bfv: tuple[HEContext, HEContext], n: int, sites: int, seed: int, scale: float) -> None:
+       scale=st.floats(0.01, 20.0), data=st.data())
+def test_decrypted_mean_equals_plaintext_fedavg_within_the_bound(
+        bfv: tuple[HEContext, HEContext], n: int, sites: int, seed: int, scale: float,
+        data: st.DataObject) -> None:
     secret, public = bfv
     rng = np.random.default_rng(seed)
     xs = [rng.normal(0, scale, n) for _ in range(sites)]
-    agg = public.add([secret.encrypt(x, rng) for x in xs])
-    mean = secret.decrypt_mean(agg, num_values=n, count=sites)
-    ref = np.mean([np.clip(x, -8, 8) for x in xs], axis=0)
+    ws = data.draw(st.lists(st.integers(1, 16), min_size=sites, max_size=sites))
+    agg = public.add([secret.encrypt(x, rng, weight=w) for x, w in zip(xs, ws, strict=True)])
+    mean = secret.decrypt_mean(agg, num_values=n, count=sum(ws))
+    ref = np.average([np.clip(x, -8, 8) for x in xs], axis=0, weights=ws)
     assert np.abs(mean - ref).max() <= secret.params.step + 1e-9
 
 

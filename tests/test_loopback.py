@@ -47,7 +47,8 @@ def test_rehearsal_runs_a_real_deployment_and_cleans_up(tmp_path: Path) -> None:
 def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedvault", "rehearse", "--sites", "2", "--rounds", "20",
+        [sys.executable, "-m", "fedvault", "rehearse", "--sites", "2", "--min-sites", "2",
+         "--rounds", "20",
          "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
