@@ -19,7 +19,7 @@ def test_digits_simulation_improves_and_writes_its_run(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     text = r.stdout + r.stderr
     assert "DEPRECATED" not in text and "deprecated" not in text.lower()
-    assert "final accuracy (central)" in r.stdout
+    assert "final accuracy (federated)" in r.stdout  # HE is the default: encrypted model
 
     summary = json.loads((out / "summary.json").read_text())
     for key in ("task", "rounds", "sites", "final_accuracy", "history"):
