@@ -100,14 +100,9 @@ class EncryptedFedAvg(FedVaultFedAvg):
         seen: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
-            if msg.has_error():
-                self.recorder.note_site_error(server_round, node, "train",
-                                              msg.error.reason or "unknown error")
+            if not self.is_update(server_round, msg):
                 continue
             records = msg.content.config_records
-            if "refusal" in records:
-                self.recorder.note_refused(server_round, node, dict(records["refusal"]))
-                continue
             try:
                 if msg.content.array_records:
                     raise UpdateRejected("plaintext arrays in an encrypted round")

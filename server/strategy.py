@@ -58,6 +58,21 @@ class FedVaultFedAvg(FedAvg):
                                    aggregated=True, metrics=_floats(metrics))
         return arrays, metrics
 
+    def is_update(self, server_round: int, msg: Message) -> bool:
+        """False, after recording it, for an error reply or a site's refusal."""
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            self.recorder.note_site_error(server_round, node, "train",
+                                          msg.error.reason or "unknown error")
+            return False
+        if "refusal" in msg.content.config_records:
+            refusal = dict(msg.content.config_records["refusal"])
+            log(WARNING, "Round %s: node %s refused: %s", server_round, node,
+                refusal.get("reason"))
+            self.recorder.note_refused(server_round, node, refusal)
+            return False
+        return True
+
     def valid_train_replies(self, server_round: int, replies: Iterable[Message]
                             ) -> list[Message] | None:
         """The replies that may enter the aggregate, each bad one recorded for its
@@ -66,15 +81,7 @@ class FedVaultFedAvg(FedAvg):
         valid: list[Message] = []
         for msg in replies:
             node = msg.metadata.src_node_id
-            if msg.has_error():
-                self.recorder.note_site_error(server_round, node, "train",
-                                              msg.error.reason or "unknown error")
-                continue
-            if "refusal" in msg.content.config_records:
-                refusal = dict(msg.content.config_records["refusal"])
-                log(WARNING, "Round %s: node %s refused: %s", server_round, node,
-                    refusal.get("reason"))
-                self.recorder.note_refused(server_round, node, refusal)
+            if not self.is_update(server_round, msg):
                 continue
             try:
                 if self.global_arrays is None:
