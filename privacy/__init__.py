@@ -1,7 +1,7 @@
 """Differential privacy: privacy events, accountants (PRV, RDP), calibration, the
 site's hash-chained privacy ledger, and CSPRNG noise for secure-mode DP-SGD.
-
-Homomorphic encryption (contexts, parameter sets, packing) comes next.
+Homomorphic encryption: parameter sets checked at 128-bit security, quantisation
+and packing, TenSEAL contexts (``privacy.he``).
 """
 
 from privacy.accountants import (
@@ -13,6 +13,7 @@ from privacy.accountants import (
     get_accountant,
 )
 from privacy.events import SubsampledGaussianEvent, compress
+from privacy.he import HEContext, HEParams, ckks_params, new_secret_context
 from privacy.ledger import DatasetAccount, PrivacyLedger
 from privacy.noise import secure_gaussian_like, secure_standard_normal
 
@@ -21,12 +22,16 @@ __all__ = [
     "Accountant",
     "BudgetCheck",
     "DatasetAccount",
+    "HEContext",
+    "HEParams",
     "PRVAccountant",
     "PrivacyLedger",
     "RDPAccountant",
     "SubsampledGaussianEvent",
+    "ckks_params",
     "compress",
     "get_accountant",
+    "new_secret_context",
     "secure_gaussian_like",
     "secure_standard_normal",
 ]
