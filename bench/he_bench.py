@@ -40,7 +40,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from privacy.he import HEContext, HEParams, new_secret_context, public_bytes  # noqa: E402
+from privacy.he import HEContext, bfv_params_for, new_secret_context, public_bytes  # noqa: E402
 
 MODELS = {
     "100k": [(784, 120), (120,), (120, 64), (64,), (64, 10), (10,)],
@@ -129,7 +129,7 @@ def bench_nvflare(updates: list[list[np.ndarray]], weights: list[float], repeats
 
 def bench_fedvault(updates: list[list[np.ndarray]], repeats: int, sites: int
                    ) -> dict[str, float]:
-    params = HEParams(max_sites=max(16, sites))
+    params = bfv_params_for(sites)
     sctx = new_secret_context(params)
     site = HEContext(sctx, params)
     server = HEContext.load(public_bytes(sctx), params)

@@ -41,9 +41,6 @@ DEFAULT_DELTA = 1e-5
 DEFAULT_MIN_NOISE = 0.5
 DEFAULT_LEDGER = "~/.fedvault/privacy-ledger.jsonl"
 
-_NODE_KEYS = ("max-epsilon", "delta", "min-noise-multiplier", "accountant", "ledger-path",
-              "require-dp")
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SitePolicy:

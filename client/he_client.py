@@ -21,7 +21,7 @@ from fedvault.errors import ConfigError, HEError
 from fedvault.provision import load_context
 from privacy.he import HEContext
 from protocols.config import RunSettings
-from protocols.he_update import WIRE_VERSION, EncryptedUpdate
+from protocols.he_update import EncryptedGlobal, EncryptedUpdate
 
 
 @lru_cache(maxsize=8)
@@ -59,27 +59,13 @@ def unflatten(flat: np.ndarray, template: Mapping[str, torch.Tensor]) -> dict[st
 
 
 def load_encrypted_global(model: torch.nn.Module, record: ConfigRecord, he: HEContext) -> None:
-    """Decrypt the aggregate, divide by the count, load it into ``model``."""
-    if _int(record, "version") != WIRE_VERSION:
-        raise HEError(f"global model wire version {record['version']!r}, "
-                      f"expected {WIRE_VERSION}")
-    if record["fingerprint"] != he.fingerprint:
+    """Decrypt the aggregate, divide by the total weight, load it into ``model``."""
+    g = EncryptedGlobal.from_record(record)
+    if g.fingerprint != he.fingerprint:
         raise HEError("the global model was encrypted under another HE context "
                       "(fingerprint mismatch).")
-    cts = record["ciphertexts"]
-    if not isinstance(cts, list) or not all(isinstance(c, bytes) for c in cts):
-        raise HEError("the global model's ciphertexts are not a list of bytes.")
-    template = model.state_dict()
-    mean = he.decrypt_mean([bytes(c) for c in cts],  # type: ignore[arg-type]
-                           num_values=_int(record, "num-values"), count=_int(record, "count"))
-    model.load_state_dict(unflatten(mean, template), strict=True)
-
-
-def _int(record: ConfigRecord, key: str) -> int:
-    v = record[key]
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise HEError(f"global model field {key!r} must be an integer. Found {v!r}.")
-    return v
+    mean = he.decrypt_mean(list(g.ciphertexts), num_values=g.num_values, count=g.count)
+    model.load_state_dict(unflatten(mean, model.state_dict()), strict=True)
 
 
 def he_weight(num_examples: int, unit: int, max_weight: int) -> int:

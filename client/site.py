@@ -24,8 +24,6 @@ from fedvault.tasks import TEST_FRACTION, Table, Task, embedded_split, get_task,
 from protocols.config import RunSettings
 from simulations.partition import partition_indices
 
-NODE_CONFIG_KEYS = ("data-path", "label-column", "task", "partition-id", "num-partitions")
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SiteData:

@@ -326,29 +326,26 @@ def cmd_show(args: argparse.Namespace) -> int:
     return _finish(args, summary, args.run_dir)
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
+def _verify(path: Path) -> int:
+    """Verify any hash-chained log (events, ledger, releases): 0 if intact, else 1
+    with the first bad entry named."""
     from protocols.hashchain import verify_chain
 
-    path: Path = args.path
-    if path.is_dir():
-        path = path / "events.jsonl"
     report = verify_chain(path)
     if report.ok:
-        console.print(f"[green]{report.describe()}[/]")
-        return 0
-    err_console.print(f"[red]{report.describe()}[/]")
-    return 1
-
-
-def cmd_budget_verify(args: argparse.Namespace) -> int:
-    from protocols.hashchain import verify_chain
-
-    report = verify_chain(args.ledger)
-    if report.ok:
-        console.print(f"[green]{report.describe()}[/]", soft_wrap=True)
+        console.print(f"[green]{escape(report.describe())}[/]", soft_wrap=True)
         return 0
     err_console.print(f"[red]{escape(report.describe())}[/]", soft_wrap=True)
     return 1
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    path: Path = args.path
+    return _verify(path / "events.jsonl" if path.is_dir() else path)
+
+
+def cmd_budget_verify(args: argparse.Namespace) -> int:
+    return _verify(args.ledger)
 
 
 def cmd_budget_report(args: argparse.Namespace) -> int:
@@ -408,15 +405,14 @@ def cmd_provision(args: argparse.Namespace) -> int:
     import os
 
     from fedvault.provision import provision
-    from privacy.he import HEParams, ckks_params
+    from privacy.he import bfv_params_for, ckks_params
 
     passphrase = None
     if args.passphrase_env:
         passphrase = os.environ.get(args.passphrase_env)
         if not passphrase:
             raise FedvaultError(f"environment variable {args.passphrase_env} is empty or unset.")
-    params = (ckks_params() if args.scheme == "ckks" else
-              HEParams(max_sites=max(16, 1 << max(0, args.sites - 1).bit_length())))
+    params = ckks_params() if args.scheme == "ckks" else bfv_params_for(args.sites)
     m = provision(args.out, sites=args.sites, params=params, passphrase=passphrase)
     he = m["he"]
     console.print(f"federation of {args.sites} sites in {args.out}")

@@ -158,9 +158,6 @@ class Deployment:
                 pass
             p.handle.close()
 
-    def pids(self) -> list[int]:
-        return [p.popen.pid for p in self.procs]
-
 
 def become_subreaper() -> bool:
     """Adopt orphaned descendants (Linux ``PR_SET_CHILD_SUBREAPER``), so the

@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from flwr.app import ArrayRecord
 
 from client.he_client import unflatten
 from fedvault.errors import ConfigError, HEError
@@ -25,6 +25,7 @@ from fedvault.rundir import RunDirectory
 from fedvault.tasks import get_task
 from protocols.config import RunSettings
 from protocols.hashchain import HashChainLog
+from protocols.he_update import ciphertexts_of, is_encrypted
 
 RELEASES = "releases.jsonl"
 
@@ -50,15 +51,14 @@ def decrypt_model(run_dir: str | Path, *, federation: str | Path, site: str,
     path = run.model_path(rnd)
     if not path.exists():
         raise ConfigError(f"{run.root} has no model for round {rnd}.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "he-count" not in state:
+    stored = ArrayRecord(torch_state_dict=torch.load(path, map_location="cpu",
+                                                     weights_only=True))
+    if not is_encrypted(stored):
         raise ConfigError(f"the round-{rnd} model is not encrypted: nothing to decrypt.")
     he = load_context(federation, site=site, passphrase=passphrase)
     if not he.has_secret_key:
         raise HEError(f"{site}'s context holds no secret key.")
-    cts = [state[k].numpy().astype(np.uint8).tobytes() for k in sorted(state)
-           if k.startswith("ct-")]
-    count = int(state["he-count"].numpy()[0])
+    cts, count, _ = ciphertexts_of(stored)
     task = get_task(settings.task)
     model = task.build_model(num_features=settings.num_features, num_classes=settings.num_classes)
     template = model.state_dict()

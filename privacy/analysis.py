@@ -59,8 +59,9 @@ def poisson_sample_rate(*, batch_size: int, num_examples: int) -> float:
 
 
 def steps_per_epoch(sample_rate: float) -> int:
-    """Batches per epoch of Opacus's Poisson loader: ``int(1 / sample_rate)``... made
-    robust to float error (1/0.25 is 4, never 3.9999)."""
+    """Batches per epoch of Opacus's Poisson loader, computed exactly as Opacus's
+    ``UniformWithReplacementSampler`` does (``int(1 / sample_rate)``): the reserved
+    step count must equal the steps the loader really runs, float quirks included."""
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1]. Found {sample_rate}.")
-    return max(1, math.floor(1.0 / sample_rate + 1e-9))
+    return int(1 / sample_rate)

@@ -47,7 +47,8 @@ MAX_COEFF_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 3276
 SEAL_BFV_DEFAULT = {4096: (36, 36, 37), 8192: (43, 43, 44, 44, 44)}
 
 
-__all__ = ["HEContext", "HEError", "HEParams", "ckks_params", "new_secret_context"]
+__all__ = ["HEContext", "HEError", "HEParams", "bfv_params_for", "ckks_params",
+           "new_secret_context"]
 
 
 def _is_prime(n: int) -> bool:
@@ -177,6 +178,12 @@ class HEParams:
         kw = {k: d[k] for k in keys if k in d}
         kw["coeff_mod_bit_sizes"] = tuple(kw.get("coeff_mod_bit_sizes", ()))
         return cls(**kw)
+
+
+def bfv_params_for(sites: int) -> HEParams:
+    """Default BFV parameters with headroom for ``sites`` sites (at least 16, rounded up
+    to a power of two: the headroom is whole bits)."""
+    return HEParams(max_sites=max(16, 1 << max(0, sites - 1).bit_length()))
 
 
 def ckks_params(**kw: Any) -> HEParams:

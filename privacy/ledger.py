@@ -145,9 +145,6 @@ class PrivacyLedger:
         return self.accountant.check(self.history(fingerprint), planned, delta=delta,
                                      limit=limit)
 
-    def known(self, fingerprint: str) -> bool:
-        return any(e.get("fingerprint") == fingerprint for e in self.entries())
-
     # -- state changes -------------------------------------------------------------------
     def register(self, fingerprint: str, *, source: str, rows: int) -> dict[str, Any] | None:
         """Record the first use of a dataset; names the datasets it differs from."""

@@ -80,16 +80,21 @@ def _iter_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
 
 def verify_chain(path: str | Path) -> ChainReport:
     """Check every entry's hash, its link to the previous one and its sequence number."""
-    p = Path(path)
+    return _scan(Path(path))[0]
+
+
+def _scan(p: Path) -> tuple[ChainReport, list[dict[str, Any]]]:
+    """One pass over the file: the verification report and the entries that verified."""
     if not p.exists():
         raise IntegrityError(f"{p}: no such log file.")
     prev = GENESIS_HASH
     count = 0
+    entries: list[dict[str, Any]] = []
     for lineno, raw, complete in _iter_lines(p):
-        def bad(reason: str, lineno: int = lineno, count: int = count,
-                prev: str = prev) -> ChainReport:
+        def bad(reason: str, lineno: int = lineno, count: int = count, prev: str = prev
+                ) -> tuple[ChainReport, list[dict[str, Any]]]:
             return ChainReport(path=str(p), entries=count, ok=False, first_bad_line=lineno,
-                               reason=reason, last_hash=prev)
+                               reason=reason, last_hash=prev), entries
 
         if not complete:
             return bad("torn last line (the process was interrupted while writing it)")
@@ -109,24 +114,36 @@ def verify_chain(path: str | Path) -> ChainReport:
             return bad("hash does not match the entry's content (the entry was edited)")
         prev = entry["hash"]
         count += 1
-    return ChainReport(path=str(p), entries=count, ok=True, last_hash=prev)
+        entries.append(entry)
+    return ChainReport(path=str(p), entries=count, ok=True, last_hash=prev), entries
 
 
 def read_chain(path: str | Path, *, verify: bool = True) -> list[dict[str, Any]]:
     """All entries; with ``verify`` (the default) an ``IntegrityError`` if the chain is broken."""
     p = Path(path)
     if verify:
-        report = verify_chain(p)
+        report, entries = _scan(p)
         if not report.ok:
             raise IntegrityError(report.describe())
+        return entries
+    return follow_chain(p, 0)[0]
+
+
+def follow_chain(path: str | Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """Entries of the complete lines after byte ``offset`` (not verified), and the offset
+    just past them: a reader following a growing log reads each line once."""
     out: list[dict[str, Any]] = []
-    for _, raw, complete in _iter_lines(p):
-        if complete:
+    with Path(path).open("rb") as fh:
+        fh.seek(offset)
+        for raw in fh:
+            if not raw.endswith(b"\n"):
+                break  # a line still being written: read it next time
+            offset += len(raw)
             try:
                 out.append(json.loads(raw))
             except json.JSONDecodeError:
                 continue
-    return out
+    return out, offset
 
 
 def repair_torn_tail(path: str | Path) -> bytes | None:
@@ -178,14 +195,6 @@ class HashChainLog:
             os.close(fd)
             self._seq = 0
             self._prev = GENESIS_HASH
-
-    @property
-    def last_hash(self) -> str:
-        return self._prev
-
-    @property
-    def size(self) -> int:
-        return self._seq
 
     def append(self, kind: str, **fields: Any) -> dict[str, Any]:
         """Append one entry of ``kind`` with ``fields``; returns the entry as written."""

@@ -26,9 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import ConfigRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from fedvault.errors import UpdateRejected
+from fedvault.errors import HEError, UpdateRejected
 
 WIRE_VERSION = 1
 
@@ -77,10 +78,10 @@ class EncryptedUpdate:
             raise UpdateRejected(f"encrypted update does not parse: {exc!r}") from None
 
 
-def _int(rec: ConfigRecord, key: str) -> int:
+def _int(rec: ConfigRecord, key: str, error: type[Exception] = UpdateRejected) -> int:
     v: Any = rec[key]
     if isinstance(v, bool) or not isinstance(v, int):
-        raise UpdateRejected(f"field {key!r} must be an integer. Found {v!r}")
+        raise error(f"field {key!r} must be an integer. Found {v!r}")
     return v
 
 
@@ -115,3 +116,55 @@ def global_record(*, scheme: str, fingerprint: str, num_values: int, count: int,
     return ConfigRecord({"version": WIRE_VERSION, "scheme": scheme, "fingerprint": fingerprint,
                          "num-values": num_values, "count": count, "round": server_round,
                          "ciphertexts": ciphertexts})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EncryptedGlobal:
+    """The encrypted global model as the sites receive it ("he-global")."""
+
+    scheme: str
+    fingerprint: str
+    num_values: int
+    count: int  # total weight summed
+    round: int
+    ciphertexts: tuple[bytes, ...]
+    version: int = WIRE_VERSION
+
+    @classmethod
+    def from_record(cls, rec: ConfigRecord) -> EncryptedGlobal:
+        """Parse, raising ``HEError`` naming what is wrong (a site cannot train from it)."""
+        try:
+            version = _int(rec, "version", HEError)
+            if version != WIRE_VERSION:
+                raise HEError(f"global model wire version {version}, expected {WIRE_VERSION}")
+            cts = rec["ciphertexts"]
+            if not isinstance(cts, list) or not all(isinstance(c, bytes) for c in cts):
+                raise HEError("the global model's ciphertexts are not a list of bytes.")
+            return cls(scheme=str(rec["scheme"]), fingerprint=str(rec["fingerprint"]),
+                       num_values=_int(rec, "num-values", HEError),
+                       count=_int(rec, "count", HEError), round=_int(rec, "round", HEError),
+                       ciphertexts=tuple(bytes(c) for c in cts),  # type: ignore[arg-type]
+                       version=version)
+        except KeyError as exc:
+            raise HEError(f"the global model record lacks {exc}.") from None
+
+
+# The encrypted global model between rounds at the server (and as stored in the run
+# directory): an ArrayRecord of the ciphertext bytes (ct-NNNN, uint8) plus the total
+# weight summed (he-count) and the round that formed it (he-round).
+def encrypted_arrays(ciphertexts: list[bytes], *, count: int, server_round: int) -> ArrayRecord:
+    d = {f"ct-{i:04d}": Array(np.frombuffer(c, dtype=np.uint8).copy())
+         for i, c in enumerate(ciphertexts)}
+    d["he-count"] = Array(np.array([count], dtype=np.int64))
+    d["he-round"] = Array(np.array([server_round], dtype=np.int64))
+    return ArrayRecord(d)
+
+
+def is_encrypted(arrays: ArrayRecord) -> bool:
+    return "he-count" in arrays
+
+
+def ciphertexts_of(arrays: ArrayRecord) -> tuple[list[bytes], int, int]:
+    """(ciphertexts, total weight, round) of an ``encrypted_arrays`` record."""
+    cts = [arrays[k].numpy().tobytes() for k in sorted(arrays.keys()) if k.startswith("ct-")]
+    return cts, int(arrays["he-count"].numpy()[0]), int(arrays["he-round"].numpy()[0])

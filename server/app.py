@@ -24,6 +24,7 @@ from fedvault.rundir import RunDirectory, default_run_dir
 from fedvault.tasks import Table, Task, get_task
 from privacy.ledger import PrivacyLedger
 from protocols.config import RunSettings
+from protocols.he_update import is_encrypted
 from server.dp import ClientLevelDP
 from server.he_strategy import EncryptedFedAvg
 from server.recorder import RunRecorder
@@ -48,7 +49,7 @@ def make_central_evaluator(
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         central: tuple[float, float] | None = None
-        if test is not None and "he-count" not in arrays:  # an encrypted model is unreadable here
+        if test is not None and not is_encrypted(arrays):  # unreadable here once encrypted
             model = task.build_model(num_features=settings.num_features,
                                      num_classes=settings.num_classes)
             model.load_state_dict(arrays.to_torch_state_dict())

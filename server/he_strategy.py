@@ -1,10 +1,10 @@
 """Encrypted FedAvg: the server sums TenSEAL ciphertexts it cannot decrypt.
 
-The global model travels between rounds as an ``ArrayRecord`` whose arrays are
-the ciphertext bytes (``ct-NNNN``, uint8) plus ``he-count`` (updates summed) and
-``he-round``; round 1 starts from the plaintext initial model (a random
-initialisation, public). Sites decrypt the aggregate with the shared secret
-context, divide by the count and train from it; server-side evaluation is
+The global model travels between rounds as an ``ArrayRecord`` of ciphertext
+bytes (``protocols.he_update.encrypted_arrays``); round 1 starts from the
+plaintext initial model (a random initialisation, public). Sites decrypt the
+aggregate with the shared secret context, divide by the total weight and train
+from it; server-side evaluation is
 impossible once the model is encrypted, so federated evaluation at the sites
 reports the metrics. Averaging is weighted by integer weights in
 [1, 2**weight_bits] that each site derives from its example count (in units of
@@ -17,41 +17,21 @@ from __future__ import annotations
 from collections.abc import Iterable
 from logging import WARNING
 
-import numpy as np
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from fedvault.errors import HEError, UpdateRejected
 from privacy.he import HEContext
-from protocols.he_update import EncryptedUpdate, check_update, global_record
+from protocols.he_update import (
+    EncryptedUpdate,
+    check_update,
+    ciphertexts_of,
+    encrypted_arrays,
+    global_record,
+    is_encrypted,
+)
 from server.strategy import FedVaultFedAvg, _floats
-
-
-def encrypted_arrays(ciphertexts: list[bytes], *, count: int, server_round: int) -> ArrayRecord:
-    d = {f"ct-{i:04d}": Array(np.frombuffer(c, dtype=np.uint8).copy())
-         for i, c in enumerate(ciphertexts)}
-    d["he-count"] = Array(np.array([count], dtype=np.int64))
-    d["he-round"] = Array(np.array([server_round], dtype=np.int64))
-    return ArrayRecord(d)
-
-
-def is_encrypted(arrays: ArrayRecord) -> bool:
-    return "he-count" in arrays
-
-
-def ciphertexts_of(arrays: ArrayRecord) -> tuple[list[bytes], int, int]:
-    cts = [arrays[k].numpy().tobytes() for k in sorted(arrays.keys()) if k.startswith("ct-")]
-    return cts, int(arrays["he-count"].numpy()[0]), int(arrays["he-round"].numpy()[0])
 
 
 class EncryptedFedAvg(FedVaultFedAvg):
@@ -66,33 +46,30 @@ class EncryptedFedAvg(FedVaultFedAvg):
         self.num_ciphertexts = -(-num_values // he.params.values_per_ciphertext)
         self.run_id = run_id
 
-    def _content(self, arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:
-        if not is_encrypted(arrays):
-            return RecordDict({"arrays": arrays, "config": config})
-        cts, count, rnd = ciphertexts_of(arrays)
-        return RecordDict({"he-global": global_record(
-            scheme=self.he.params.scheme, fingerprint=self.he.fingerprint,
-            num_values=self.num_values, count=count, server_round=rnd, ciphertexts=cts),
-            "config": config})
-
-    def _sample(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
-                fraction: float, minimum: int, kind: str) -> list[Message]:
-        num_nodes = int(len(list(grid.get_node_ids())) * fraction)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, minimum))
-        config["server-round"] = server_round
-        return list(self._construct_messages(self._content(arrays, config), node_ids, kind))
+    def _as_encrypted(self, messages: Iterable[Message], arrays: ArrayRecord,
+                      config: ConfigRecord) -> list[Message]:
+        """Flower's FedAvg samples the sites and builds the messages; once the global
+        model is encrypted, their content becomes the "he-global" record instead."""
+        out = list(messages)
+        if is_encrypted(arrays) and out:
+            cts, count, rnd = ciphertexts_of(arrays)
+            content = RecordDict({"he-global": global_record(
+                scheme=self.he.params.scheme, fingerprint=self.he.fingerprint,
+                num_values=self.num_values, count=count, server_round=rnd, ciphertexts=cts),
+                "config": config})
+            for m in out:
+                m.content = content
+        return out
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        messages = self._sample(server_round, arrays, config, grid, self.fraction_train,
-                                self.min_train_nodes, MessageType.TRAIN)
-        self.recorder.note_sampled(server_round, [m.metadata.dst_node_id for m in messages])
-        return messages
+        return self._as_encrypted(super().configure_train(server_round, arrays, config, grid),
+                                  arrays, config)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return self._sample(server_round, arrays, config, grid, self.fraction_evaluate,
-                            self.min_evaluate_nodes, MessageType.EVALUATE)
+        return self._as_encrypted(super().configure_evaluate(server_round, arrays, config, grid),
+                                  arrays, config)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -26,6 +26,7 @@ from fedvault.plots import plot_accuracy
 from fedvault.rundir import RunDirectory, write_json_atomic
 from protocols.config import RunSettings
 from protocols.hashchain import HashChainLog, utc_now
+from protocols.he_update import is_encrypted
 
 
 @dataclass
@@ -205,7 +206,7 @@ class RunRecorder:
         path.write_bytes(blob)
         st = self._rounds[server_round]
         fed = st.federated
-        encrypted = "he-count" in arrays
+        encrypted = is_encrypted(arrays)
         if central is not None:
             loss, acc = central
         else:

@@ -25,8 +25,8 @@ from fedvault.errors import ConfigError, FedvaultError
 from fedvault.rundir import RunDirectory, write_json_atomic
 from fedvault.tasks import get_task
 from protocols.config import RunSettings
-from protocols.hashchain import read_chain
-from server.app import build_server_app
+from protocols.hashchain import follow_chain
+from server.app import build_server_app, central_test_table
 from simulations.partition import partition_indices
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -87,28 +87,26 @@ def ensure_federation(settings: RunSettings, sites: int, root: Path) -> RunSetti
     if not settings.he or settings.he_federation:
         return settings
     from fedvault.provision import provision
-    from privacy.he import HEParams
+    from privacy.he import bfv_params_for
 
     fed = root / "federation"
-    provision(fed, sites=sites,
-              params=HEParams(max_sites=max(16, 1 << max(0, sites - 1).bit_length())))
+    provision(fed, sites=sites, params=bfv_params_for(sites))
     return settings.replace(he_federation=str(fed.resolve()))
 
 
 def tail_events(path: Path, stop: threading.Event, on_event: ProgressCallback,
                 poll: float = 0.2) -> None:
     """Call ``on_event`` for each new event appended to ``path`` until ``stop`` is set."""
-    seen = 0
+    offset = 0
     while True:
         done = stop.is_set()
         if path.exists():
             try:
-                entries = read_chain(path, verify=False)
+                entries, offset = follow_chain(path, offset)
             except OSError:
                 entries = []
-            for e in entries[seen:]:
+            for e in entries:
                 on_event(e)
-            seen = max(seen, len(entries))
         if done:
             return
         stop.wait(poll)
@@ -188,7 +186,6 @@ def evaluate_release(settings: RunSettings, run_dir: RunDirectory) -> dict[str, 
 
     from client.training import evaluate
     from fedvault.release import decrypt_model
-    from fedvault.tasks import Table
 
     out = run_dir.root / "released-model.pt"
     entry = decrypt_model(run_dir.root, federation=settings.he_federation, site="site-0",
@@ -196,7 +193,9 @@ def evaluate_release(settings: RunSettings, run_dir: RunDirectory) -> dict[str, 
     task = get_task(settings.task)
     model = task.build_model(num_features=settings.num_features, num_classes=settings.num_classes)
     model.load_state_dict(torch.load(out, weights_only=True))
-    _, test = pooled_table(task, settings)
-    loss, acc = evaluate(model, Table(x=task.preprocess(test.x), y=test.y))
+    test = central_test_table(task, settings)
+    if test is None:  # pragma: no cover - the caller checks central_eval
+        raise ConfigError("central evaluation is off: nothing to score the release on.")
+    loss, acc = evaluate(model, test)
     return {"round": entry["round"], "decrypted_by": "site-0", "path": str(out),
             "central_accuracy": round(acc, 6), "central_loss": round(loss, 6)}

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -50,19 +51,21 @@ def test_edited_entry_is_named(tmp_path: Path) -> None:
     assert not r.ok and r.first_bad_line == 3 and "edited" in r.reason
 
 
-def test_deleted_entry_is_named(tmp_path: Path) -> None:
-    p = _log(tmp_path)
-    lines = _lines(p)
+def _delete_second(lines: list[str]) -> None:
     del lines[1]
-    p.write_text("".join(lines))
-    r = verify_chain(p)
-    assert not r.ok and r.first_bad_line == 2
 
 
-def test_reordered_entries_are_named(tmp_path: Path) -> None:
+def _swap_second_and_fourth(lines: list[str]) -> None:
+    lines[1], lines[3] = lines[3], lines[1]
+
+
+@pytest.mark.parametrize("tamper", [_delete_second, _swap_second_and_fourth],
+                         ids=["deleted", "reordered"])
+def test_deleted_or_reordered_entry_is_named(tmp_path: Path, tamper: Callable[[list[str]], None]
+                                             ) -> None:
     p = _log(tmp_path)
     lines = _lines(p)
-    lines[1], lines[3] = lines[3], lines[1]
+    tamper(lines)
     p.write_text("".join(lines))
     r = verify_chain(p)
     assert not r.ok and r.first_bad_line == 2

@@ -15,8 +15,8 @@ from fedvault.rundir import RunDirectory
 from privacy.he import HEContext, HEParams
 from protocols.config import RunSettings
 from protocols.hashchain import read_chain
-from protocols.he_update import EncryptedUpdate
-from server.he_strategy import EncryptedFedAvg, ciphertexts_of, is_encrypted
+from protocols.he_update import EncryptedUpdate, ciphertexts_of, is_encrypted
+from server.he_strategy import EncryptedFedAvg
 from server.recorder import RunRecorder
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
