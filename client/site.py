@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
+
 from client.data import fingerprint, load_table, split_site
 from fedvault.errors import ConfigError, DataError
 from fedvault.tasks import TEST_FRACTION, Table, Task, embedded_split, get_task, split_train_test
@@ -53,13 +55,37 @@ def pooled_table(task: Task, settings: RunSettings) -> tuple[Table, Table]:
     return embedded_split(task, seed=settings.seed)
 
 
-@lru_cache(maxsize=64)
-def _partition(settings: RunSettings, partition_id: int, num_partitions: int) -> Table:
-    task = get_task(settings.task)
-    pool, _ = pooled_table(task, settings)
+@lru_cache(maxsize=2)
+def _pool(settings: RunSettings) -> Table:
+    return pooled_table(get_task(settings.task), settings)[0]
+
+
+@lru_cache(maxsize=2)
+def site_owners(settings: RunSettings, num_partitions: int) -> np.ndarray:
+    """Owner site of every row of the federated pool: the run's scenario decides when
+    it has one, else the run's partitioner. Computed once per process; memory grows
+    with the data, not with the number of sites."""
+    pool = _pool(settings)
+    if settings.scenario:
+        from simulations.scenario import load_compiled
+
+        scenario = load_compiled(settings.scenario)
+        if scenario.num_sites != num_partitions:
+            raise ConfigError(f"the scenario has {scenario.num_sites} sites; this simulation "
+                              f"runs {num_partitions}.")
+        return scenario.owners(pool.y, seed=settings.seed)
     parts = partition_indices(pool.y, num_partitions, partitioner=settings.partitioner,
                               alpha=settings.alpha, seed=settings.seed)
-    return pool.subset(parts[partition_id])
+    owners = np.empty(len(pool), dtype=np.int64)
+    for k, part in enumerate(parts):
+        owners[part] = k
+    return owners
+
+
+@lru_cache(maxsize=64)
+def _partition(settings: RunSettings, partition_id: int, num_partitions: int) -> Table:
+    owners = site_owners(settings, num_partitions)
+    return _pool(settings).subset(np.flatnonzero(owners == partition_id))
 
 
 @lru_cache(maxsize=8)

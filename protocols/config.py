@@ -69,6 +69,8 @@ class RunSettings:
     site_max_epsilon: float = 10.0
     site_delta: float = 1e-5
     site_min_noise_multiplier: float = 0.5
+    # -- simulation only: the compiled scenario (RUN_DIR/scenario.json) of `fedvault simulate`
+    scenario: str = ""
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:

@@ -96,3 +96,77 @@ def _check(num_samples: int, num_partitions: int) -> None:
         raise ValueError(
             f"Cannot split {num_samples} samples into {num_partitions} non-empty partitions."
         )
+
+
+def site_partition(
+    labels: np.ndarray,
+    *,
+    kinds: list[str],
+    alphas: np.ndarray,
+    quantities: np.ndarray,
+    allowed: list[tuple[int, ...]],
+    seed: int,
+    min_partition_size: int = 10,
+) -> np.ndarray:
+    """Owner site of every sample, for sites that each have their own partition spec.
+
+    Site ``k`` is ``iid`` or ``dirichlet`` (``kinds[k]``, concentration
+    ``alphas[k]``), has a relative size ``quantities[k]`` (quantity skew) and may
+    hold only the labels in ``allowed[k]`` (empty = any). For each class ``c``
+    the eligible sites share its samples in proportions ``q_k * g_k``, where
+    ``g_k = 1`` for an IID site and ``g_k ~ Gamma(alpha_k, 1/alpha_k)`` (mean 1)
+    for a Dirichlet site: when every site is Dirichlet with one alpha and equal
+    quantity, the proportions are exactly Dirichlet(alpha) (Hsu, Qi & Brown 2019,
+    arXiv:1909.06335); IID sites get their expected share.
+
+    Every sample has exactly one owner. Sites below ``min_partition_size`` (lowered
+    to what the data allows) take samples of labels they may hold from the largest
+    sites. Returns an ``int64`` array of site indices, one per sample: memory grows
+    with the data, not with the number of sites.
+    """
+    labels = np.asarray(labels)
+    n_sites = len(kinds)
+    _check(len(labels), n_sites)
+    if not (len(alphas) == len(quantities) == len(allowed) == n_sites):
+        raise ValueError("kinds, alphas, quantities and allowed must have one entry per site.")
+    rng = np.random.default_rng(seed)
+    owners = np.full(len(labels), -1, dtype=np.int64)
+    allowed_sets = [set(a) for a in allowed]
+    dirichlet = np.array([k == "dirichlet" for k in kinds])
+    for c in np.unique(labels):
+        eligible = np.array([not a or int(c) in a for a in allowed_sets])
+        if not eligible.any():
+            raise ValueError(f"no site may hold label {int(c)}: every sample needs an owner.")
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        g = np.ones(n_sites)
+        if dirichlet.any():
+            a = alphas[dirichlet]
+            g[dirichlet] = rng.gamma(a, 1.0 / a)
+        w = np.where(eligible, quantities * g, 0.0)
+        if w.sum() <= 0:  # every eligible Dirichlet draw underflowed: share equally
+            w = eligible.astype(float)
+        cuts = (np.cumsum(w / w.sum())[:-1] * len(idx)).round().astype(int)
+        for k, chunk in enumerate(np.split(idx, cuts)):
+            owners[chunk] = k
+    _fill_small(owners, labels, allowed_sets,
+                min(min_partition_size, len(labels) // n_sites), n_sites)
+    return owners
+
+
+def _fill_small(owners: np.ndarray, labels: np.ndarray, allowed: list[set[int]],
+                min_size: int, n_sites: int) -> None:
+    sizes = np.bincount(owners, minlength=n_sites)
+    for k in np.flatnonzero(sizes < min_size):
+        ok = np.ones(len(labels), dtype=bool) if not allowed[k] else np.isin(
+            labels, sorted(allowed[k]))
+        while sizes[k] < min_size:
+            candidates = ok & (sizes[owners] > min_size) & (owners != k)
+            if not candidates.any():
+                break  # nothing left to give without starving another site
+            # take from the largest eligible donor
+            donor_sizes = np.where(candidates, sizes[owners], -1)
+            i = int(np.argmax(donor_sizes))
+            sizes[owners[i]] -= 1
+            owners[i] = k
+            sizes[k] += 1
