@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from client.budget import SitePolicy, check_request, noise_multiplier_for_run, site_policy
 from client.dp import plan_round, train_dp
@@ -28,11 +29,22 @@ from client.he_client import encrypt_update, load_encrypted_global, site_context
 from client.site import resolve_site_data
 from client.training import TrainResult, evaluate, train_local
 from fedvault.errors import ConfigError, PrivacyRefused
-from fedvault.tasks import get_task
+from fedvault.tasks import Table, get_task
 from privacy.ledger import PrivacyLedger
 from protocols.config import RunSettings
 
 logger = logging.getLogger("fedvault.client")
+
+
+class SiteBehaviour(Protocol):
+    """What a simulated site does besides honest training (``simulations.behaviour``):
+    it may poison the data it trains on and tamper with the model it then sends.
+    Deployments have none; a real hostile site would run modified code instead."""
+
+    def training_data(self, table: Table, context: Context, server_round: int) -> Table: ...
+
+    def tamper(self, global_state: Mapping[str, torch.Tensor], model: torch.nn.Module,
+               context: Context, server_round: int) -> None: ...
 
 
 def _settings(context: Context, overrides: Mapping[str, Any] | None) -> RunSettings:
@@ -100,9 +112,13 @@ def _refusal(msg: Message, policy: SitePolicy, reason: str, spent: float | None 
     return Message(content=RecordDict({"refusal": ConfigRecord(record)}), reply_to=msg)
 
 
-def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
-    """The ClientApp; ``overrides`` win over the run config (used by simulations)."""
-    app = ClientApp()
+def build_client_app(overrides: Mapping[str, Any] | None = None, *,
+                     mods: Sequence[Mod] = (),
+                     behaviour: SiteBehaviour | None = None) -> ClientApp:
+    """The ClientApp; ``overrides`` win over the run config, ``mods`` wrap every
+    handler and ``behaviour`` plays a scenario's hostile sites (all three are used by
+    simulations only)."""
+    app = ClientApp(mods=list(mods))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -117,6 +133,16 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         lr = float(cfg.get("learning-rate", settings.learning_rate))  # type: ignore[arg-type]
         momentum = float(cfg.get("momentum", settings.momentum))  # type: ignore[arg-type]
         seed = _train_seed(settings, server_round, context)
+        train_table = site.train
+        global_state: dict[str, torch.Tensor] = {}
+        if behaviour is not None:
+            train_table = behaviour.training_data(site.train, context, server_round)
+            global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+        def tampered(result: TrainResult) -> TrainResult:
+            if behaviour is not None:
+                behaviour.tamper(global_state, model, context, server_round)
+            return result
 
         policy = site_policy(settings, context.node_config)
         if not settings.dp:
@@ -124,9 +150,10 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
                 check_request(settings, policy, 0.0)
             except PrivacyRefused as exc:
                 return _refusal(msg, policy, str(exc))
-            result = train_local(model, site.train, epochs=epochs, batch_size=batch_size,
-                                 learning_rate=lr, momentum=momentum, seed=seed,
-                                 max_grad_norm=settings.max_grad_norm)
+            result = tampered(train_local(model, train_table, epochs=epochs,
+                                          batch_size=batch_size, learning_rate=lr,
+                                          momentum=momentum, seed=seed,
+                                          max_grad_norm=settings.max_grad_norm))
             return _train_reply(msg, model, result, privacy=None, settings=settings,
                                 context=context, server_round=server_round)
 
@@ -156,8 +183,9 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         if not settings.secure_mode:
             logger.warning("secure-mode is off: DP noise comes from torch's seeded PRNG, "
                            "not a CSPRNG. Use this only for experiments.")
-        result = train_dp(model, site.train, plan, learning_rate=lr, momentum=momentum,
-                          secure_mode=settings.secure_mode, seed=seed, task_name=settings.task)
+        result = tampered(train_dp(model, train_table, plan, learning_rate=lr,
+                                   momentum=momentum, secure_mode=settings.secure_mode,
+                                   seed=seed, task_name=settings.task))
         ledger.complete(reservation, steps_taken=result.steps)
         privacy = {"site": policy.site_name, "epsilon": float(reservation["epsilon_after"]),
                    "delta": policy.delta, "accountant": policy.accountant,

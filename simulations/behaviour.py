@@ -1,0 +1,227 @@
+"""What simulated sites do besides honest training: go offline, drop out, attack.
+
+Two pieces, both client-side, both keyed by the site's partition id:
+
+* :func:`simulation_mod`, a Flower mod around the ClientApp. It gives the site
+  the node config a real site would have (its own privacy limits and name),
+  decides whether the site is online and whether it drops out this round
+  (before training, or mid-upload after training and spending epsilon), and
+  tags each reply with a ``simulation`` record (site index, fate, examples
+  processed) that the simulated network at the server reads and strips.
+* :class:`ScenarioBehaviour`, the ClientApp's behaviour hook: a hostile site
+  poisons its training data (label flipping, backdoor trigger) and/or tampers
+  with its trained model before it is encrypted and sent (sign flipping,
+  scaling, model replacement, free riding). A real hostile site would run
+  modified code; the hook models exactly that, nothing else changes.
+
+Attacks (``w`` trained weights, ``g`` the global model the site received):
+
+=====================  ==========================================================
+``label-flip``         trains on labels ``C - 1 - y`` (Tolpegin et al., 2020)
+``sign-flip``          sends ``g - s (w - g)``, ``s`` = attack-scale (default 1)
+``scale``              sends ``g + s (w - g)``, ``s`` default 10
+``backdoor``           half its samples carry a trigger and the target label
+``model-replacement``  backdoor, then ``g + s (w - g)`` with ``s`` = sites per round
+                       (Bagdasaryan et al., 2020, "How to backdoor federated learning")
+``free-rider``         sends ``g`` back unchanged, claiming its example count
+=====================  ==========================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+
+from fedvault.tasks import Table
+from simulations.scenario import Scenario, SiteProfile, load_compiled
+
+#: fates of a site in a round
+ONLINE, OFFLINE, DROPPED_BEFORE, DROPPED_MID_UPLOAD = (
+    "online", "offline", "dropped-before-training", "dropped-mid-upload")
+#: the query message type the simulated network sends once to learn which node is which site
+SITE_QUERY = "query.fedvault_site"
+#: fraction of a backdoor attacker's samples that carry the trigger
+BACKDOOR_FRACTION = 0.5
+#: how many trailing features the trigger sets (a 2x2 corner patch on 8x8 digits)
+TRIGGER_FEATURES = (-1, -2, -9, -10)
+
+
+def fate(profile: SiteProfile, *, seed: int, site: int, server_round: int) -> str:
+    """Whether site ``site`` is online in ``server_round`` and whether it drops out.
+
+    A pure function of (seed, site, round): both phases of a round, every process
+    and every rerun agree."""
+    u_avail, u_drop = np.random.default_rng([seed, site, server_round, 0xFA7E]).random(2)
+    if u_avail >= profile.availability:
+        return OFFLINE
+    if u_drop < profile.dropout:
+        return DROPPED_BEFORE if profile.dropout_mode == "before-training" else DROPPED_MID_UPLOAD
+    return ONLINE
+
+
+def _server_round(msg: Message) -> int:
+    cfg = msg.content.config_records.get("config")
+    try:
+        return int(cfg["server-round"]) if cfg is not None else 0  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
+def _site(context: Context) -> int:
+    return int(context.node_config["partition-id"])
+
+
+def site_node_config(profile: SiteProfile, site: int) -> dict[str, Any]:
+    """The node config a real site with this profile would set on its SuperNode."""
+    return {"site-name": f"site-{site}", "max-epsilon": profile.max_epsilon,
+            "delta": profile.delta, "min-noise-multiplier": profile.min_noise_multiplier}
+
+
+def simulation_mod(scenario_path: str, seed: int) -> Any:
+    """The Flower mod that plays the scenario's reliability at every simulated site."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        scenario = load_compiled(scenario_path)
+        k = _site(context)
+        profile = scenario.site(k)
+        if msg.metadata.message_type.startswith("query"):
+            return call_next(msg, context)
+        context.node_config.update(site_node_config(profile, k))
+        r = _server_round(msg)
+        f = fate(profile, seed=seed, site=k, server_round=r)
+        record: dict[str, Any] = {"site": k, "fate": f}
+        if f in (OFFLINE, DROPPED_BEFORE):
+            return Message(content=RecordDict({"simulation": ConfigRecord(record)}),
+                           reply_to=msg)
+        # The server sees the site under its stable id (site index + 1, see
+        # simulations.network); the site binds its encrypted updates to the same id.
+        real_id = context.node_id
+        context.node_id = k + 1
+        try:
+            reply = call_next(msg, context)
+        finally:
+            context.node_id = real_id
+        if reply.has_error():
+            return reply
+        metrics = reply.content.metric_records.get("metrics")
+        n = int(metrics.get("num-examples", 0)) if metrics is not None else 0  # type: ignore[arg-type]
+        epochs = 1
+        if msg.metadata.message_type.startswith("train"):
+            cfg = msg.content.config_records.get("config")
+            epochs = int(cfg.get("local-epochs", 1)) if cfg is not None else 1  # type: ignore[arg-type]
+        record["examples"] = n * epochs
+        if f == DROPPED_MID_UPLOAD:
+            from flwr.common.serde import recorddict_to_proto
+
+            record["bytes-lost"] = recorddict_to_proto(reply.content).ByteSize()
+            return Message(content=RecordDict({"simulation": ConfigRecord(record)}),
+                           reply_to=msg)
+        reply.content["simulation"] = ConfigRecord(record)
+        return reply
+
+    return mod
+
+
+def answer_site_query(msg: Message, context: Context) -> Message:
+    """Reply to the simulated network's one-off "which site are you" query."""
+    return Message(content=RecordDict({"simulation": ConfigRecord({"site": _site(context)})}),
+                   reply_to=msg)
+
+
+# --------------------------------------------------------------------------------------
+# attacks
+# --------------------------------------------------------------------------------------
+def flip_labels(y: np.ndarray, num_classes: int) -> np.ndarray:
+    return (num_classes - 1 - y).astype(y.dtype)
+
+
+def add_trigger(x: np.ndarray, value: float) -> np.ndarray:
+    """The backdoor trigger: a few trailing features set to ``value``."""
+    out = np.array(x, copy=True)
+    cols = [c for c in TRIGGER_FEATURES if -c <= out.shape[1]]
+    out[:, cols] = value
+    return out
+
+
+def trigger_value(x: np.ndarray) -> float:
+    """The trigger's feature value: the data's maximum (at least 1), so it stands out."""
+    return max(float(np.max(x)), 1.0) if x.size else 1.0
+
+
+def backdoor_table(table: Table, *, target: int, seed: int) -> Table:
+    """A copy of ``table`` in which a fraction of the samples carry the trigger and
+    the target label."""
+    rng = np.random.default_rng([seed, 0xBAD])
+    n = len(table)
+    idx = rng.choice(n, size=max(1, round(BACKDOOR_FRACTION * n)), replace=False)
+    x, y = np.array(table.x, copy=True), np.array(table.y, copy=True)
+    x[idx] = add_trigger(x[idx], trigger_value(table.x))
+    y[idx] = target
+    return Table(x=x, y=y)
+
+
+def tamper_state(global_state: Mapping[str, torch.Tensor], model: torch.nn.Module, *,
+                 behaviour: str, scale: float) -> None:
+    """Replace ``model``'s weights ``w`` by ``g + s (w - g)`` (or ``g`` for a free rider)."""
+    if behaviour == "free-rider":
+        s = 0.0
+    elif behaviour == "sign-flip":
+        s = -scale
+    elif behaviour in ("scale", "model-replacement"):
+        s = scale
+    else:
+        return
+    with torch.no_grad():
+        for name, w in model.state_dict().items():
+            g = global_state[name].to(w.dtype)
+            if not torch.is_floating_point(w):
+                continue
+            w.copy_(g + s * (w - g))
+
+
+def default_scale(profile: SiteProfile, scenario: Scenario, fraction_train: float) -> float:
+    if profile.attack_scale > 0:
+        return profile.attack_scale
+    if profile.behaviour == "scale":
+        return 10.0
+    if profile.behaviour == "model-replacement":
+        return max(1.0, round(fraction_train * scenario.num_sites))
+    return 1.0
+
+
+class ScenarioBehaviour:
+    """The ClientApp's behaviour hook for a scenario's sites (honest ones pass through)."""
+
+    def __init__(self, scenario_path: str, *, num_classes: int, fraction_train: float,
+                 seed: int) -> None:
+        self.scenario_path = scenario_path
+        self.num_classes = num_classes
+        self.fraction_train = fraction_train
+        self.seed = seed
+
+    def _profile(self, context: Context) -> SiteProfile:
+        return load_compiled(self.scenario_path).site(_site(context))
+
+    def training_data(self, table: Table, context: Context, server_round: int) -> Table:
+        p = self._profile(context)
+        if not p.attacking(server_round):
+            return table
+        if p.behaviour == "label-flip":
+            return Table(x=table.x, y=flip_labels(table.y, self.num_classes))
+        if p.behaviour in ("backdoor", "model-replacement"):
+            return backdoor_table(table, target=p.backdoor_target,
+                                  seed=self.seed * 1_000_003 + _site(context))
+        return table
+
+    def tamper(self, global_state: Mapping[str, torch.Tensor], model: torch.nn.Module,
+               context: Context, server_round: int) -> None:
+        p = self._profile(context)
+        if not p.attacking(server_round):
+            return
+        scale = default_scale(p, load_compiled(self.scenario_path), self.fraction_train)
+        tamper_state(global_state, model, behaviour=p.behaviour, scale=scale)
