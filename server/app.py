@@ -62,8 +62,13 @@ def make_central_evaluator(
     return evaluate_fn
 
 
-def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str) -> None:
-    """One federated run: the body of the ServerApp's main."""
+GridWrapper = Callable[[Grid, RunRecorder], Grid]
+
+
+def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str,
+               wrap_grid: GridWrapper | None = None) -> None:
+    """One federated run: the body of the ServerApp's main. ``wrap_grid`` puts a
+    simulated network between the strategy and Flower's grid (simulations)."""
     task = get_task(settings.task)
     torch.manual_seed(settings.seed)
     model = task.build_model(num_features=settings.num_features, num_classes=settings.num_classes)
@@ -72,6 +77,9 @@ def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str
     try:
         test = central_test_table(task, settings)
         initial = ArrayRecord(model.state_dict())
+        if wrap_grid is not None:
+            grid = wrap_grid(grid, recorder)
+        sampling_seed = settings.seed if wrap_grid is not None else None
         recorder.start(
             num_sites=len(list(grid.get_node_ids())),
             num_parameters=sum(p.numel() for p in model.parameters()),
@@ -79,6 +87,7 @@ def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str
         strategy = FedVaultFedAvg(
             recorder=recorder,
             min_sites=settings.min_sites,
+            sampling_seed=sampling_seed,
             fraction_train=settings.fraction_train,
             fraction_evaluate=settings.fraction_evaluate,
             min_train_nodes=settings.min_sites,
@@ -107,6 +116,7 @@ def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str
             strategy = EncryptedFedAvg(
                 he=he, num_values=sum(int(v.numel()) for v in model.state_dict().values()),
                 run_id=context.run_id, recorder=recorder, min_sites=settings.min_sites,
+                sampling_seed=sampling_seed,
                 fraction_train=settings.fraction_train,
                 fraction_evaluate=settings.fraction_evaluate,
                 min_train_nodes=settings.min_sites, min_evaluate_nodes=1,
@@ -138,15 +148,17 @@ def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str
 
 
 def build_server_app(
-    overrides: Mapping[str, Any] | None = None, *, mode: str = "deployment"
+    overrides: Mapping[str, Any] | None = None, *, mode: str = "deployment",
+    wrap_grid: GridWrapper | None = None,
 ) -> ServerApp:
-    """The ServerApp; ``overrides`` win over the run config (used by simulations)."""
+    """The ServerApp; ``overrides`` win over the run config and ``wrap_grid`` adds a
+    simulated network (both used by simulations)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         settings = RunSettings.from_config({**dict(context.run_config), **dict(overrides or {})})
-        run_server(grid, context, settings, mode=mode)
+        run_server(grid, context, settings, mode=mode, wrap_grid=wrap_grid)
 
     return app
 

@@ -36,6 +36,9 @@ class _SiteStats:
     rejected: int = 0
     errors: int = 0
     refused: int = 0
+    dropped: int = 0
+    offline: int = 0
+    timed_out: int = 0
     last_reason: str = ""
     name: str = ""
     privacy: dict[str, Any] = field(default_factory=dict)
@@ -51,6 +54,7 @@ class _RoundState:
     aggregated: bool = False
     train: dict[str, float] = field(default_factory=dict)
     federated: dict[str, float] = field(default_factory=dict)
+    network: dict[str, Any] = field(default_factory=dict)  # simulations only
 
 
 class RunRecorder:
@@ -121,6 +125,10 @@ class RunRecorder:
             for n in node_ids:
                 self._sites[n].sampled += 1
 
+    def name_site(self, node_id: int, name: str) -> None:
+        with self._lock:
+            self._sites[node_id].name = name
+
     def note_rejected(self, server_round: int, node_id: int, reason: str) -> None:
         with self._lock:
             self._rounds[server_round].rejected += 1
@@ -190,6 +198,23 @@ class RunRecorder:
                 reason=f"{len(node_ids)} valid updates < min-sites {self.settings.min_sites}",
             )
 
+    def note_network(self, server_round: int, phase: str, *, simulated_seconds: float,
+                     bytes_down: int, bytes_up: int, bytes_lost: int,
+                     fates: dict[int, str]) -> None:
+        """Simulations: one phase of a round on the simulated network (``fates``: node
+        id -> online | offline | dropped-* | timed-out | no-reply)."""
+        with self._lock:
+            net = self._rounds[server_round].network
+            net["simulated_seconds"] = net.get("simulated_seconds", 0.0) + simulated_seconds
+            net[f"{phase}_seconds"] = simulated_seconds
+            for key, v in (("bytes_down", bytes_down), ("bytes_up", bytes_up),
+                           ("bytes_lost", bytes_lost)):
+                net[key] = net.get(key, 0) + v
+            worst = net.setdefault("fates", {})
+            for nid, f in fates.items():
+                if _FATE_RANK.get(f, 3) > _FATE_RANK.get(worst.get(nid, "online"), 0):
+                    worst[nid] = f
+
     def note_federated_eval(self, server_round: int, metrics: dict[str, float]) -> None:
         with self._lock:
             self._rounds[server_round].federated = metrics
@@ -213,6 +238,7 @@ class RunRecorder:
             loss = fed.get("eval-loss", float("nan"))
             acc = fed.get("eval-acc", float("nan"))
         now = time.monotonic()
+        net = self._network_row(st)
         row: dict[str, Any] = {
             "round": server_round,
             "accuracy": _num(acc),
@@ -233,12 +259,33 @@ class RunRecorder:
             "model": str(path.relative_to(self.dir.root)),
             "encrypted": encrypted,
             "model_sha256": sha,
+            **net,
         }
         self._round_t0 = now
         write_json_atomic(path.with_suffix(".json"), row)
         self.history.append(row)
         self.events.append("round_completed", **row)
         return row
+
+    def _network_row(self, st: _RoundState) -> dict[str, Any]:
+        """The simulated network's columns of a round's row (empty outside simulations)."""
+        net = st.network
+        if not net:
+            return {}
+        fates: dict[int, str] = net.get("fates", {})
+        count = {k: 0 for k in ("dropped", "offline", "timed_out")}
+        with self._lock:
+            for nid, f in fates.items():
+                key = ("dropped" if f.startswith("dropped") or f == "no-reply"
+                       else "timed_out" if f == "timed-out" else f)
+                if key in count:
+                    count[key] += 1
+                    setattr(self._sites[nid], key, getattr(self._sites[nid], key) + 1)
+        return {"simulated_seconds": round(float(net.get("simulated_seconds", 0.0)), 3),
+                "train_seconds_simulated": round(float(net.get("train_seconds", 0.0)), 3),
+                "bytes_down": int(net.get("bytes_down", 0)),
+                "bytes_up": int(net.get("bytes_up", 0)),
+                "bytes_lost": int(net.get("bytes_lost", 0)), **count}
 
     # -- result ----------------------------------------------------------------------
     def _he_summary(self) -> dict[str, Any]:
@@ -283,7 +330,7 @@ class RunRecorder:
 
     def summary(self, *, status: str, wall_seconds: float, error: str = "") -> dict[str, Any]:
         final = self.history[-1] if self.history else {}
-        return {
+        out = {
             "format": "fedvault.summary/1",
             "run_id": self.run_id,
             "status": status,
@@ -303,6 +350,7 @@ class RunRecorder:
             "participants": [
                 {"node_id": nid, "site": s.name, "sampled": s.sampled, "trained": s.trained,
                  "rejected": s.rejected, "errors": s.errors, "refused": s.refused,
+                 "dropped": s.dropped, "offline": s.offline, "timed_out": s.timed_out,
                  "last_reason": s.last_reason}
                 for nid, s in sorted(self._sites.items())
             ],
@@ -310,6 +358,17 @@ class RunRecorder:
             "he": self._he_summary(),
             "settings": self.settings.to_config(),
         }
+        simulated = [h for h in self.history if "simulated_seconds" in h]
+        if simulated:
+            out["simulated_seconds"] = round(sum(h["simulated_seconds"] for h in simulated), 3)
+            for key in ("bytes_down", "bytes_up", "bytes_lost", "dropped"):
+                out[key] = sum(h[key] for h in simulated)
+        return out
+
+
+#: when a site has several fates in one round (train, evaluate), the worst one counts
+_FATE_RANK = {"online": 0, "offline": 1, "timed-out": 2, "dropped-mid-upload": 3,
+              "dropped-before-training": 3, "no-reply": 3}
 
 
 def _site_key(item: tuple[int, _SiteStats]) -> tuple[str, int]:

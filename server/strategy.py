@@ -8,7 +8,9 @@ decides which replies may enter that average and records what happened.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import random
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from logging import WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -29,21 +31,44 @@ class FedVaultFedAvg(FedAvg):
     aggregate is formed; the global model stays as it was.
     """
 
-    def __init__(self, *, recorder: RunRecorder, min_sites: int, **kwargs: object) -> None:
+    def __init__(self, *, recorder: RunRecorder, min_sites: int,
+                 sampling_seed: int | None = None, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         if min_sites < 1:
             raise ValueError(f"min_sites must be >= 1. Found {min_sites}.")
         self.recorder = recorder
         self.min_sites = min_sites
+        self.sampling_seed = sampling_seed
         self.global_arrays: ArrayRecord | None = None
+
+    @contextmanager
+    def _sampling(self, server_round: int, phase: int) -> Iterator[None]:
+        """Flower samples with the global ``random``; with ``sampling_seed`` (simulations,
+        where node ids are stable) the sample depends only on (seed, round, phase)."""
+        if self.sampling_seed is None:
+            yield
+            return
+        state = random.getstate()
+        random.seed(f"{self.sampling_seed}/{server_round}/{phase}")
+        try:
+            yield
+        finally:
+            random.setstate(state)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.global_arrays = arrays
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        with self._sampling(server_round, 0):
+            messages = list(super().configure_train(server_round, arrays, config, grid))
         self.recorder.note_sampled(server_round, [m.metadata.dst_node_id for m in messages])
         return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        with self._sampling(server_round, 1):
+            return list(super().configure_evaluate(server_round, arrays, config, grid))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -1,0 +1,176 @@
+"""The simulated network between the server and the scenario's sites (server side).
+
+:class:`SimulatedGrid` wraps the Grid that Flower's Simulation Engine hands the
+ServerApp, so every strategy (plaintext, encrypted, client-level DP) runs
+unchanged on top of it. It
+
+* learns once which Flower node is which scenario site (a one-off query: node
+  ids are random in every run) and shows the strategy stable node ids
+  ``site index + 1``, so sampling and records are the same in every run;
+* measures the bytes of every message it sends and every reply it receives
+  (Flower's protobuf encoding of the message content);
+* drops the replies of sites that went offline, dropped out or missed the
+  round timeout on their simulated link, exactly as a real server would see
+  them: missing;
+* advances the simulated clock (``simulations.clock``) and notes each phase in
+  the run recorder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import Message, RecordDict
+from flwr.common.serde import recorddict_to_proto
+from flwr.serverapp import Grid
+
+from fedvault.errors import FedvaultError
+from server.recorder import RunRecorder
+from simulations.behaviour import DROPPED_BEFORE, DROPPED_MID_UPLOAD, OFFLINE, SITE_QUERY
+from simulations.clock import Exchange, Link, phase_seconds
+from simulations.scenario import Scenario, SiteProfile
+
+
+def wire_bytes(content: RecordDict) -> int:
+    """Bytes of a message's content as Flower encodes it on the wire."""
+    return int(recorddict_to_proto(content).ByteSize())
+
+
+def link_of(p: SiteProfile) -> Link:
+    return Link(uplink_mbps=p.uplink_mbps, downlink_mbps=p.downlink_mbps,
+                latency_ms=p.latency_ms, compute=p.compute)
+
+
+def _round_of(msg: Message) -> int:
+    cfg = msg.content.config_records.get("config")
+    try:
+        return int(cfg["server-round"]) if cfg is not None else 0  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
+class SimulatedGrid(Grid):
+    """A Grid with the scenario's sites, links and failures in front of the real one."""
+
+    def __init__(self, grid: Grid, scenario: Scenario, recorder: RunRecorder, *,
+                 timeout: float = 3600.0) -> None:
+        self.inner = grid
+        self.scenario = scenario
+        self.recorder = recorder
+        self.timeout = timeout
+        self._real: dict[int, int] = {}  # virtual node id -> Flower node id
+        self._virtual: dict[int, int] = {}  # Flower node id -> virtual node id
+
+    # -- delegation ------------------------------------------------------------------
+    def set_run(self, run: Any) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.inner.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_nodes(self) -> Any:  # pragma: no cover - not used by Message-API strategies
+        raise FedvaultError("the simulated grid exposes node ids only (get_node_ids).")
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages([self._to_real(m) for m in messages])
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._from_real(m) for m in self.inner.pull_messages(message_ids)]
+
+    # -- identity ----------------------------------------------------------------------
+    def _discover(self) -> None:
+        if self._real:
+            return
+        nodes = list(self.inner.get_node_ids())
+        n = self.scenario.num_sites
+        if len(nodes) != n:
+            raise FedvaultError(f"the Simulation Engine started {len(nodes)} nodes; the "
+                                f"scenario has {n} sites.")
+        queries = [self.inner.create_message(RecordDict(), SITE_QUERY, nid, "discovery")
+                   for nid in nodes]
+        replies = list(self.inner.send_and_receive(queries, timeout=self.timeout))
+        for r in replies:
+            if r.has_error():
+                raise FedvaultError(f"node {r.metadata.src_node_id} did not say which site "
+                                    f"it is: {r.error.reason}")
+            k = int(r.content.config_records["simulation"]["site"])  # type: ignore[arg-type]
+            self._real[k + 1] = r.metadata.src_node_id
+            self._virtual[r.metadata.src_node_id] = k + 1
+            self.recorder.name_site(k + 1, f"site-{k}")
+        if len(self._real) != n:
+            raise FedvaultError(f"only {len(self._real)} of {n} simulated sites answered.")
+
+    def get_node_ids(self) -> Iterable[int]:
+        self._discover()
+        return sorted(self._real)
+
+    def _to_real(self, m: Message) -> Message:
+        self._discover()
+        m.metadata.dst_node_id = self._real[m.metadata.dst_node_id]
+        return m
+
+    def _from_real(self, m: Message) -> Message:
+        # Flower offers no setter for a reply's source; the strategy must see the same
+        # (virtual) id it addressed, so the metadata field is rewritten in place.
+        m.metadata.__dict__["_src_node_id"] = self._virtual[m.metadata.src_node_id]
+        return m
+
+    # -- a phase of a round ----------------------------------------------------------
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        sent = list(messages)
+        if not sent:
+            return []
+        phase = sent[0].metadata.message_type.split(".")[0]
+        server_round = _round_of(sent[0])
+        down = {m.metadata.dst_node_id: wire_bytes(m.content) for m in sent}
+        # The strategy's timeout is *simulated* time (applied below, per site); the
+        # Simulation Engine itself is waited for with the real-time limit.
+        replies = [self._from_real(r) for r in
+                   self.inner.send_and_receive([self._to_real(m) for m in sent],
+                                               timeout=self.timeout)]
+        by_site = {r.metadata.src_node_id: r for r in replies}
+        kept: list[Message] = []
+        exchanges: list[Exchange] = []
+        order: list[int] = []
+        fates: dict[int, str] = {}
+        lost = 0
+        for vid in sorted(down):
+            profile = self.scenario.site(vid - 1)
+            r = by_site.get(vid)
+            sim: dict[str, Any] = {}
+            if r is not None and not r.has_error() and "simulation" in r.content.config_records:
+                sim = dict(r.content.config_records["simulation"])
+                del r.content["simulation"]
+            f = str(sim.get("fate", "online" if r is not None else "no-reply"))
+            fates[vid] = f
+            if f == OFFLINE:
+                continue  # disconnected: the SuperLink knows, nothing is waited for
+            lost += int(sim.get("bytes-lost", 0))
+            dropped = f in (DROPPED_BEFORE, DROPPED_MID_UPLOAD) or r is None
+            up = 0 if dropped or r is None or r.has_error() else wire_bytes(r.content)
+            exchanges.append(Exchange(link=link_of(profile), bytes_down=down[vid],
+                                      bytes_up=up, dropped=dropped,
+                                      examples=int(sim.get("examples", 0))))
+            order.append(vid)
+            if not dropped and r is not None:
+                kept.append(r)
+        sim_timeout = float(self.recorder.settings.round_timeout)
+        pt = phase_seconds(exchanges, timeout=sim_timeout)
+        late = {order[i] for i in pt.timed_out
+                if fates[order[i]] not in (DROPPED_BEFORE, DROPPED_MID_UPLOAD, "no-reply")}
+        for vid in late:
+            fates[vid] = "timed-out"
+        kept = [r for r in kept if r.metadata.src_node_id not in late]
+        self.recorder.note_network(
+            server_round, phase, simulated_seconds=pt.seconds,
+            bytes_down=sum(x.bytes_down for x in exchanges),
+            bytes_up=sum(x.bytes_up for i, x in enumerate(exchanges) if order[i] not in late),
+            bytes_lost=lost, fates=fates)
+        return sorted(kept, key=lambda r: r.metadata.src_node_id)
