@@ -119,7 +119,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print summary.json instead of a table")
 
 
-def _settings_from(args: argparse.Namespace, mode: str, **fixed: Any) -> RunSettings:
+def _explicit(args: argparse.Namespace) -> dict[str, Any]:
+    """The run options given on the command line (field name -> value)."""
     changes: dict[str, Any] = {}
     for _, field, _, _ in _RUN_OPTIONS + _DP_OPTIONS:
         v = getattr(args, field)
@@ -131,10 +132,19 @@ def _settings_from(args: argparse.Namespace, mode: str, **fixed: Any) -> RunSett
     for flag_field in ("central_eval", "dp", "secure_mode", "client_dp", "he"):
         if getattr(args, flag_field) is not None:
             changes[flag_field] = getattr(args, flag_field)
+    return changes
+
+
+def _default_out(mode: str) -> Path:
+    return Path("runs") / f"{mode}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def _settings_from(args: argparse.Namespace, mode: str, **fixed: Any) -> RunSettings:
+    changes = _explicit(args)
     # Encrypted aggregation is the default of the command line; client-level DP needs
     # plaintext updates at the server, so asking for it turns HE off unless --he is given.
     changes.setdefault("he", not changes.get("client_dp", False))
-    out = args.out or Path("runs") / f"{mode}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    out = args.out or _default_out(mode)
     changes["run_dir"] = str(out.resolve())
     changes.update(fixed)
     try:
@@ -163,6 +173,7 @@ class RoundProgress:
             transient=False,
         )
         self.task_id = self.progress.add_task(label, total=rounds, detail="starting…")
+        self.simulated = 0.0
 
     def __enter__(self) -> RoundProgress:
         self.progress.start()
@@ -185,9 +196,13 @@ class RoundProgress:
             if r == 0:
                 self.status(f"initial model {acc_s}")
             else:
+                clock = ""
+                if isinstance(e.get("simulated_seconds"), int | float):
+                    self.simulated += float(e["simulated_seconds"])
+                    clock = f", simulated {self.simulated / 60:.1f} min"
                 self.progress.update(
                     self.task_id, completed=r,
-                    detail=f"round {r}: {acc_s}, {e.get('sites_participated')} sites",
+                    detail=f"round {r}: {acc_s}, {e.get('sites_participated')} sites{clock}",
                 )
         elif kind in ("update_rejected", "site_error"):
             self.console.print(f"[yellow]round {e.get('round')}: node {e.get('node_id')} "
@@ -290,15 +305,134 @@ def _warn_insecure(settings: RunSettings) -> None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.runner import check_run, simulate
 
+    if args.list:
+        return _list_scenarios()
+    if args.compare:
+        return _compare(args)
+    if args.scenario:
+        return _simulate_scenario(args)
     settings = _settings_from(args, "simulation")
-    check_run(settings, args.sites)
+    sites = 10 if args.sites is None else args.sites
+    check_run(settings, sites)
     _warn_insecure(settings)
-    with RoundProgress(settings.num_server_rounds, f"simulating {args.sites} sites",
+    with RoundProgress(settings.num_server_rounds, f"simulating {sites} sites",
                        to_stderr=args.json) as bar:
         bar.status("starting the Simulation Engine (Ray)")
-        summary = simulate(settings, sites=args.sites, cpus_per_site=args.cpus_per_site,
+        summary = simulate(settings, sites=sites, cpus_per_site=args.cpus_per_site,
                            on_event=bar.on_event, verbose=args.verbose)
     return _finish(args, summary, Path(settings.run_dir))
+
+
+def _list_scenarios() -> int:
+    from simulations.scenario import builtin_path, builtin_scenarios, load_scenario
+
+    t = RichTable(title="built-in scenarios (fedvault simulate NAME; copy the file as a "
+                  "template)")
+    for col in ("name", "sites", "rounds", "roles", "description"):
+        t.add_column(col)
+    for name, desc in builtin_scenarios().items():
+        sc = load_scenario(name)
+        roles = ", ".join(f"{n} {r}" for r, n in sc.roles().items())
+        t.add_row(name, str(sc.num_sites), str(sc.settings(run_dir="x").num_server_rounds),
+                  roles, desc)
+    console.print(t)
+    for name in builtin_scenarios():
+        console.print(f"  {name}: {builtin_path(name)}", soft_wrap=True, highlight=False)
+    return 0
+
+
+#: run options a scenario keeps in its own tables
+_SCENARIO_ONLY = {"task": "[data] task", "data_path": "[data] data-path",
+                  "label_column": "[data] label-column", "partitioner": "[data] partition",
+                  "alpha": "[data] alpha", "site_max_epsilon": "[defaults] max-epsilon",
+                  "site_delta": "[defaults] delta",
+                  "site_min_noise_multiplier": "[defaults] min-noise-multiplier"}
+
+
+def _simulate_scenario(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from simulations.runner import simulate_scenario
+    from simulations.scenario import load_scenario
+
+    scenario = load_scenario(args.scenario)
+    if args.sites is not None:
+        raise FedvaultError("--sites does not apply to a scenario: its [[sites]] groups "
+                            f"define {scenario.num_sites} sites.")
+    changes = _explicit(args)
+    for field, where in _SCENARIO_ONLY.items():
+        if field in changes:
+            raise FedvaultError(f"with a scenario, set {field.replace('_', '-')} in the "
+                                f"scenario's {where}, not on the command line.")
+    if changes:
+        run = {**dict(scenario.run), **{k.replace("_", "-"): v for k, v in changes.items()}}
+        scenario = dataclasses.replace(scenario, run=run)
+        scenario.settings(run_dir="x")  # validate the overrides now
+    out = (args.out or _default_out(f"scenario-{scenario.name}")).resolve()
+    settings = scenario.settings(run_dir=str(out))
+    _warn_insecure(settings)
+    n = scenario.num_sites
+    with RoundProgress(settings.num_server_rounds, f"scenario {scenario.name}: {n} sites",
+                       to_stderr=args.json) as bar:
+        bar.status("starting the Simulation Engine (Ray)")
+        summary = simulate_scenario(scenario, out=out, cpus_per_site=args.cpus_per_site,
+                                    on_event=bar.on_event, verbose=args.verbose)
+    code = _finish(args, summary, out)
+    if not args.json:
+        print_scenario(summary, out)
+    return code
+
+
+def print_scenario(summary: dict[str, Any], run_dir: Path) -> None:
+    from rich import box
+
+    sim = summary["simulation"]
+    t = RichTable(title=f"scenario {sim['scenario']}: simulated network (late = missed the "
+                  "round timeout)", box=box.SIMPLE_HEAD)
+    for col in ("round", "sim s", "MiB ↓", "MiB ↑", "sampled", "trained", "dropped",
+                "offline", "late"):
+        t.add_column(col, justify="right")
+    for h in summary.get("history", []):
+        if "simulated_seconds" not in h:
+            continue
+        t.add_row(str(h["round"]), f"{h['simulated_seconds']:.1f}",
+                  f"{h['bytes_down'] / 2**20:.2f}", f"{h['bytes_up'] / 2**20:.2f}",
+                  str(h.get("sites_sampled", "")), str(h.get("sites_participated", "")),
+                  str(h["dropped"]), str(h["offline"]), str(h["timed_out"]))
+    console.print(t)
+    total = float(sim.get("simulated_seconds") or 0.0)
+    console.print(f"simulated time: [bold]{total:.1f} s[/] ({total / 60:.1f} min) for "
+                  f"{summary.get('rounds_completed')} rounds; real wall time "
+                  f"{sim.get('wall_seconds') or 0:.1f} s")
+    roles = sim.get("roles", {})
+    if set(roles) != {"honest"}:
+        console.print("roles: " + ", ".join(f"{n} {r}" for r, n in roles.items())
+                      + (f"; backdoor success {sim['backdoor_success']:.3f}"
+                         if sim.get("backdoor_success") is not None else ""))
+    if sim.get("max_epsilon_spent") is not None:
+        console.print(f"max ε spent at a site: {sim['max_epsilon_spent']:.4f}")
+    console.print(f"rounds:  {run_dir / 'rounds.csv'}")
+    for fig in sim.get("figures", []):
+        console.print(f"figure:  {run_dir / fig}")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from simulations.report import compare_runs
+
+    a, b = args.compare
+    rows, png = compare_runs(a, b, out=args.out)
+    if args.json:
+        print(json.dumps([{"metric": m, "a": x, "b": y} for m, x, y in rows], indent=2))
+        return 0
+    t = RichTable(title="fedvault · compare")
+    t.add_column("")
+    t.add_column(f"A: {a}", justify="right")
+    t.add_column(f"B: {b}", justify="right")
+    for row in rows:
+        t.add_row(*row)
+    console.print(t)
+    console.print(f"plot: {png}")
+    return 0
 
 
 def cmd_rehearse(args: argparse.Namespace) -> int:
@@ -323,7 +457,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     run_dir = RunDirectory(args.run_dir)
     summary = run_dir.read_summary()
-    return _finish(args, summary, args.run_dir)
+    code = _finish(args, summary, args.run_dir)
+    if not args.json and "simulation" in summary:
+        print_scenario(summary, args.run_dir)
+    return code
 
 
 def _verify(path: Path) -> int:
@@ -464,10 +601,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     s = sub.add_parser("simulate", help="run a simulated federation on Flower's Simulation "
-                       "Engine (default: digits, 10 sites, Dirichlet alpha 0.5, 5 rounds)",
+                       "Engine (default: digits, 10 sites, Dirichlet alpha 0.5, 5 rounds), or "
+                       "a scenario file",
                        description="Run fedvault's ServerApp and ClientApp with simulated "
-                       "sites on Flower's Simulation Engine (Ray).")
-    s.add_argument("--sites", type=int, default=10, help="number of simulated sites (default: 10)")
+                       "sites on Flower's Simulation Engine (Ray). With SCENARIO (a TOML file "
+                       "or a built-in name, see --list), the sites get the scenario's data, "
+                       "links, failures and behaviours, and a simulated clock; run options "
+                       "given on the command line override its [run] table.")
+    s.add_argument("scenario", nargs="?", default=None, metavar="SCENARIO",
+                   help="a scenario TOML file or a built-in scenario name")
+    s.add_argument("--list", action="store_true", help="list the built-in scenarios")
+    s.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"), default=None,
+                   help="put two finished runs side by side (table and plot; --out names "
+                   "the plot, default B/compare.png)")
+    s.add_argument("--sites", type=int, default=None,
+                   help="number of simulated sites without a scenario (default: 10)")
     s.add_argument("--cpus-per-site", type=float, default=1.0,
                    help="CPUs Ray reserves per simulated site (default: 1)")
     s.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 import warnings
@@ -18,6 +19,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
 
 from client.app import build_client_app
 from client.site import pooled_table
@@ -27,7 +31,10 @@ from fedvault.tasks import get_task
 from protocols.config import RunSettings
 from protocols.hashchain import follow_chain
 from server.app import build_server_app, central_test_table
+from server.recorder import RunRecorder
+from simulations.behaviour import SITE_QUERY
 from simulations.partition import partition_indices
+from simulations.scenario import Scenario, load_compiled, save_compiled
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
@@ -78,8 +85,11 @@ def check_run(settings: RunSettings, sites: int) -> None:
     task.build_model(num_features=settings.num_features, num_classes=settings.num_classes)
     if len(pool) < sites:
         raise ConfigError(f"{len(pool)} training rows cannot be split across {sites} sites.")
-    partition_indices(pool.y, sites, partitioner=settings.partitioner, alpha=settings.alpha,
-                      seed=settings.seed)
+    if settings.scenario:
+        load_compiled(settings.scenario).owners(pool.y, seed=settings.seed)
+    else:
+        partition_indices(pool.y, sites, partitioner=settings.partitioner, alpha=settings.alpha,
+                          seed=settings.seed)
 
 
 def ensure_federation(settings: RunSettings, sites: int, root: Path) -> RunSettings:
@@ -119,8 +129,13 @@ def simulate(
     cpus_per_site: float = 1.0,
     on_event: ProgressCallback | None = None,
     verbose: bool = False,
+    scenario: Scenario | None = None,
 ) -> dict[str, Any]:
-    """Run a simulated federation of ``sites`` sites; return its ``summary.json``."""
+    """Run a simulated federation of ``sites`` sites; return its ``summary.json``.
+
+    With a ``scenario`` (see :func:`simulate_scenario`), the sites get its links,
+    failures and behaviours: a simulated network wraps the server's grid and a mod
+    and a behaviour hook wrap the ClientApp."""
     from flwr.simulation import run_simulation
 
     check_run(settings, sites)
@@ -129,8 +144,11 @@ def simulate(
         raise ConfigError(f"run directory {str(run_dir.root)!r} already holds a run.")
     settings = ensure_federation(settings, sites, run_dir.root)
     overrides = settings.to_config()
-    server_app = build_server_app(overrides, mode="simulation")
-    client_app = build_client_app(overrides)
+    if scenario is None:
+        server_app = build_server_app(overrides, mode="simulation")
+        client_app = build_client_app(overrides)
+    else:
+        server_app, client_app = _scenario_apps(scenario, settings, overrides)
     backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
         "init_args": {
@@ -170,12 +188,84 @@ def simulate(
         stop.set()
         if tail is not None:
             tail.join(timeout=5)
+    if not run_dir.summary.exists():
+        raise FedvaultError("simulation ended without a summary: the ServerApp did not run "
+                            "(see --verbose for Flower's log).")
     summary = run_dir.read_summary()
     if settings.he and settings.central_eval and summary.get("status") == "completed":
         summary["released_model"] = evaluate_release(settings, run_dir)
-        write_json_atomic(run_dir.summary, summary)
     summary["simulation_wall_seconds"] = round(time.monotonic() - t0, 3)
+    if scenario is not None:
+        from simulations.report import scenario_outputs
+
+        scenario_outputs(summary, scenario, settings, run_dir)
+    write_json_atomic(run_dir.summary, summary)
     return summary
+
+
+def _scenario_apps(scenario: Scenario, settings: RunSettings, overrides: dict[str, Any]
+                   ) -> tuple[ServerApp, ClientApp]:
+    from simulations.behaviour import ScenarioBehaviour, answer_site_query, simulation_mod
+    from simulations.network import SimulatedGrid
+
+    path = settings.scenario
+
+    def wrap(grid: Grid, recorder: RunRecorder) -> Grid:
+        return SimulatedGrid(grid, load_compiled(path), recorder)
+
+    server_app = build_server_app(overrides, mode="simulation", wrap_grid=wrap)
+    task = get_task(settings.task)
+    behaviour = None
+    if any(g.is_attacker() for g in scenario.groups):
+        behaviour = ScenarioBehaviour(path, num_classes=settings.num_classes
+                                      or task.default_num_classes,
+                                      fraction_train=settings.fraction_train, seed=settings.seed)
+    client_app = build_client_app(overrides, mods=[simulation_mod(path, settings.seed)],
+                                  behaviour=behaviour)
+    client_app.query(SITE_QUERY.split(".")[1])(answer_site_query)
+    return server_app, client_app
+
+
+def prepare_scenario(scenario: Scenario, run_dir: Path) -> RunSettings:
+    """Write the scenario (source and compiled) and any generated data into the run
+    directory; return the run's settings."""
+    rd = RunDirectory(run_dir)
+    if rd.events.exists():
+        raise ConfigError(f"run directory {str(rd.root)!r} already holds a run.")
+    rd.create()
+    if scenario.source and Path(scenario.source).exists():
+        shutil.copyfile(scenario.source, rd.root / "scenario.toml")
+    compiled = rd.root / "scenario.json"
+    save_compiled(scenario, compiled)
+    data_path = ""
+    if scenario.data.generate:
+        data_path = str(generate_table(rd.root / "data.npz", *scenario.data.generate,
+                                       seed=int(dict(scenario.run).get("seed", 0))))
+    return scenario.settings(run_dir=str(rd.root.resolve()), scenario_path=str(compiled.resolve()),
+                             data_path=data_path)
+
+
+def generate_table(path: Path, rows: int, features: int, classes: int, *, seed: int) -> Path:
+    """A synthetic classification table (scikit-learn's ``make_classification``), for
+    scenarios with more sites than the embedded datasets have rows."""
+    import numpy as np
+    from sklearn.datasets import make_classification
+
+    informative = max(2, min(features, features // 2 + 1))
+    x, y = make_classification(n_samples=rows, n_features=features, n_informative=informative,
+                               n_redundant=0, n_classes=classes, n_clusters_per_class=1,
+                               class_sep=1.5, random_state=seed)
+    np.savez(path, x=x.astype(np.float32), y=y.astype(np.int64))
+    return path
+
+
+def simulate_scenario(scenario: Scenario, *, out: Path, cpus_per_site: float = 1.0,
+                      on_event: ProgressCallback | None = None, verbose: bool = False
+                      ) -> dict[str, Any]:
+    """Run a scenario in run directory ``out``; return its ``summary.json``."""
+    settings = prepare_scenario(scenario, out)
+    return simulate(settings, sites=scenario.num_sites, cpus_per_site=cpus_per_site,
+                    on_event=on_event, verbose=verbose, scenario=scenario)
 
 
 def evaluate_release(settings: RunSettings, run_dir: RunDirectory) -> dict[str, Any]:

@@ -1,0 +1,239 @@
+"""Scale benchmark: the ``cross-device-1000`` scenario against plain Flower, in one run.
+
+    python bench/scale.py [--rounds 10] [--scenario cross-device-1000]
+                          [--out bench/results/scale.json]
+
+Two jobs, each a fresh process measured from outside (wall time, peak PSS of the
+whole process tree, as ``bench/footprint.py``):
+
+* ``fedvault``: ``fedvault simulate cross-device-1000`` — fedvault's ServerApp and
+  ClientApp with every layer on: per-reply validation, hash-chained run records
+  and per-round model files, the simulated network (site discovery, byte
+  counting, clock, dropouts), the scenario's per-site data partition.
+* ``plain-flower``: Flower's own Message-API ``FedAvg`` on the same Simulation
+  Engine and Ray resources, with the same 1000 clients, the same data file and
+  partition, the same model, local training loop and hyper-parameters, the same
+  per-round central evaluation and the same clients dropping out in the same
+  rounds (a dropped client raises, so Flower discards it) — and none of
+  fedvault's layers.
+
+Targets (issue #5): fedvault's wall time at most 1.2x plain Flower's, and 1000
+sites x 10 rounds in under 10 minutes on this 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+TARGET_RATIO = 1.2
+TARGET_SECONDS = 600.0
+
+
+# --------------------------------------------------------------------------------------
+# the plain Flower baseline (runs inside its own process: --plain-worker)
+# --------------------------------------------------------------------------------------
+def plain_flower(scenario_name: str, rounds: int, work: Path) -> dict[str, Any]:
+    import numpy as np
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.simulation import run_simulation
+
+    from client.data import load_table, split_site
+    from client.training import evaluate, train_local
+    from fedvault.tasks import TEST_FRACTION, Table, get_task, split_train_test
+    from simulations.behaviour import ONLINE, fate
+    from simulations.runner import generate_table, quiet_flower
+    from simulations.scenario import load_scenario
+
+    scenario = load_scenario(scenario_name)
+    s = scenario.settings(run_dir=str(work)).replace(num_server_rounds=rounds)
+    task = get_task(s.task)
+    data = generate_table(work / "data.npz", *scenario.data.generate, seed=s.seed)
+    n_sites = scenario.num_sites
+    cache: dict[str, Any] = {}
+
+    def pool() -> tuple[Table, Table, np.ndarray]:
+        if not cache:
+            full = load_table(str(data), label_column="label")
+            train, test = split_train_test(full, test_fraction=TEST_FRACTION, seed=s.seed)
+            cache["p"] = (train, test, scenario.owners(train.y, seed=s.seed))
+        return cache["p"]
+
+    def site_data(k: int) -> tuple[Table, Table]:
+        train, _, owners = pool()
+        raw = train.subset(np.flatnonzero(owners == k))
+        return split_site(Table(x=task.preprocess(raw.x), y=raw.y), seed=s.seed)
+
+    def model() -> torch.nn.Module:
+        return task.build_model(num_features=s.num_features, num_classes=s.num_classes)
+
+    client = ClientApp()
+
+    def _online(msg: Message, k: int) -> None:
+        r = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
+        if fate(scenario.site(k), seed=s.seed, site=k, server_round=r) != ONLINE:
+            raise RuntimeError("dropped out")
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(1)
+        k = int(context.node_config["partition-id"])
+        _online(msg, k)
+        tr, _ = site_data(k)
+        m = model()
+        m.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+        res = train_local(m, tr, epochs=s.local_epochs, batch_size=s.batch_size,
+                          learning_rate=s.learning_rate, momentum=s.momentum, seed=k,
+                          max_grad_norm=s.max_grad_norm)
+        return Message(RecordDict({"arrays": ArrayRecord(m.state_dict()), "metrics":
+                                   MetricRecord({"train-loss": res.loss,
+                                                 "num-examples": res.num_examples})}),
+                       reply_to=msg)
+
+    @client.evaluate()
+    def evaluate_fn(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(1)
+        k = int(context.node_config["partition-id"])
+        _online(msg, k)
+        _, val = site_data(k)
+        m = model()
+        m.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+        loss, acc = evaluate(m, val)
+        return Message(RecordDict({"metrics": MetricRecord(
+            {"eval-loss": loss, "eval-acc": acc, "num-examples": len(val)})}), reply_to=msg)
+
+    server = ServerApp()
+    history: list[dict[str, float]] = []
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        torch.manual_seed(s.seed)
+        _, test, _ = pool()
+        test_p = Table(x=task.preprocess(test.x), y=test.y)
+
+        def central(rnd: int, arrays: ArrayRecord) -> MetricRecord:
+            m = model()
+            m.load_state_dict(arrays.to_torch_state_dict())
+            loss, acc = evaluate(m, test_p)
+            history.append({"round": rnd, "accuracy": acc, "loss": loss})
+            return MetricRecord({"accuracy": acc, "loss": loss})
+
+        FedAvg(fraction_train=s.fraction_train, fraction_evaluate=s.fraction_evaluate,
+               min_train_nodes=s.min_sites, min_evaluate_nodes=1,
+               min_available_nodes=s.min_sites).start(
+            grid=grid, initial_arrays=ArrayRecord(model().state_dict()), num_rounds=rounds,
+            timeout=3600, train_config=ConfigRecord({}), evaluate_fn=central)
+
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    t0 = time.monotonic()
+    with quiet_flower(False):
+        run_simulation(server_app=server, client_app=client, num_supernodes=n_sites,
+                       backend_config={"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0},
+                                       "init_args": {"num_cpus": os.cpu_count() or 1,
+                                                     "logging_level": "ERROR",
+                                                     "log_to_driver": False,
+                                                     "include_dashboard": False}})
+    out = {"history": history, "wall_seconds": time.monotonic() - t0,
+           "final_accuracy": history[-1]["accuracy"] if history else None}
+    (work / "plain.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# the benchmark
+# --------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--scenario", default="cross-device-1000")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
+    ap.add_argument("--plain-worker", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.plain_worker is not None:
+        plain_flower(args.scenario, args.rounds, args.plain_worker)
+        return
+
+    from footprint import measure
+    from rich.console import Console
+    from rich.table import Table
+
+    from simulations.scenario import load_scenario
+
+    scenario = load_scenario(args.scenario)
+    settings = scenario.settings(run_dir="x")
+    tmp = Path(tempfile.mkdtemp(prefix="fedvault-scale-"))
+    (tmp / "plain").mkdir()
+    fed_run = tmp / "fedvault"
+    jobs = {
+        "fedvault": [sys.executable, "-m", "fedvault", "simulate", args.scenario,
+                     "--rounds", str(args.rounds), "--out", str(fed_run), "--json"],
+        "plain-flower": [sys.executable, str(Path(__file__).resolve()), "--scenario",
+                         args.scenario, "--rounds", str(args.rounds),
+                         "--plain-worker", str(tmp / "plain")],
+    }
+    # sampled client-rounds (train + evaluate messages) in either run
+    per_round = (round(settings.fraction_train * scenario.num_sites)
+                 + round(settings.fraction_evaluate * scenario.num_sites))
+    rows = []
+    for name, argv in jobs.items():
+        print(f"running {name} ...", flush=True)
+        row = measure(name, argv)
+        if name == "fedvault":
+            summary = json.loads((fed_run / "summary.json").read_text())
+            row["final_accuracy"] = summary["final_accuracy"]
+            row["simulated_seconds"] = summary.get("simulated_seconds")
+            row["client_rounds_trained"] = summary["simulation"]["client_rounds"]
+        else:
+            plain = json.loads((tmp / "plain" / "plain.json").read_text())
+            row["final_accuracy"] = round(plain["final_accuracy"], 6)
+        row["ms_per_client_round"] = round(1000 * row["wall_seconds"] /  # type: ignore[operator]
+                                           (per_round * args.rounds), 2)
+        rows.append(row)
+    fed, plain_row = rows
+    ratio = float(fed["wall_seconds"]) / float(plain_row["wall_seconds"])  # type: ignore[arg-type]
+    verdict = {
+        "overhead_ratio": round(ratio, 3),
+        "overhead_target": TARGET_RATIO,
+        "overhead_met": ratio <= TARGET_RATIO,
+        "seconds_target": TARGET_SECONDS,
+        "seconds_met": float(fed["wall_seconds"]) < TARGET_SECONDS,  # type: ignore[arg-type]
+    }
+    t = Table(title=f"scale: {args.scenario}, {scenario.num_sites} sites x {args.rounds} rounds "
+              f"({os.cpu_count()} cores)")
+    cols = ("job", "wall_seconds", "ms_per_client_round", "peak_pss_mib", "peak_rss_sum_mib",
+            "final_accuracy")
+    for c in cols:
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(*(str(r.get(c, "")) for c in cols))
+    Console(width=140).print(t)
+    print(f"fedvault / plain Flower wall time: {ratio:.3f}x (target <= {TARGET_RATIO}x: "
+          f"{'met' if verdict['overhead_met'] else 'NOT met'}); fedvault "
+          f"{fed['wall_seconds']} s (target < {TARGET_SECONDS:.0f} s: "
+          f"{'met' if verdict['seconds_met'] else 'NOT met'})")
+    print(f"client-rounds per run: {per_round * args.rounds} sampled (train + evaluate); "
+          f"simulated time of the fedvault run: {fed.get('simulated_seconds')} s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"cores": os.cpu_count(), "scenario": args.scenario,
+                                    "sites": scenario.num_sites, "rounds": args.rounds,
+                                    "results": rows, **verdict}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
