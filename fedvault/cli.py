@@ -319,6 +319,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                        to_stderr=args.json) as bar:
         bar.status("starting the Simulation Engine (Ray)")
         summary = simulate(settings, sites=sites, cpus_per_site=args.cpus_per_site,
+                           ray_address=args.ray_address,
                            on_event=bar.on_event, verbose=args.verbose)
     return _finish(args, summary, Path(settings.run_dir))
 
@@ -376,6 +377,7 @@ def _simulate_scenario(args: argparse.Namespace) -> int:
                        to_stderr=args.json) as bar:
         bar.status("starting the Simulation Engine (Ray)")
         summary = simulate_scenario(scenario, out=out, cpus_per_site=args.cpus_per_site,
+                                    ray_address=args.ray_address,
                                     on_event=bar.on_event, verbose=args.verbose)
     code = _finish(args, summary, out)
     if not args.json:
@@ -618,6 +620,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of simulated sites without a scenario (default: 10)")
     s.add_argument("--cpus-per-site", type=float, default=1.0,
                    help="CPUs Ray reserves per simulated site (default: 1)")
+    s.add_argument("--ray-address", default="", metavar="ADDR",
+                   help="run the simulated sites on an existing Ray cluster (e.g. 'auto' or "
+                   "HEAD:6379, from `ray start --head`); the run directory must be on a "
+                   "filesystem every Ray node shares")
     s.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     _add_run_options(s)
     s.set_defaults(func=cmd_simulate)

@@ -299,6 +299,8 @@ def compare_runs(a_dir: Path, b_dir: Path, out: Path | None = None
     out = out or (b_dir / "compare.png")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     any_time = False
+    longest = max((_elapsed(s.get("history", [])) or [0.0])[-1] for s in (a, b))
+    unit, unit_name = _time_unit(longest)
     for s, style in ((a, "o-"), (b, "s--")):
         hist = s.get("history", [])
         label = rows[0][1] if s is a else rows[0][2]
@@ -306,9 +308,9 @@ def compare_runs(a_dir: Path, b_dir: Path, out: Path | None = None
         ax1.plot([h["round"] for h in hist], acc, style, label=label)
         if any("simulated_seconds" in h for h in hist):
             any_time = True
-            ax2.plot([x / 60 for x in _elapsed(hist)], acc, style, label=label)
+            ax2.plot([x / unit for x in _elapsed(hist)], acc, style, label=label)
     ax1.set_xlabel("round")
-    ax2.set_xlabel("simulated time (minutes)")
+    ax2.set_xlabel(f"simulated time ({unit_name})")
     for ax in (ax1, ax2):
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1.02)

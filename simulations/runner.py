@@ -130,12 +130,14 @@ def simulate(
     on_event: ProgressCallback | None = None,
     verbose: bool = False,
     scenario: Scenario | None = None,
+    ray_address: str = "",
 ) -> dict[str, Any]:
     """Run a simulated federation of ``sites`` sites; return its ``summary.json``.
 
     With a ``scenario`` (see :func:`simulate_scenario`), the sites get its links,
     failures and behaviours: a simulated network wraps the server's grid and a mod
-    and a behaviour hook wrap the ClientApp."""
+    and a behaviour hook wrap the ClientApp. ``ray_address`` runs the simulated sites
+    on an existing Ray cluster instead of a local one."""
     from flwr.simulation import run_simulation
 
     check_run(settings, sites)
@@ -149,15 +151,8 @@ def simulate(
         client_app = build_client_app(overrides)
     else:
         server_app, client_app = _scenario_apps(scenario, settings, overrides)
-    backend_config: dict[str, Any] = {
-        "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": os.cpu_count() or 1,
-            "logging_level": "INFO" if verbose else "ERROR",
-            "log_to_driver": verbose,
-            "include_dashboard": False,
-        },
-    }
+    backend_config = ray_backend_config(cpus_per_site=cpus_per_site, verbose=verbose,
+                                        ray_address=ray_address)
     stop = threading.Event()
     tail: threading.Thread | None = None
     if on_event is not None:
@@ -201,6 +196,23 @@ def simulate(
         scenario_outputs(summary, scenario, settings, run_dir)
     write_json_atomic(run_dir.summary, summary)
     return summary
+
+
+def ray_backend_config(*, cpus_per_site: float, verbose: bool, ray_address: str = ""
+                       ) -> dict[str, Any]:
+    """Flower's Ray backend settings: one actor per ``cpus_per_site`` CPUs, on this
+    machine's cores or on the cluster at ``ray_address`` (whose own size then counts)."""
+    init: dict[str, Any] = {
+        "logging_level": "INFO" if verbose else "ERROR",
+        "log_to_driver": verbose,
+        "include_dashboard": False,
+    }
+    if ray_address:
+        init["address"] = ray_address
+    else:
+        init["num_cpus"] = os.cpu_count() or 1
+    return {"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
+            "init_args": init}
 
 
 def _scenario_apps(scenario: Scenario, settings: RunSettings, overrides: dict[str, Any]
@@ -260,12 +272,13 @@ def generate_table(path: Path, rows: int, features: int, classes: int, *, seed: 
 
 
 def simulate_scenario(scenario: Scenario, *, out: Path, cpus_per_site: float = 1.0,
-                      on_event: ProgressCallback | None = None, verbose: bool = False
-                      ) -> dict[str, Any]:
+                      on_event: ProgressCallback | None = None, verbose: bool = False,
+                      ray_address: str = "") -> dict[str, Any]:
     """Run a scenario in run directory ``out``; return its ``summary.json``."""
     settings = prepare_scenario(scenario, out)
     return simulate(settings, sites=scenario.num_sites, cpus_per_site=cpus_per_site,
-                    on_event=on_event, verbose=verbose, scenario=scenario)
+                    on_event=on_event, verbose=verbose, scenario=scenario,
+                    ray_address=ray_address)
 
 
 def evaluate_release(settings: RunSettings, run_dir: RunDirectory) -> dict[str, Any]:

@@ -142,3 +142,31 @@ def test_list_and_bad_scenarios_from_the_command_line(tmp_path: Path) -> None:
     assert r.returncode == 2 and "--sites does not apply" in r.stderr
     r = run_cli("simulate", "hospitals", "--alpha", "0.1")
     assert r.returncode == 2 and "[data] alpha" in r.stderr
+
+
+def test_a_scenario_runs_on_an_existing_ray_cluster(tmp_path: Path) -> None:
+    """--ray-address: the simulated sites run on a Ray cluster started with `ray start`
+    (a one-node cluster here), not on a Ray that the simulation starts itself."""
+    import shutil
+    import subprocess
+    import sys
+
+    ray = Path(sys.executable).parent / "ray"
+    if not ray.exists():
+        ray = Path(shutil.which("ray") or "ray")
+    port = "6397"
+    start = subprocess.run([str(ray), "start", "--head", "--num-cpus", "2", "--port", port,
+                            "--disable-usage-stats", "--include-dashboard=false"],
+                           capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stdout + start.stderr
+    try:
+        scenario = tmp_path / "s.toml"
+        scenario.write_text(UNRELIABLE.replace("num-server-rounds = 2", "num-server-rounds = 1"))
+        run = tmp_path / "run"
+        r = run_cli("simulate", str(scenario), "--out", str(run), "--ray-address",
+                    f"127.0.0.1:{port}")
+        assert r.returncode == 0, r.stdout + r.stderr
+        s = json.loads((run / "summary.json").read_text())
+        assert s["status"] == "completed" and s["history"][-1]["sites_participated"] == 4
+    finally:
+        subprocess.run([str(ray), "stop", "--force"], capture_output=True, timeout=120)
