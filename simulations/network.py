@@ -18,6 +18,7 @@ unchanged on top of it. It
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -87,8 +88,15 @@ class SimulatedGrid(Grid):
     def _discover(self) -> None:
         if self._real:
             return
-        nodes = list(self.inner.get_node_ids())
         n = self.scenario.num_sites
+        # The Simulation Engine registers its nodes while the ServerApp starts: wait
+        # for all of them (thousands take a few seconds) before asking who is who.
+        deadline = time.monotonic() + self.timeout
+        while len(nodes := list(self.inner.get_node_ids())) < n:
+            if time.monotonic() > deadline:
+                raise FedvaultError(f"only {len(nodes)} of the scenario's {n} sites joined "
+                                    f"within {self.timeout:.0f} s.")
+            time.sleep(0.2)
         if len(nodes) != n:
             raise FedvaultError(f"the Simulation Engine started {len(nodes)} nodes; the "
                                 f"scenario has {n} sites.")
