@@ -18,6 +18,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -45,6 +46,8 @@ class SiteBehaviour(Protocol):
 
     def tamper(self, global_state: Mapping[str, torch.Tensor], model: torch.nn.Module,
                context: Context, server_round: int) -> None: ...
+
+    def free_rides(self, context: Context, server_round: int) -> bool: ...
 
 
 def _settings(context: Context, overrides: Mapping[str, Any] | None) -> RunSettings:
@@ -90,10 +93,15 @@ def _train_reply(msg: Message, model: torch.nn.Module, result: TrainResult,
     if settings.he:
         # DP-SGD already happened; now quantise, pack and encrypt (never plaintext).
         he = site_context(settings, context.node_config)
+        # Stochastic rounding is seeded from the OS unless secure mode is off, when it
+        # is seeded like the DP noise so that a run can be repeated exactly.
+        rng = (None if settings.secure_mode else
+               np.random.default_rng(_train_seed(settings, server_round, context)))
         records["he-update"] = encrypt_update(model, he, context=context,
                                               server_round=server_round,
                                               num_examples=result.num_examples,
-                                              weight_unit=settings.he_weight_unit).to_record()
+                                              weight_unit=settings.he_weight_unit,
+                                              rng=rng).to_record()
     else:
         records["arrays"] = ArrayRecord(model.state_dict())
     if privacy is not None:
@@ -143,6 +151,14 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
             if behaviour is not None:
                 behaviour.tamper(global_state, model, context, server_round)
             return result
+
+        if behaviour is not None and behaviour.free_rides(context, server_round):
+            # sends the global model back untrained, claiming its examples and a loss
+            loss, _ = evaluate(model, site.train)
+            return _train_reply(msg, model, TrainResult(loss=loss, steps=0,
+                                                        num_examples=len(site.train)),
+                                privacy=None, settings=settings, context=context,
+                                server_round=server_round)
 
         policy = site_policy(settings, context.node_config)
         if not settings.dp:

@@ -74,11 +74,12 @@ def he_weight(num_examples: int, unit: int, max_weight: int) -> int:
 
 
 def encrypt_update(model: torch.nn.Module, he: HEContext, *, context: Context,
-                   server_round: int, num_examples: int, weight_unit: int) -> EncryptedUpdate:
+                   server_round: int, num_examples: int, weight_unit: int,
+                   rng: np.random.Generator | None = None) -> EncryptedUpdate:
     flat = flatten(model.state_dict())
     weight = he_weight(num_examples, weight_unit, he.params.max_weight)
     return EncryptedUpdate(
         scheme=he.params.scheme, fingerprint=he.fingerprint, num_values=len(flat),
         quant_bits=he.params.quant_bits, bound=he.params.bound, weight=weight,
         num_examples=num_examples, run_id=context.run_id, round=server_round,
-        node_id=context.node_id, ciphertexts=tuple(he.encrypt(flat, weight=weight)))
+        node_id=context.node_id, ciphertexts=tuple(he.encrypt(flat, rng, weight=weight)))

@@ -40,6 +40,8 @@ from protocols.config import RunSettings
 
 console = Console()
 err_console = Console(stderr=True)
+#: above this many sites, privacy is summarised rather than listed site by site
+MAX_SITE_ROWS = 30
 
 
 # --------------------------------------------------------------------------------------
@@ -244,19 +246,30 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     )
     privacy = summary.get("privacy") or {}
     if privacy.get("dp"):
-        pt = RichTable(title=f"privacy per site (sample-level DP-SGD, {privacy.get('accountant')})")
-        for col in ("site", "ε spent", "δ", "noise σ", "refused rounds"):
-            pt.add_column(col, justify="left" if col == "site" else "right")
-        for s in privacy.get("sites", []):
-            pt.add_row(s["site"], "-" if s["epsilon"] is None else f"{s['epsilon']:.3f}",
-                       "-" if s["delta"] is None else f"{s['delta']:g}",
-                       "-" if s["noise_multiplier"] is None else f"{s['noise_multiplier']:.3f}",
-                       str(s["refused_rounds"]))
-        console.print(pt)
-        eps = [s["epsilon"] for s in privacy.get("sites", []) if s["epsilon"] is not None]
-        if eps:
-            console.print(f"max ε over sites: [bold]{max(eps):.3f}[/] "
-                          f"(δ = {privacy['sites'][0]['delta']:g})")
+        sites = privacy.get("sites", [])
+        spent = [s for s in sites if s["epsilon"] is not None]
+        source = privacy.get("epsilon_source", "as reported by each site")
+        if len(sites) <= MAX_SITE_ROWS:
+            pt = RichTable(title=f"privacy per site (sample-level DP-SGD, "
+                           f"{privacy.get('accountant')})")
+            for col in ("site", "ε spent", "δ", "noise σ", "refused rounds"):
+                pt.add_column(col, justify="left" if col == "site" else "right")
+            for s in sites:
+                pt.add_row(s["site"], "-" if s["epsilon"] is None else f"{s['epsilon']:.3f}",
+                           "-" if s["delta"] is None else f"{s['delta']:g}",
+                           "-" if s["noise_multiplier"] is None
+                           else f"{s['noise_multiplier']:.3f}",
+                           str(s["refused_rounds"]))
+            console.print(pt)
+        else:
+            console.print(f"privacy ({privacy.get('accountant')}; ε {source}): "
+                          f"{len(spent)} of {len(sites)} sites spent budget")
+        if spent:
+            eps = sorted(float(s["epsilon"]) for s in spent)
+            deltas = sorted({s["delta"] for s in spent if s["delta"] is not None})
+            console.print(f"max ε over sites: [bold]{eps[-1]:.3f}[/] (median "
+                          f"{eps[len(eps) // 2]:.3f}; δ = "
+                          f"{', '.join(f'{d:g}' for d in deltas) or '-'}; {source})")
         central = privacy.get("client_level") or {}
         if central.get("enabled") and central.get("epsilon") is not None:
             console.print(f"client-level DP (server ledger): ε = {central['epsilon']:.3f} "

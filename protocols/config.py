@@ -121,6 +121,9 @@ class RunSettings:
                 raise ConfigError(f"{_key(name)} must be > 0. Found {v}.")
         if not 0 < self.client_dp_delta < 1:
             raise ConfigError(f"client-dp-delta must be in (0, 1). Found {self.client_dp_delta}.")
+        if self.he and self.client_dp:
+            raise ConfigError("client-dp needs the plaintext updates at the server; it cannot "
+                              "be combined with he = true (use sample-level DP with HE).")
         if self.he_weight_unit < 1:
             raise ConfigError(f"he-weight-unit must be >= 1. Found {self.he_weight_unit}.")
         if self.accountant not in ("prv", "rdp"):

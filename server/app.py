@@ -102,10 +102,7 @@ def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str
                 "momentum": settings.momentum,
             }
         )
-        if settings.he:
-            if settings.client_dp:
-                raise ConfigError("client-level DP needs the plaintext updates; it cannot be "
-                                  "combined with encrypted aggregation (use sample-level DP).")
+        if settings.he:  # (RunSettings already refuses he together with client-dp)
             if not settings.he_federation:
                 raise ConfigError("he = true needs he-federation: a directory made by "
                                   "`fedvault provision`.")

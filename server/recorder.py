@@ -198,11 +198,20 @@ class RunRecorder:
                 reason=f"{len(node_ids)} valid updates < min-sites {self.settings.min_sites}",
             )
 
+    def note_offline(self, server_round: int, node_ids: list[int]) -> None:
+        """Simulations: the sites that were offline when the round started."""
+        with self._lock:
+            self._rounds[server_round].network["offline"] = len(node_ids)
+            for n in node_ids:
+                self._sites[n].offline += 1
+
     def note_network(self, server_round: int, phase: str, *, simulated_seconds: float,
                      bytes_down: int, bytes_up: int, bytes_lost: int,
                      fates: dict[int, str]) -> None:
-        """Simulations: one phase of a round on the simulated network (``fates``: node
-        id -> online | offline | dropped-* | timed-out | no-reply)."""
+        """Simulations: one phase (train or evaluate) of a round on the simulated network;
+        ``fates``: sampled node id -> online | offline | dropped-* | timed-out | no-reply.
+        The round's and the sites' dropout counts come from the training phase; the
+        evaluation phase's are counted apart (``eval_missing``)."""
         with self._lock:
             net = self._rounds[server_round].network
             net["simulated_seconds"] = net.get("simulated_seconds", 0.0) + simulated_seconds
@@ -210,10 +219,17 @@ class RunRecorder:
             for key, v in (("bytes_down", bytes_down), ("bytes_up", bytes_up),
                            ("bytes_lost", bytes_lost)):
                 net[key] = net.get(key, 0) + v
-            worst = net.setdefault("fates", {})
-            for nid, f in fates.items():
-                if _FATE_RANK.get(f, 3) > _FATE_RANK.get(worst.get(nid, "online"), 0):
-                    worst[nid] = f
+            missing = [nid for nid, f in fates.items() if f != "online"]
+            if phase != "train":
+                net["eval_missing"] = net.get("eval_missing", 0) + len(missing)
+                return
+            count = net.setdefault("count", {"dropped": 0, "timed_out": 0})
+            for nid in missing:
+                f = fates[nid]
+                key = "timed_out" if f == "timed-out" else "dropped" if f != "offline" else ""
+                if key:
+                    count[key] += 1
+                    setattr(self._sites[nid], key, getattr(self._sites[nid], key) + 1)
 
     def note_federated_eval(self, server_round: int, metrics: dict[str, float]) -> None:
         with self._lock:
@@ -270,22 +286,18 @@ class RunRecorder:
     def _network_row(self, st: _RoundState) -> dict[str, Any]:
         """The simulated network's columns of a round's row (empty outside simulations)."""
         net = st.network
-        if not net:
+        if "simulated_seconds" not in net:
             return {}
-        fates: dict[int, str] = net.get("fates", {})
-        count = {k: 0 for k in ("dropped", "offline", "timed_out")}
-        with self._lock:
-            for nid, f in fates.items():
-                key = ("dropped" if f.startswith("dropped") or f == "no-reply"
-                       else "timed_out" if f == "timed-out" else f)
-                if key in count:
-                    count[key] += 1
-                    setattr(self._sites[nid], key, getattr(self._sites[nid], key) + 1)
-        return {"simulated_seconds": round(float(net.get("simulated_seconds", 0.0)), 3),
+        count = net.get("count", {})
+        return {"simulated_seconds": round(float(net["simulated_seconds"]), 3),
                 "train_seconds_simulated": round(float(net.get("train_seconds", 0.0)), 3),
                 "bytes_down": int(net.get("bytes_down", 0)),
                 "bytes_up": int(net.get("bytes_up", 0)),
-                "bytes_lost": int(net.get("bytes_lost", 0)), **count}
+                "bytes_lost": int(net.get("bytes_lost", 0)),
+                "dropped": int(count.get("dropped", 0)),
+                "timed_out": int(count.get("timed_out", 0)),
+                "offline": int(net.get("offline", 0)),
+                "eval_missing": int(net.get("eval_missing", 0))}
 
     # -- result ----------------------------------------------------------------------
     def _he_summary(self) -> dict[str, Any]:
@@ -364,11 +376,6 @@ class RunRecorder:
             for key in ("bytes_down", "bytes_up", "bytes_lost", "dropped"):
                 out[key] = sum(h[key] for h in simulated)
         return out
-
-
-#: when a site has several fates in one round (train, evaluate), the worst one counts
-_FATE_RANK = {"online": 0, "offline": 1, "timed-out": 2, "dropped-mid-upload": 3,
-              "dropped-before-training": 3, "no-reply": 3}
 
 
 def _site_key(item: tuple[int, _SiteStats]) -> tuple[str, int]:

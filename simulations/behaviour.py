@@ -21,9 +21,10 @@ Attacks (``w`` trained weights, ``g`` the global model the site received):
 ``sign-flip``          sends ``g - s (w - g)``, ``s`` = attack-scale (default 1)
 ``scale``              sends ``g + s (w - g)``, ``s`` default 10
 ``backdoor``           half its samples carry a trigger and the target label
-``model-replacement``  backdoor, then ``g + s (w - g)`` with ``s`` = sites per round
+``model-replacement``  backdoor, then ``g + s (w - g)`` with ``s`` = sites sampled per
+                       round, ``max(min-sites, int(fraction-train * sites))``
                        (Bagdasaryan et al., 2020, "How to backdoor federated learning")
-``free-rider``         sends ``g`` back unchanged, claiming its example count
+``free-rider``         does not train: sends ``g`` back, claiming its example count
 =====================  ==========================================================
 """
 
@@ -47,8 +48,13 @@ ONLINE, OFFLINE, DROPPED_BEFORE, DROPPED_MID_UPLOAD = (
 SITE_QUERY = "query.fedvault_site"
 #: fraction of a backdoor attacker's samples that carry the trigger
 BACKDOOR_FRACTION = 0.5
-#: how many trailing features the trigger sets (a 2x2 corner patch on 8x8 digits)
+#: which features the trigger sets (a 2x2 corner patch on 8x8 digits; the last
+#: columns of a table)
 TRIGGER_FEATURES = (-1, -2, -9, -10)
+#: the trigger's value in the task's preprocessed feature space: the brightest pixel
+#: for digits, three standard deviations for standardised tables
+TRIGGER_VALUES = {"digits": 1.0}
+DEFAULT_TRIGGER_VALUE = 3.0
 
 
 def fate(profile: SiteProfile, *, seed: int, site: int, server_round: int) -> str:
@@ -110,6 +116,8 @@ def simulation_mod(scenario_path: str, seed: int) -> Any:
             return reply
         metrics = reply.content.metric_records.get("metrics")
         n = int(metrics.get("num-examples", 0)) if metrics is not None else 0  # type: ignore[arg-type]
+        if metrics is not None and metrics.get("steps", 1) == 0:
+            n = 0  # a free rider computed nothing
         epochs = 1
         if msg.metadata.message_type.startswith("train"):
             cfg = msg.content.config_records.get("config")
@@ -148,19 +156,19 @@ def add_trigger(x: np.ndarray, value: float) -> np.ndarray:
     return out
 
 
-def trigger_value(x: np.ndarray) -> float:
-    """The trigger's feature value: the data's maximum (at least 1), so it stands out."""
-    return max(float(np.max(x)), 1.0) if x.size else 1.0
+def trigger_value(task: str) -> float:
+    """One trigger value per task, so training and measuring use the same trigger."""
+    return TRIGGER_VALUES.get(task, DEFAULT_TRIGGER_VALUE)
 
 
-def backdoor_table(table: Table, *, target: int, seed: int) -> Table:
-    """A copy of ``table`` in which a fraction of the samples carry the trigger and
-    the target label."""
+def backdoor_table(table: Table, *, target: int, seed: int, value: float = 1.0) -> Table:
+    """A copy of ``table`` in which a fraction of the samples carry the trigger (of
+    ``value``) and the target label."""
     rng = np.random.default_rng([seed, 0xBAD])
     n = len(table)
     idx = rng.choice(n, size=max(1, round(BACKDOOR_FRACTION * n)), replace=False)
     x, y = np.array(table.x, copy=True), np.array(table.y, copy=True)
-    x[idx] = add_trigger(x[idx], trigger_value(table.x))
+    x[idx] = add_trigger(x[idx], value)
     y[idx] = target
     return Table(x=x, y=y)
 
@@ -184,13 +192,16 @@ def tamper_state(global_state: Mapping[str, torch.Tensor], model: torch.nn.Modul
             w.copy_(g + s * (w - g))
 
 
-def default_scale(profile: SiteProfile, scenario: Scenario, fraction_train: float) -> float:
+def default_scale(profile: SiteProfile, scenario: Scenario, fraction_train: float,
+                  min_sites: int = 1) -> float:
+    """``attack-scale`` if set, else 10 for ``scale``, the number of sites Flower's
+    FedAvg samples per round for ``model-replacement``, 1 otherwise."""
     if profile.attack_scale > 0:
         return profile.attack_scale
     if profile.behaviour == "scale":
         return 10.0
     if profile.behaviour == "model-replacement":
-        return max(1.0, round(fraction_train * scenario.num_sites))
+        return float(max(1, min_sites, int(fraction_train * scenario.num_sites)))
     return 1.0
 
 
@@ -198,11 +209,13 @@ class ScenarioBehaviour:
     """The ClientApp's behaviour hook for a scenario's sites (honest ones pass through)."""
 
     def __init__(self, scenario_path: str, *, num_classes: int, fraction_train: float,
-                 seed: int) -> None:
+                 seed: int, task: str = "digits", min_sites: int = 1) -> None:
         self.scenario_path = scenario_path
         self.num_classes = num_classes
         self.fraction_train = fraction_train
         self.seed = seed
+        self.task = task
+        self.min_sites = min_sites
 
     def _profile(self, context: Context) -> SiteProfile:
         return load_compiled(self.scenario_path).site(_site(context))
@@ -215,7 +228,8 @@ class ScenarioBehaviour:
             return Table(x=table.x, y=flip_labels(table.y, self.num_classes))
         if p.behaviour in ("backdoor", "model-replacement"):
             return backdoor_table(table, target=p.backdoor_target,
-                                  seed=self.seed * 1_000_003 + _site(context))
+                                  seed=self.seed * 1_000_003 + _site(context),
+                                  value=trigger_value(self.task))
         return table
 
     def tamper(self, global_state: Mapping[str, torch.Tensor], model: torch.nn.Module,
@@ -223,5 +237,10 @@ class ScenarioBehaviour:
         p = self._profile(context)
         if not p.attacking(server_round):
             return
-        scale = default_scale(p, load_compiled(self.scenario_path), self.fraction_train)
+        scale = default_scale(p, load_compiled(self.scenario_path), self.fraction_train,
+                              self.min_sites)
         tamper_state(global_state, model, behaviour=p.behaviour, scale=scale)
+
+    def free_rides(self, context: Context, server_round: int) -> bool:
+        p = self._profile(context)
+        return p.behaviour == "free-rider" and p.attacking(server_round)

@@ -7,11 +7,13 @@ unchanged on top of it. It
 * learns once which Flower node is which scenario site (a one-off query: node
   ids are random in every run) and shows the strategy stable node ids
   ``site index + 1``, so sampling and records are the same in every run;
+* shows the strategy only the sites online in the round being sampled (a
+  real SuperLink knows which nodes are disconnected);
 * measures the bytes of every message it sends and every reply it receives
-  (Flower's protobuf encoding of the message content);
-* drops the replies of sites that went offline, dropped out or missed the
-  round timeout on their simulated link, exactly as a real server would see
-  them: missing;
+  (Flower's protobuf encoding of the message content); uploads that arrive
+  after the deadline, or break off mid-upload, count as ``bytes_lost``;
+* drops the replies of sites that dropped out or missed the round timeout on
+  their simulated link, exactly as a real server would see them: missing;
 * advances the simulated clock (``simulations.clock``) and notes each phase in
   the run recorder.
 """
@@ -28,9 +30,18 @@ from flwr.serverapp import Grid
 
 from fedvault.errors import FedvaultError
 from server.recorder import RunRecorder
-from simulations.behaviour import DROPPED_BEFORE, DROPPED_MID_UPLOAD, OFFLINE, SITE_QUERY
+from simulations.behaviour import (
+    DROPPED_BEFORE,
+    DROPPED_MID_UPLOAD,
+    OFFLINE,
+    SITE_QUERY,
+    fate,
+)
 from simulations.clock import Exchange, Link, phase_seconds
 from simulations.scenario import Scenario, SiteProfile
+
+#: seconds the simulated nodes get to register (plus 1 s per 100 sites)
+JOIN_SECONDS = 60.0
 
 
 def wire_bytes(content: RecordDict) -> int:
@@ -62,6 +73,8 @@ class SimulatedGrid(Grid):
         self.timeout = timeout
         self._real: dict[int, int] = {}  # virtual node id -> Flower node id
         self._virtual: dict[int, int] = {}  # Flower node id -> virtual node id
+        self._last: tuple[int, str] = (0, "evaluate")  # (round, phase) last sent
+        self._online: dict[int, list[int]] = {}  # round -> online virtual ids
 
     # -- delegation ------------------------------------------------------------------
     def set_run(self, run: Any) -> None:
@@ -91,11 +104,12 @@ class SimulatedGrid(Grid):
         n = self.scenario.num_sites
         # The Simulation Engine registers its nodes while the ServerApp starts: wait
         # for all of them (thousands take a few seconds) before asking who is who.
-        deadline = time.monotonic() + self.timeout
+        wait = JOIN_SECONDS + n / 100
+        deadline = time.monotonic() + wait
         while len(nodes := list(self.inner.get_node_ids())) < n:
             if time.monotonic() > deadline:
                 raise FedvaultError(f"only {len(nodes)} of the scenario's {n} sites joined "
-                                    f"within {self.timeout:.0f} s.")
+                                    f"within {wait:.0f} s.")
             time.sleep(0.2)
         if len(nodes) != n:
             raise FedvaultError(f"the Simulation Engine started {len(nodes)} nodes; the "
@@ -114,9 +128,34 @@ class SimulatedGrid(Grid):
         if len(self._real) != n:
             raise FedvaultError(f"only {len(self._real)} of {n} simulated sites answered.")
 
+    def _sampling_round(self) -> int:
+        # Flower's loop samples training of round r+1 after evaluating round r, and
+        # evaluation of round r after training it: the round being sampled follows
+        # from what was sent last.
+        r, phase = self._last
+        return r + 1 if phase == "evaluate" else r
+
     def get_node_ids(self) -> Iterable[int]:
+        """The sites online in the round being sampled (a real SuperLink knows which
+        nodes are disconnected and never samples them). If fewer than ``min-sites``
+        are online, all are returned: Flower's sampling would otherwise wait forever;
+        the offline ones then answer nothing and the round has no aggregate."""
         self._discover()
-        return sorted(self._real)
+        r = self._sampling_round()
+        if r not in self._online:
+            seed = self.recorder.settings.seed
+            online: list[int] = []
+            offline: list[int] = []
+            for vid in sorted(self._real):
+                k = vid - 1
+                f = fate(self.scenario.site(k), seed=seed, site=k, server_round=r)
+                (offline if f == OFFLINE else online).append(vid)
+            self._online[r] = online
+            self.recorder.note_offline(r, offline)
+        online = self._online[r]
+        if len(online) < self.recorder.settings.min_sites:
+            return sorted(self._real)
+        return online
 
     def _to_real(self, m: Message) -> Message:
         self._discover()
@@ -137,7 +176,10 @@ class SimulatedGrid(Grid):
             return []
         phase = sent[0].metadata.message_type.split(".")[0]
         server_round = _round_of(sent[0])
-        down = {m.metadata.dst_node_id: wire_bytes(m.content) for m in sent}
+        self._last = (server_round, phase)
+        sizes: dict[int, int] = {}  # encrypted rounds share one content between messages
+        down = {m.metadata.dst_node_id: sizes.setdefault(id(m.content), wire_bytes(m.content))
+                for m in sent}
         # The strategy's timeout is *simulated* time (applied below, per site); the
         # Simulation Engine itself is waited for with the real-time limit.
         replies = [self._from_real(r) for r in
@@ -176,9 +218,10 @@ class SimulatedGrid(Grid):
         for vid in late:
             fates[vid] = "timed-out"
         kept = [r for r in kept if r.metadata.src_node_id not in late]
+        up_on_time = sum(x.bytes_up for i, x in enumerate(exchanges) if order[i] not in late)
+        up_late = sum(x.bytes_up for i, x in enumerate(exchanges) if order[i] in late)
         self.recorder.note_network(
             server_round, phase, simulated_seconds=pt.seconds,
-            bytes_down=sum(x.bytes_down for x in exchanges),
-            bytes_up=sum(x.bytes_up for i, x in enumerate(exchanges) if order[i] not in late),
-            bytes_lost=lost, fates=fates)
+            bytes_down=sum(x.bytes_down for x in exchanges), bytes_up=up_on_time,
+            bytes_lost=lost + up_late, fates=fates)
         return sorted(kept, key=lambda r: r.metadata.src_node_id)

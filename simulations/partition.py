@@ -156,17 +156,56 @@ def site_partition(
 
 def _fill_small(owners: np.ndarray, labels: np.ndarray, allowed: list[set[int]],
                 min_size: int, n_sites: int) -> None:
+    """Move samples from the largest sites to sites below ``min_size`` (in place).
+
+    Each sample moved costs O(log sites) for a site that may hold any label; a
+    label-restricted site scans the data once. Raises ``ValueError`` naming the
+    first site left without any sample."""
+    import heapq
+
     sizes = np.bincount(owners, minlength=n_sites)
-    for k in np.flatnonzero(sizes < min_size):
-        ok = np.ones(len(labels), dtype=bool) if not allowed[k] else np.isin(
-            labels, sorted(allowed[k]))
-        while sizes[k] < min_size:
-            candidates = ok & (sizes[owners] > min_size) & (owners != k)
-            if not candidates.any():
-                break  # nothing left to give without starving another site
-            # take from the largest eligible donor
-            donor_sizes = np.where(candidates, sizes[owners], -1)
-            i = int(np.argmax(donor_sizes))
-            sizes[owners[i]] -= 1
+    needy = np.flatnonzero(sizes < min_size)
+    if len(needy) == 0:
+        return
+    order = np.argsort(owners, kind="stable")
+    bounds = np.searchsorted(owners[order], np.arange(n_sites + 1))
+    members = {int(k): order[bounds[k]:bounds[k + 1]].tolist() for k in range(n_sites)}
+    heap = [(-int(sizes[k]), int(k)) for k in range(n_sites) if sizes[k] > min_size]
+    heapq.heapify(heap)
+    for k in map(int, needy):
+        if allowed[k]:
+            ok = np.isin(labels, sorted(allowed[k])) & (owners != k)
+            cand = np.flatnonzero(ok)
+            # largest donors first
+            cand = cand[np.argsort(-sizes[owners[cand]], kind="stable")]
+            for i in cand:
+                if sizes[k] >= min_size:
+                    break
+                d = int(owners[i])
+                if sizes[d] > min_size:
+                    owners[i] = k
+                    sizes[d] -= 1
+                    sizes[k] += 1
+            heap = [(-int(sizes[j]), j) for j in range(n_sites) if sizes[j] > min_size]
+            heapq.heapify(heap)
+            continue
+        while sizes[k] < min_size and heap:
+            neg, d = heapq.heappop(heap)
+            if -neg != sizes[d] or d == k:  # stale entry
+                if sizes[d] > min_size and d != k:
+                    heapq.heappush(heap, (-int(sizes[d]), d))
+                continue
+            while members[d] and owners[members[d][-1]] != d:
+                members[d].pop()  # taken by a label-restricted site meanwhile
+            if not members[d]:
+                continue
+            i = members[d].pop()
             owners[i] = k
+            sizes[d] -= 1
             sizes[k] += 1
+            if sizes[d] > min_size:
+                heapq.heappush(heap, (-int(sizes[d]), d))
+    empty = np.flatnonzero(sizes == 0)
+    if len(empty):
+        raise ValueError(f"site {int(empty[0])} (and {len(empty) - 1} more) would hold no "
+                         "data: too few samples of the labels it may hold")

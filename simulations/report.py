@@ -23,9 +23,9 @@ from simulations.scenario import Scenario
 
 #: columns of rounds.csv, in order
 ROUND_COLUMNS = ("round", "accuracy", "loss", "metric_source", "sites_sampled",
-                 "sites_participated", "dropped", "offline", "timed_out", "refused", "rejected",
-                 "errors", "aggregated", "simulated_seconds", "simulated_elapsed", "bytes_down",
-                 "bytes_up", "bytes_lost", "seconds")
+                 "sites_participated", "dropped", "offline", "timed_out", "eval_missing",
+                 "refused", "rejected", "errors", "aggregated", "simulated_seconds",
+                 "simulated_elapsed", "bytes_down", "bytes_up", "bytes_lost", "seconds")
 
 
 def ledger_epsilon(path: Path) -> float | None:
@@ -59,7 +59,7 @@ def site_table(summary: dict[str, Any], scenario: Scenario, run_dir: Path) -> li
             "timed_out": int(part.get("timed_out", 0)), "refused": int(part.get("refused", 0)),
             "rejected": int(part.get("rejected", 0)),
             "epsilon": None if eps is None else round(eps, 6),
-            "max_epsilon": prof.max_epsilon,
+            "max_epsilon": prof.max_epsilon, "delta": prof.delta,
         })
     return rows
 
@@ -88,6 +88,7 @@ def scenario_outputs(summary: dict[str, Any], scenario: Scenario, settings: RunS
         "max_epsilon_spent": max(eps) if eps else None,
         "per_site": sites,
     }
+    _privacy_from_ledgers(summary, sites)
     attack = backdoor_success(summary, scenario, settings, run_dir)
     if attack is not None:
         block["backdoor_success"] = attack
@@ -95,6 +96,30 @@ def scenario_outputs(summary: dict[str, Any], scenario: Scenario, settings: RunS
     write_rounds_csv(summary, run_dir.root / "rounds.csv")
     figures = plot_scenario(summary, run_dir.root)
     block["figures"] = [p.name for p in figures]
+
+
+def _privacy_from_ledgers(summary: dict[str, Any], sites: list[dict[str, Any]]) -> None:
+    """In a simulation every site's own ledger is at hand: report the epsilon it has
+    committed (which counts rounds whose update never reached the server) instead
+    of the last figure the server happened to receive; list only sites that spent."""
+    privacy = summary.get("privacy") or {}
+    if not privacy.get("dp"):
+        return
+    reported = {s["site"]: s for s in privacy.get("sites", [])}
+    rows = []
+    for site in sites:
+        if site["epsilon"] is None and site["refused"] == 0:
+            continue
+        row = dict(reported.get(site["site"], {"site": site["site"], "delta": site["delta"],
+                                               "accountant": privacy.get("accountant"),
+                                               "noise_multiplier": None,
+                                               "refused_rounds": site["refused"]}))
+        row["epsilon"] = site["epsilon"]
+        if row.get("delta") is None:
+            row["delta"] = site["delta"]
+        rows.append(row)
+    privacy["sites"] = rows
+    privacy["epsilon_source"] = "from each site's own ledger"
 
 
 def backdoor_success(summary: dict[str, Any], scenario: Scenario, settings: RunSettings,
@@ -125,7 +150,7 @@ def backdoor_success(summary: dict[str, Any], scenario: Scenario, settings: RunS
     model.load_state_dict(torch.load(path, weights_only=True))
     target = min(targets)
     keep = test.y != target
-    x = add_trigger(test.x[keep], trigger_value(test.x))
+    x = add_trigger(test.x[keep], trigger_value(settings.task))
     model.eval()
     with torch.no_grad():
         pred = model(torch.from_numpy(x)).argmax(dim=1).numpy()

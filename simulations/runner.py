@@ -231,7 +231,8 @@ def _scenario_apps(scenario: Scenario, settings: RunSettings, overrides: dict[st
     if any(g.is_attacker() for g in scenario.groups):
         behaviour = ScenarioBehaviour(path, num_classes=settings.num_classes
                                       or task.default_num_classes,
-                                      fraction_train=settings.fraction_train, seed=settings.seed)
+                                      fraction_train=settings.fraction_train, seed=settings.seed,
+                                      task=settings.task, min_sites=settings.min_sites)
     client_app = build_client_app(overrides, mods=[simulation_mod(path, settings.seed)],
                                   behaviour=behaviour)
     client_app.query(SITE_QUERY.split(".")[1])(answer_site_query)
@@ -263,7 +264,9 @@ def generate_table(path: Path, rows: int, features: int, classes: int, *, seed: 
     import numpy as np
     from sklearn.datasets import make_classification
 
-    informative = max(2, min(features, features // 2 + 1))
+    from simulations.scenario import informative_features
+
+    informative = informative_features(features)
     x, y = make_classification(n_samples=rows, n_features=features, n_informative=informative,
                                n_redundant=0, n_classes=classes, n_clusters_per_class=1,
                                class_sep=1.5, random_state=seed)

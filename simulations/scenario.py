@@ -18,7 +18,8 @@ runs it with the very same ServerApp and ClientApp as a real deployment.
     # data-path = "table.csv"    # a table to split instead of the task's embedded data
     # generate = { rows = 60000, features = 20, classes = 10 }   # or a generated table
 
-    [run]                        # any run-config key (see pyproject.toml), e.g.
+    [run]                        # any run-config key (see pyproject.toml; the defaults are
+                                 # its defaults: he = false, dp = true), e.g.
     num-server-rounds = 5
     fraction-train = 1.0
     min-sites = 3
@@ -31,7 +32,7 @@ runs it with the very same ServerApp and ClientApp as a real deployment.
     uplink-mbps = 100.0
     downlink-mbps = 100.0
     latency-ms = 20.0
-    dropout = 0.0                # probability of dropping out in a round
+    dropout = 0.0                # probability of dropping out in a round (when online)
     dropout-mode = "before-training"   # or "mid-upload" (trains, spends epsilon, upload lost)
     availability = 1.0           # probability of being online when a round starts
     max-epsilon = 10.0           # the site's own privacy budget (its node config)
@@ -83,6 +84,7 @@ _RUN_KEYS_ELSEWHERE = {
     "label-column": "[data] label-column", "partitioner": "[data] partition",
     "alpha": "[data] alpha", "run-dir": "--out", "scenario": "(set by the runner)",
     "site-max-epsilon": "[defaults] max-epsilon", "site-delta": "[defaults] delta",
+    "site-min-noise-multiplier": "[defaults] min-noise-multiplier",
 }
 
 
@@ -195,8 +197,12 @@ class Scenario:
             return site_partition(labels, kinds=kinds, alphas=alphas, quantities=quantities,
                                   allowed=allowed, seed=seed)
         except ValueError as exc:
+            msg = str(exc)
+            if msg.startswith("site "):
+                k = int(msg.split()[1])
+                msg = f"site-{k} of group {self.site(k).group!r}{msg[len(f'site {k}'):]}"
             raise ConfigError(f"{self.source or self.name}: cannot partition the data: "
-                              f"{exc}") from None
+                              f"{msg}") from None
 
     def to_json(self) -> dict[str, Any]:
         return {"format": "fedvault.scenario/1", "name": self.name,
@@ -375,8 +381,23 @@ def parse_scenario(doc: Mapping[str, Any], *, source: str = "") -> Scenario:
     groups_raw = doc.get("sites")
     if not isinstance(groups_raw, list) or not groups_raw:
         raise ConfigError(f"{src}: needs at least one [[sites]] group.")
-    classes = (data.generate[2] if data.generate else
-               int(dict(run).get("num-classes", 0) or 0) or
+    # [run] values are checked now (a bad one is named before anything else runs)
+    provisional = Scenario(name=name, data=data, run=dict(run), source=source)
+    run_settings = provisional.settings(run_dir="/tmp/check")
+    if data.generate:
+        rows, features, n_classes = data.generate
+        for key, want in (("num-features", features), ("num-classes", n_classes)):
+            if run.get(key) not in (None, 0, want):
+                raise ConfigError(f"{src} [run] {key!r} = {run[key]!r} contradicts [data] "
+                                  f"generate ({want}); leave it out.")
+        if n_classes > 2 ** informative_features(features):
+            raise ConfigError(f"{src} [data] generate: {n_classes} classes need more "
+                              f"features than {features} (at most "
+                              f"{2 ** informative_features(features)} classes).")
+        if rows < 5 * n_classes:
+            raise ConfigError(f"{src} [data] generate: {rows} rows are too few for "
+                              f"{n_classes} classes (at least {5 * n_classes}).")
+    classes = (data.generate[2] if data.generate else run_settings.num_classes or
                (task.default_num_classes if not data.data_path else 0))
     groups: list[SiteProfile] = []
     for i, g in enumerate(groups_raw):
@@ -396,6 +417,11 @@ def parse_scenario(doc: Mapping[str, Any], *, source: str = "") -> Scenario:
         raise ConfigError(f"{src}: {scenario.num_sites} sites exceed the limit of {MAX_SITES}.")
     scenario.settings(run_dir="/tmp/check")  # [run] values validated now, key named
     return scenario
+
+
+def informative_features(features: int) -> int:
+    """Informative columns of a generated table (the rest are noise)."""
+    return max(2, min(features, features // 2 + 1))
 
 
 def load_scenario(path_or_name: str | Path) -> Scenario:

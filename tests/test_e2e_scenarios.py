@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from protocols.hashchain import read_chain
+from simulations.behaviour import OFFLINE, fate
+from simulations.scenario import load_scenario
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.e2e
@@ -22,7 +24,8 @@ description = "4 steady sites, one that always drops out, one on a hopeless link
 task = "digits"
 partition = "iid"
 [run]
-num-server-rounds = 2
+num-server-rounds = 3
+fraction-evaluate = 0.5
 dp = false
 he = false
 min-sites = 3
@@ -40,6 +43,9 @@ dropout = 1.0
 [[sites]]
 group = "far-away"
 uplink-mbps = 0.001     # 1 kbit/s: its update cannot arrive within 30 s
+[[sites]]
+group = "part-time"
+availability = 0.5
 """
 
 
@@ -58,17 +64,29 @@ def test_unreliable_sites_are_counted_and_runs_are_reproducible(tmp_path: Path) 
     assert "simulated time" in r.stdout and "rounds.csv" in r.stdout
 
     a, b = (json.loads((run / "summary.json").read_text()) for run in runs)
-    assert a["status"] == "completed" and a["rounds_completed"] == 2
-    for h in a["history"][1:]:
-        assert h["sites_sampled"] == 6
-        assert h["sites_participated"] == 4  # the survivors, and only them
+    assert a["status"] == "completed" and a["rounds_completed"] == 3
+    part_time = load_scenario(scenario).site(6)
+    offline = [fate(part_time, seed=5, site=6, server_round=r) == OFFLINE for r in (1, 2, 3)]
+    assert any(offline) and not all(offline)  # seed 5 exercises both cases
+    for h, off in zip(a["history"][1:], offline, strict=True):
+        assert h["offline"] == int(off)
+        assert h["sites_sampled"] == 7 - off  # an offline site is not sampled
+        assert h["sites_participated"] == 5 - off  # the survivors, and only them
+        # training-phase counts only, although evaluation samples half the sites
         assert h["dropped"] == 1 and h["timed_out"] == 1
-        assert h["simulated_seconds"] == pytest.approx(60.0)  # both phases wait 30 s
+        assert h["train_seconds_simulated"] == pytest.approx(30.0)  # waited for the late
+        if h["eval_missing"]:
+            assert h["simulated_seconds"] == pytest.approx(60.0)
+        else:  # evaluation of the sampled half takes well under a second
+            assert 30.0 < h["simulated_seconds"] < 31.0
         assert h["bytes_up"] > 0 and h["bytes_down"] > h["bytes_up"]
+        assert h["bytes_lost"] > 0  # the late upload
     sites = {s["site"]: s for s in a["simulation"]["per_site"]}
-    assert sites["site-4"]["dropped"] == 2 and sites["site-4"]["trained"] == 0
-    assert sites["site-5"]["timed_out"] == 2 and sites["site-5"]["trained"] == 0
-    assert sites["site-0"]["trained"] == 2 and sites["site-0"]["role"] == "honest"
+    assert sites["site-4"]["dropped"] == 3 and sites["site-4"]["trained"] == 0
+    assert sites["site-5"]["timed_out"] == 3 and sites["site-5"]["trained"] == 0
+    assert sites["site-6"]["offline"] == sum(offline)
+    assert sites["site-6"]["trained"] == 3 - sum(offline)
+    assert sites["site-0"]["trained"] == 3 and sites["site-0"]["role"] == "honest"
 
     # same seed, same results
     keys = ("accuracy", "loss", "sites_participated", "simulated_seconds", "bytes_up",
@@ -76,7 +94,8 @@ def test_unreliable_sites_are_counted_and_runs_are_reproducible(tmp_path: Path) 
     assert [[h.get(k) for k in keys] for h in a["history"]] == \
         [[h.get(k) for k in keys] for h in b["history"]]
     assert _rounds(runs[0])[-1]["accuracy"] == _rounds(runs[1])[-1]["accuracy"]
-    assert float(_rounds(runs[0])[-1]["simulated_elapsed"]) == pytest.approx(120.0)
+    assert float(_rounds(runs[0])[-1]["simulated_elapsed"]) == pytest.approx(
+        a["simulated_seconds"])
     for fig in ("progress.png", "bytes.png", "accuracy.png"):
         assert (runs[0] / fig).read_bytes()[:8] == PNG
     assert (runs[0] / "scenario.toml").read_text() == UNRELIABLE
@@ -89,7 +108,8 @@ def test_unreliable_sites_are_counted_and_runs_are_reproducible(tmp_path: Path) 
 
 def test_a_site_that_drops_mid_upload_still_pays_epsilon(tmp_path: Path) -> None:
     """DP and HE on: a mid-upload dropout trained and spent privacy budget, so its own
-    ledger must say so even though the server never saw its update."""
+    ledger, the summary and the printed table must say so although the server never
+    saw its update; with --insecure-noise two runs give the same metrics."""
     scenario = tmp_path / "dp.toml"
     scenario.write_text("""
 name = "dp-mid-upload"
@@ -106,26 +126,35 @@ target-epsilon = 4.0
 [defaults]
 max-epsilon = 6.0
 [[sites]]
-count = 3
-[[sites]]
 group = "drops-mid-upload"
 dropout = 1.0
 dropout-mode = "mid-upload"
+[[sites]]
+count = 3
 """)
-    run = tmp_path / "run"
-    r = run_cli("simulate", str(scenario), "--out", str(run))
-    assert r.returncode == 0, r.stdout + r.stderr
-    s = json.loads((run / "summary.json").read_text())
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        r = run_cli("simulate", str(scenario), "--out", str(run), "--insecure-noise")
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert "from each site's own ledger" in r.stdout and "max ε over sites" in r.stdout
+    s = json.loads((runs[0] / "summary.json").read_text())
     h = s["history"][-1]
     assert h["sites_participated"] == 3 and h["dropped"] == 1 and h["bytes_lost"] > 0
     sites = {x["site"]: x for x in s["simulation"]["per_site"]}
+    reported = {x["site"]: x for x in s["privacy"]["sites"]}
     for k in range(4):
         eps = sites[f"site-{k}"]["epsilon"]
         assert eps is not None and 3.5 < eps <= 4.0  # calibrated to target 4, counted
-    entries = read_chain(run / "ledgers" / "site-3.jsonl")
+        assert reported[f"site-{k}"]["epsilon"] == eps
+    entries = read_chain(runs[0] / "ledgers" / "site-0.jsonl")
     assert any(e["kind"] == "reservation" for e in entries)
     assert s["he"]["enabled"] and s["released_model"]["central_accuracy"] > 0.3
-    assert (run / "epsilon.png").read_bytes()[:8] == PNG
+    assert (runs[0] / "epsilon.png").read_bytes()[:8] == PNG
+    b = json.loads((runs[1] / "summary.json").read_text())
+    keys = ("accuracy", "loss", "federated_accuracy", "sites_participated", "dropped")
+    assert [[x.get(k) for k in keys] for x in s["history"]] == \
+        [[x.get(k) for k in keys] for x in b["history"]]
+    assert s["released_model"]["central_accuracy"] == b["released_model"]["central_accuracy"]
 
 
 def test_list_and_bad_scenarios_from_the_command_line(tmp_path: Path) -> None:
@@ -144,29 +173,49 @@ def test_list_and_bad_scenarios_from_the_command_line(tmp_path: Path) -> None:
     assert r.returncode == 2 and "[data] alpha" in r.stderr
 
 
+def _kill_processes_mentioning(marker: str) -> None:
+    import os
+    import signal
+
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (d / "cmdline").read_bytes():
+                os.kill(int(d.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+
+
 def test_a_scenario_runs_on_an_existing_ray_cluster(tmp_path: Path) -> None:
     """--ray-address: the simulated sites run on a Ray cluster started with `ray start`
-    (a one-node cluster here), not on a Ray that the simulation starts itself."""
-    import shutil
+    (a one-node cluster here), not on a Ray that the simulation starts itself: the
+    cluster's own session logs gain the workers."""
+    import socket
     import subprocess
     import sys
+    import tempfile
 
     ray = Path(sys.executable).parent / "ray"
-    if not ray.exists():
-        ray = Path(shutil.which("ray") or "ray")
-    port = "6397"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    temp = tempfile.mkdtemp(prefix="/tmp/fvray")  # short: Ray puts sockets in it
     start = subprocess.run([str(ray), "start", "--head", "--num-cpus", "2", "--port", port,
-                            "--disable-usage-stats", "--include-dashboard=false"],
-                           capture_output=True, text=True, timeout=120)
-    assert start.returncode == 0, start.stdout + start.stderr
+                            "--disable-usage-stats", "--include-dashboard=false",
+                            f"--temp-dir={temp}"], capture_output=True, text=True, timeout=120)
     try:
+        assert start.returncode == 0, start.stdout + start.stderr
+        logs = Path(temp) / "session_latest" / "logs"
+        before = len(list(logs.glob("*worker*")))
         scenario = tmp_path / "s.toml"
-        scenario.write_text(UNRELIABLE.replace("num-server-rounds = 2", "num-server-rounds = 1"))
+        scenario.write_text(UNRELIABLE.replace("num-server-rounds = 3", "num-server-rounds = 1"))
         run = tmp_path / "run"
         r = run_cli("simulate", str(scenario), "--out", str(run), "--ray-address",
                     f"127.0.0.1:{port}")
         assert r.returncode == 0, r.stdout + r.stderr
         s = json.loads((run / "summary.json").read_text())
-        assert s["status"] == "completed" and s["history"][-1]["sites_participated"] == 4
+        assert s["status"] == "completed" and s["rounds_completed"] == 1
+        assert len(list(logs.glob("*worker*"))) > before
     finally:
-        subprocess.run([str(ray), "stop", "--force"], capture_output=True, timeout=120)
+        _kill_processes_mentioning(temp)  # this cluster only, not any other Ray

@@ -64,7 +64,14 @@ def _doc(**patch: Any) -> dict[str, Any]:
     ({"sites": [{"compute": "fast"}]}, "'compute' must be a number"),
     ({"defaults": {"latency-ms": -1}, "sites": [{}]}, "'latency-ms' must be >= 0"),
     ({"data": {"task": "digits", "partition": "zipf"}}, "[data] 'partition' must be one of"),
-    ({"data": {"task": "speech"}}, "speech"),
+    ({"data": {"task": "speech"}}, "[data] 'task': Unknown task 'speech'"),
+    ({"run": {"num-classes": "ten"}}, "'num-classes' must be an integer"),
+    ({"data": {"task": "tabular", "generate": {"rows": 1000, "features": 2, "classes": 10}}},
+     "10 classes need more features than 2"),
+    ({"data": {"task": "tabular", "generate": {"rows": 1000, "features": 8, "classes": 4}},
+      "run": {"num-classes": 3}}, "'num-classes' = 3 contradicts [data] generate"),
+    ({"run": {"site-min-noise-multiplier": 1.0}}, "set by [defaults] min-noise-multiplier"),
+    ({"run": {"client-dp": True, "he": True}}, "cannot be combined with he = true"),
     ({"data": {"task": "digits", "generate": {"rows": 100, "features": 4, "classes": 2}}},
      "'generate' makes a table for task 'tabular'"),
     ({"run": {"rounds": 3}}, "[run] Unknown run-config key 'rounds'"),
@@ -170,6 +177,28 @@ def test_fixed_labels_and_quantity_skew() -> None:
         _partition(labels, 2, 1.0, allowed=[(0, 1), (2,)])
 
 
+def test_a_site_that_cannot_get_data_is_named() -> None:
+    labels = np.repeat(np.arange(10), 100)
+    with pytest.raises(ValueError, match="would hold no data"):
+        _partition(labels, 65, 0.05, allowed=[(0,)] * 60 + [()] * 5)
+    sc = parse_scenario(_doc(data={"task": "digits", "alpha": 0.05},
+                             sites=[{"count": 3}, {"group": "zeros", "count": 200,
+                                                   "labels": [0]}]))
+    with pytest.raises(ConfigError, match=r"of group 'zeros' .*would hold no data"):
+        sc.owners(get_task("digits").embedded().y, seed=0)
+
+
+def test_partition_of_1000_sites_is_fast() -> None:
+    import time
+
+    labels = np.random.default_rng(0).integers(0, 10, size=50_000)
+    q = np.random.default_rng(1).lognormal(0, 3, size=1000)
+    t0 = time.perf_counter()
+    owners = _partition(labels, 1000, 0.1, q=q)
+    assert time.perf_counter() - t0 < 5.0
+    assert np.bincount(owners, minlength=1000).min() >= 10
+
+
 def test_scenario_partition_is_seeded() -> None:
     sc = parse_scenario(_doc(data={"task": "digits", "quantity-skew": 0.5}))
     y = get_task("digits").embedded().y
@@ -270,6 +299,8 @@ def test_a_sign_flipper_really_sends_the_negated_update(tmp_path: Path) -> None:
     honest, ctx = _train_site0(tmp_path, _write(tmp_path, "honest"), g)
     flipped, _ = _train_site0(tmp_path, _write(tmp_path, "sign-flip"), g)
     free, _ = _train_site0(tmp_path, _write(tmp_path, "free-rider"), g)
+    assert int(free.content.config_records["simulation"]["examples"]) == 0  # no work done
+    assert int(free.content.metric_records["metrics"]["num-examples"]) > 0  # yet claims it
     sim: dict[str, Any] = dict(honest.content.config_records["simulation"])
     assert sim["site"] == 0 and sim["fate"] == ONLINE and int(sim["examples"]) > 0
     assert ctx.node_config["site-name"] == "site-0"  # the site's own node config
