@@ -299,8 +299,9 @@ def test_a_sign_flipper_really_sends_the_negated_update(tmp_path: Path) -> None:
     honest, ctx = _train_site0(tmp_path, _write(tmp_path, "honest"), g)
     flipped, _ = _train_site0(tmp_path, _write(tmp_path, "sign-flip"), g)
     free, _ = _train_site0(tmp_path, _write(tmp_path, "free-rider"), g)
-    assert int(free.content.config_records["simulation"]["examples"]) == 0  # no work done
-    assert int(free.content.metric_records["metrics"]["num-examples"]) > 0  # yet claims it
+    assert free.content.config_records["simulation"]["examples"] == 0  # no work done
+    claimed = free.content.metric_records["metrics"]["num-examples"]
+    assert isinstance(claimed, int | float) and claimed > 0  # yet claims it did
     sim: dict[str, Any] = dict(honest.content.config_records["simulation"])
     assert sim["site"] == 0 and sim["fate"] == ONLINE and int(sim["examples"]) > 0
     assert ctx.node_config["site-name"] == "site-0"  # the site's own node config
