@@ -70,7 +70,8 @@ def fate(profile: SiteProfile, *, seed: int, site: int, server_round: int) -> st
     return ONLINE
 
 
-def _server_round(msg: Message) -> int:
+def server_round_of(msg: Message) -> int:
+    """The round a strategy's message belongs to (its ``config`` record), else 0."""
     cfg = msg.content.config_records.get("config")
     try:
         return int(cfg["server-round"]) if cfg is not None else 0  # type: ignore[arg-type]
@@ -98,7 +99,7 @@ def simulation_mod(scenario_path: str, seed: int) -> Any:
         if msg.metadata.message_type.startswith("query"):
             return call_next(msg, context)
         context.node_config.update(site_node_config(profile, k))
-        r = _server_round(msg)
+        r = server_round_of(msg)
         f = fate(profile, seed=seed, site=k, server_round=r)
         record: dict[str, Any] = {"site": k, "fate": f}
         if f in (OFFLINE, DROPPED_BEFORE):

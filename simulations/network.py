@@ -36,6 +36,7 @@ from simulations.behaviour import (
     OFFLINE,
     SITE_QUERY,
     fate,
+    server_round_of,
 )
 from simulations.clock import Exchange, Link, phase_seconds
 from simulations.scenario import Scenario, SiteProfile
@@ -52,14 +53,6 @@ def wire_bytes(content: RecordDict) -> int:
 def link_of(p: SiteProfile) -> Link:
     return Link(uplink_mbps=p.uplink_mbps, downlink_mbps=p.downlink_mbps,
                 latency_ms=p.latency_ms, compute=p.compute)
-
-
-def _round_of(msg: Message) -> int:
-    cfg = msg.content.config_records.get("config")
-    try:
-        return int(cfg["server-round"]) if cfg is not None else 0  # type: ignore[arg-type]
-    except (KeyError, TypeError, ValueError):
-        return 0
 
 
 class SimulatedGrid(Grid):
@@ -175,7 +168,7 @@ class SimulatedGrid(Grid):
         if not sent:
             return []
         phase = sent[0].metadata.message_type.split(".")[0]
-        server_round = _round_of(sent[0])
+        server_round = server_round_of(sent[0])
         self._last = (server_round, phase)
         sizes: dict[int, int] = {}  # encrypted rounds share one content between messages
         down = {m.metadata.dst_node_id: sizes.setdefault(id(m.content), wire_bytes(m.content))
