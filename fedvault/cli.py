@@ -404,13 +404,15 @@ def print_scenario(summary: dict[str, Any], run_dir: Path) -> None:
     sim = summary["simulation"]
     t = RichTable(title=f"scenario {sim['scenario']}: simulated network (late = missed the "
                   "round timeout)", box=box.SIMPLE_HEAD)
-    for col in ("round", "sim s", "MiB ↓", "MiB ↑", "sampled", "trained", "dropped",
-                "offline", "late"):
+    for col in ("round", "sim s", "slowest site (train s)", "MiB ↓", "MiB ↑", "sampled",
+                "trained", "dropped", "offline", "late"):
         t.add_column(col, justify="right")
     for h in summary.get("history", []):
         if "simulated_seconds" not in h:
             continue
-        t.add_row(str(h["round"]), f"{h['simulated_seconds']:.1f}",
+        slow = ("-" if h.get("slowest_site") is None else
+                f"{h['slowest_site']} ({h['slowest_site_seconds']:.1f})")
+        t.add_row(str(h["round"]), f"{h['simulated_seconds']:.1f}", slow,
                   f"{h['bytes_down'] / 2**20:.2f}", f"{h['bytes_up'] / 2**20:.2f}",
                   str(h.get("sites_sampled", "")), str(h.get("sites_participated", "")),
                   str(h["dropped"]), str(h["offline"]), str(h["timed_out"]))

@@ -207,7 +207,8 @@ class RunRecorder:
 
     def note_network(self, server_round: int, phase: str, *, simulated_seconds: float,
                      bytes_down: int, bytes_up: int, bytes_lost: int,
-                     fates: dict[int, str]) -> None:
+                     fates: dict[int, str],
+                     slowest: tuple[int, float] | None = None) -> None:
         """Simulations: one phase (train or evaluate) of a round on the simulated network;
         ``fates``: sampled node id -> online | offline | dropped-* | timed-out | no-reply.
         The round's and the sites' dropout counts come from the training phase; the
@@ -223,6 +224,9 @@ class RunRecorder:
             if phase != "train":
                 net["eval_missing"] = net.get("eval_missing", 0) + len(missing)
                 return
+            if slowest is not None:
+                net["slowest"] = (self._sites[slowest[0]].name or f"node-{slowest[0]}",
+                                  slowest[1])
             count = net.setdefault("count", {"dropped": 0, "timed_out": 0})
             for nid in missing:
                 f = fates[nid]
@@ -297,7 +301,10 @@ class RunRecorder:
                 "dropped": int(count.get("dropped", 0)),
                 "timed_out": int(count.get("timed_out", 0)),
                 "offline": int(net.get("offline", 0)),
-                "eval_missing": int(net.get("eval_missing", 0))}
+                "eval_missing": int(net.get("eval_missing", 0)),
+                "slowest_site": net["slowest"][0] if "slowest" in net else None,
+                "slowest_site_seconds": (round(float(net["slowest"][1]), 3)
+                                         if "slowest" in net else None)}
 
     # -- result ----------------------------------------------------------------------
     def _he_summary(self) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from simulations.behaviour import (
     fate,
     server_round_of,
 )
-from simulations.clock import Exchange, Link, phase_seconds
+from simulations.clock import Exchange, Link, phase_seconds, site_seconds
 from simulations.scenario import Scenario, SiteProfile
 
 #: seconds the simulated nodes get to register (plus 1 s per 100 sites)
@@ -213,8 +213,12 @@ class SimulatedGrid(Grid):
         kept = [r for r in kept if r.metadata.src_node_id not in late]
         up_on_time = sum(x.bytes_up for i, x in enumerate(exchanges) if order[i] not in late)
         up_late = sum(x.bytes_up for i, x in enumerate(exchanges) if order[i] in late)
+        # the site that set (or, if late, would have set) the pace of this phase
+        slowest = max(((site_seconds(x), order[i]) for i, x in enumerate(exchanges)
+                       if not x.dropped), default=None)
         self.recorder.note_network(
             server_round, phase, simulated_seconds=pt.seconds,
             bytes_down=sum(x.bytes_down for x in exchanges), bytes_up=up_on_time,
-            bytes_lost=lost + up_late, fates=fates)
+            bytes_lost=lost + up_late, fates=fates,
+            slowest=None if slowest is None else (slowest[1], slowest[0]))
         return sorted(kept, key=lambda r: r.metadata.src_node_id)

@@ -25,7 +25,8 @@ from simulations.scenario import Scenario
 ROUND_COLUMNS = ("round", "accuracy", "loss", "metric_source", "sites_sampled",
                  "sites_participated", "dropped", "offline", "timed_out", "eval_missing",
                  "refused", "rejected", "errors", "aggregated", "simulated_seconds",
-                 "simulated_elapsed", "bytes_down", "bytes_up", "bytes_lost", "seconds")
+                 "simulated_elapsed", "train_seconds_simulated", "slowest_site",
+                 "slowest_site_seconds", "bytes_down", "bytes_up", "bytes_lost", "seconds")
 
 
 def ledger_epsilon(path: Path) -> float | None:

@@ -81,6 +81,7 @@ def test_unreliable_sites_are_counted_and_runs_are_reproducible(tmp_path: Path) 
             assert 30.0 < h["simulated_seconds"] < 31.0
         assert h["bytes_up"] > 0 and h["bytes_down"] > h["bytes_up"]
         assert h["bytes_lost"] > 0  # the late upload
+        assert h["slowest_site"] == "site-5" and h["slowest_site_seconds"] > 30.0
     sites = {s["site"]: s for s in a["simulation"]["per_site"]}
     assert sites["site-4"]["dropped"] == 3 and sites["site-4"]["trained"] == 0
     assert sites["site-5"]["timed_out"] == 3 and sites["site-5"]["trained"] == 0
