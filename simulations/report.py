@@ -222,17 +222,32 @@ def plot_scenario(summary: dict[str, Any], root: Path) -> list[Path]:
     eps = [(s["site"], s["epsilon"], s["role"]) for s in sites if s["epsilon"] is not None]
     if eps:
         fig, ax = plt.subplots(figsize=(10, 3.6))
-        xs = np.arange(len(eps))
-        colors = ["tab:red" if r != "honest" else "tab:green" for _, _, r in eps]
-        ax.bar(xs, [e for _, e, _ in eps], color=colors, width=0.8)
-        limits = {s["max_epsilon"] for s in sites}
-        for lim in limits:
-            ax.axhline(lim, color="black", linestyle="--", linewidth=1)
-        ax.set_ylabel("ε spent (site ledger)")
-        ax.set_xlabel("site" + ("" if len(eps) <= 40 else " (index)"))
-        if len(eps) <= 40:
+        limits = sorted({s["max_epsilon"] for s in sites})
+        if len(sites) <= 40:
+            xs = np.arange(len(eps))
+            colors = ["tab:red" if r != "honest" else "tab:green" for _, _, r in eps]
+            ax.bar(xs, [e for _, e, _ in eps], color=colors, width=0.8)
             ax.set_xticks(xs, [s for s, _, _ in eps], rotation=60, fontsize=7)
-        ax.set_title(f"{title} · ε per site (green honest, red attacker, dashed: limit)")
+            ax.set_xlabel("site")
+            ax.set_ylabel("ε spent (site ledger)")
+            for lim in limits:
+                ax.axhline(lim, color="black", linestyle="--", linewidth=1)
+            ax.set_title(f"{title} · ε per site (green honest, red attacker, dashed: limit)")
+        else:  # too many bars to read: how many sites spent how much
+            honest = [e for _, e, r in eps if r == "honest"]
+            hostile = [e for _, e, r in eps if r != "honest"]
+            top = max(limits + [e for _, e, _ in eps])
+            bins = np.linspace(0.0, top * 1.02, 41)
+            ax.hist([honest, hostile], bins=bins.tolist(), stacked=True,
+                    color=["tab:green", "tab:red"], label=["honest", "attacker"])
+            for lim in limits:
+                ax.axvline(lim, color="black", linestyle="--", linewidth=1)
+            ax.set_xlabel("ε spent (site ledger); dashed: limit")
+            ax.set_ylabel("sites")
+            idle = len(sites) - len(eps)
+            ax.set_title(f"{title} · ε spent per site ({len(eps)} sites spent budget, "
+                         f"{idle} spent nothing)")
+            ax.legend(fontsize=8)
         fig.tight_layout()
         out.append(_save(fig, root / "epsilon.png"))
 
