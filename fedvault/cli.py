@@ -99,8 +99,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-central-eval", dest="central_eval", action="store_false", default=None,
                    help="skip evaluation on the held-out central test split")
     dp = p.add_argument_group("differential privacy (on by default)")
-    dp.add_argument("--no-dp", dest="dp", action="store_false", default=None,
-                    help="train without DP (sites that require DP refuse)")
+    dp.add_argument("--dp", dest="dp", action=argparse.BooleanOptionalAction, default=None,
+                    help="sample-level DP-SGD at every site (on by default; --no-dp trains "
+                    "without it, and sites that require DP refuse)")
     for flag, field, typ, help_ in _DP_OPTIONS:
         dp.add_argument(flag, dest=field, type=typ, default=None,
                         help=f"{help_} (default: {getattr(d, field)!r})")
