@@ -294,6 +294,15 @@ def _final(summary: dict[str, Any]) -> float | None:
     return None if v is None else float(v)
 
 
+def _max_epsilon(s: dict[str, Any]) -> float | None:
+    sim = s.get("simulation", {})
+    if sim.get("max_epsilon_spent") is not None:
+        return float(sim["max_epsilon_spent"])
+    eps = [x["epsilon"] for x in (s.get("privacy") or {}).get("sites", [])
+           if x.get("epsilon") is not None]
+    return max(eps) if eps else None
+
+
 def compare_rows(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(metric, A, B) rows for two finished runs."""
     def name(s: dict[str, Any]) -> str:
@@ -322,9 +331,10 @@ def compare_rows(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, str, s
          ".1f"),
         ("bytes down (MiB)", lambda s: mib(s, "bytes_down"), ".2f"),
         ("bytes up (MiB)", lambda s: mib(s, "bytes_up"), ".2f"),
-        ("site-rounds trained", lambda s: get(s, "client_rounds"), "d"),
+        ("site-rounds trained", lambda s: get(s, "client_rounds") if "simulation" in s else
+         sum(int(h.get("sites_participated", 0)) for h in s.get("history", [])), "d"),
         ("dropped", lambda s: get(s, "dropped"), "d"),
-        ("max ε spent", lambda s: get(s, "max_epsilon_spent"), ".3f"),
+        ("max ε spent", _max_epsilon, ".3f"),
         ("backdoor success", lambda s: get(s, "backdoor_success"), ".3f"),
     ):
         rows.append((label, f(fn(a), fmt), f(fn(b), fmt)))
