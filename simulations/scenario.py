@@ -21,7 +21,7 @@ runs it with the very same ServerApp and ClientApp as a real deployment.
     [run]                        # any run-config key (see pyproject.toml; the defaults are
                                  # its defaults: he = false, dp = true), e.g.
     num-server-rounds = 5
-    fraction-train = 1.0
+    fraction-train = 1.0         # or sites-per-round = N
     min-sites = 3
     dp = true
     he = true
@@ -369,6 +369,13 @@ def parse_scenario(doc: Mapping[str, Any], *, source: str = "") -> Scenario:
         if key in _RUN_KEYS_ELSEWHERE:
             raise ConfigError(f"{src} [run]: {key!r} is set by {_RUN_KEYS_ELSEWHERE[key]}, "
                               "not in [run].")
+    run = dict(run)
+    per_round = run.pop("sites-per-round", None)
+    if per_round is not None:
+        per_round = int(_num(f"{src} [run]", "sites-per-round", per_round, integer=True))
+        if "fraction-train" in run:
+            raise ConfigError(f"{src} [run]: set 'sites-per-round' or 'fraction-train', "
+                              "not both.")
 
     defaults = doc.get("defaults", {})
     if not isinstance(defaults, dict):
@@ -411,6 +418,14 @@ def parse_scenario(doc: Mapping[str, Any], *, source: str = "") -> Scenario:
         profile = SiteProfile(**kw)
         _check_site(where, profile, classes)
         groups.append(profile)
+    if per_round is not None:
+        n = sum(g.count for g in groups)
+        if not 1 <= per_round <= n:
+            raise ConfigError(f"{src} [run] 'sites-per-round' must be in [1, {n}] (the "
+                              f"scenario's sites). Found {per_round}.")
+        # Flower samples int(fraction * sites); the half keeps float error from
+        # rounding the count down.
+        run["fraction-train"] = min(1.0, (per_round + 0.5) / n)
     scenario = Scenario(name=name, description=description, data=data, run=dict(run),
                         groups=tuple(groups), source=source)
     if scenario.num_sites > MAX_SITES:

@@ -86,6 +86,18 @@ def test_validation_errors_name_the_bad_key(patch: dict[str, Any], message: str)
     assert "s.toml" in str(err.value)
 
 
+def test_sites_per_round_becomes_flowers_sample_size() -> None:
+    for n_sites, per_round in ((1000, 100), (7, 3), (999, 333), (10, 10)):
+        sc = parse_scenario(_doc(run={"sites-per-round": per_round},
+                                 sites=[{"count": n_sites}]))
+        fraction = sc.settings(run_dir="/x").fraction_train
+        assert int(n_sites * fraction) == per_round  # what Flower's FedAvg samples
+    with pytest.raises(ConfigError, match=r"'sites-per-round' must be in \[1, 4\]"):
+        parse_scenario(_doc(run={"sites-per-round": 5}))
+    with pytest.raises(ConfigError, match="not both"):
+        parse_scenario(_doc(run={"sites-per-round": 2, "fraction-train": 0.5}))
+
+
 def test_bad_toml_and_missing_file_are_clear(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("name = \n")
