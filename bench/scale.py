@@ -274,7 +274,8 @@ def sweep(name: str, sizes: list[int], rounds: int, out: Path) -> None:
     doc = tomllib.loads(src.read_text())
     total = sum(int(g.get("count", 1)) for g in doc["sites"])
     run = doc.setdefault("run", {})
-    sampled = round(float(run.get("fraction-train", 1.0)) * total)
+    sampled = int(run.pop("sites-per-round", 0)) or round(
+        float(run.get("fraction-train", 1.0)) * total)
     evaluated = round(float(run.get("fraction-evaluate", 1.0)) * total)
     tmp = Path(tempfile.mkdtemp(prefix="fedvault-sweep-"))
     rows = []
@@ -293,7 +294,8 @@ def sweep(name: str, sizes: list[int], rounds: int, out: Path) -> None:
         events = [json.loads(line) for line in (tmp / f"run-{n}" / "events.jsonl").open()]
         first = next(e for e in events if e["kind"] == "round_completed")
         row["sites"] = n
-        row["start_seconds"] = first["seconds"]  # Ray start + site discovery + round 0
+        # from the ServerApp's start: waiting for the nodes, site discovery, round 0
+        row["start_seconds"] = first["seconds"]
         rows.append(row)
     t = Table(title=f"fedvault at scale: {name} rescaled, {rounds} rounds ({os.cpu_count()} cores)")
     cols = ("sites", "wall_seconds", "start_seconds", "peak_pss_mib", "peak_rss_sum_mib")

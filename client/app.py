@@ -78,8 +78,11 @@ def _cfg(msg: Message) -> ConfigRecord:
 def _train_seed(settings: RunSettings, server_round: int, context: Context) -> int:
     # Deterministic per (run seed, round, site): simulated sites are keyed by their
     # partition id, which, unlike Flower's node id, is the same in every run.
+    # SeedSequence mixes the three without the collisions of a linear formula (with
+    # 1,009+ sites, site k + 1009 in round r would share site k's stream in round r+1).
     site_key = int(context.node_config.get("partition-id", context.node_id))
-    return (settings.seed * 100_003 + server_round * 1_009 + site_key) % (2**31)
+    state = np.random.SeedSequence([settings.seed, server_round, site_key]).generate_state(1)
+    return int(state[0]) % (2**31)
 
 
 def _train_reply(msg: Message, model: torch.nn.Module, result: TrainResult,

@@ -217,6 +217,8 @@ class RoundProgress:
         elif kind == "release_refused":
             self.console.print(f"[yellow]round {e.get('round')}: no aggregate released: "
                                f"{e.get('reason')}[/]", soft_wrap=True)
+        elif kind == "round_skipped":
+            self.console.print(f"[yellow]round {e.get('round')}: skipped: {e.get('reason')}[/]")
         elif kind == "aggregate_refused":
             self.console.print(
                 f"[yellow]round {e.get('round')}: no aggregate: {e.get('reason')}[/]"
@@ -264,7 +266,8 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
             console.print(pt)
         else:
             console.print(f"privacy ({privacy.get('accountant')}; ε {source}): "
-                          f"{len(spent)} of {len(sites)} sites spent budget")
+                          f"{len(spent)} of {summary.get('sites') or len(sites)} sites "
+                          "spent budget")
         if spent:
             eps = sorted(float(s["epsilon"]) for s in spent)
             deltas = sorted({s["delta"] for s in spent if s["delta"] is not None})
@@ -314,6 +317,9 @@ def _warn_insecure(settings: RunSettings) -> None:
     if settings.dp and not settings.secure_mode:
         err_console.print("[yellow]warning: secure mode is off (--insecure-noise): DP noise "
                           "comes from torch's seeded PRNG, not a CSPRNG.[/]")
+    elif settings.he and not settings.secure_mode:
+        err_console.print("[yellow]warning: secure mode is off (--insecure-noise): HE's "
+                          "stochastic rounding is seeded.[/]")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -405,7 +411,8 @@ def print_scenario(summary: dict[str, Any], run_dir: Path) -> None:
     sim = summary["simulation"]
     t = RichTable(title=f"scenario {sim['scenario']}: simulated network (late = missed the "
                   "round timeout)", box=box.SIMPLE_HEAD)
-    for col in ("round", "sim s", "slowest site (train s)", "MiB ↓", "MiB ↑", "sampled",
+    for col in ("round", "sim s", "slowest site (its train-phase s)", "MiB ↓", "MiB ↑",
+                "sampled",
                 "trained", "dropped", "offline", "late"):
         t.add_column(col, justify="right")
     for h in summary.get("history", []):

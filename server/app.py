@@ -81,7 +81,9 @@ def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str
             grid = wrap_grid(grid, recorder)
         sampling_seed = settings.seed if wrap_grid is not None else None
         recorder.start(
-            num_sites=len(list(grid.get_node_ids())),
+            # a simulated network knows its whole federation; get_node_ids() gives
+            # only the sites online now
+            num_sites=getattr(grid, "num_sites", None) or len(list(grid.get_node_ids())),
             num_parameters=sum(p.numel() for p in model.parameters()),
         )
         strategy = FedVaultFedAvg(

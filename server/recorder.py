@@ -198,6 +198,19 @@ class RunRecorder:
                 reason=f"{len(node_ids)} valid updates < min-sites {self.settings.min_sites}",
             )
 
+    def note_skipped(self, server_round: int, node_ids: list[int], *, online: int) -> None:
+        """Simulations: too few sites online to form an aggregate, so the round's
+        messages (to ``node_ids``, as sampled) were never sent."""
+        with self._lock:
+            st = self._rounds[server_round]
+            st.sampled = 0
+            st.network["skipped"] = True
+            for n in node_ids:
+                self._sites[n].sampled -= 1
+        self.events.append("round_skipped", round=server_round, online=online,
+                           min_sites=self.settings.min_sites,
+                           reason=f"{online} sites online < min-sites {self.settings.min_sites}")
+
     def note_offline(self, server_round: int, node_ids: list[int]) -> None:
         """Simulations: the sites that were offline when the round started."""
         with self._lock:
@@ -302,6 +315,7 @@ class RunRecorder:
                 "timed_out": int(count.get("timed_out", 0)),
                 "offline": int(net.get("offline", 0)),
                 "eval_missing": int(net.get("eval_missing", 0)),
+                "skipped": bool(net.get("skipped", False)),
                 "slowest_site": net["slowest"][0] if "slowest" in net else None,
                 "slowest_site_seconds": (round(float(net["slowest"][1]), 3)
                                          if "slowest" in net else None)}

@@ -68,6 +68,12 @@ class SimulatedGrid(Grid):
         self._virtual: dict[int, int] = {}  # Flower node id -> virtual node id
         self._last: tuple[int, str] = (0, "evaluate")  # (round, phase) last sent
         self._online: dict[int, list[int]] = {}  # round -> online virtual ids
+        self._short: set[int] = set()  # rounds with fewer than min-sites online
+
+    @property
+    def num_sites(self) -> int:
+        """The whole federation, online or not."""
+        return self.scenario.num_sites
 
     # -- delegation ------------------------------------------------------------------
     def set_run(self, run: Any) -> None:
@@ -131,8 +137,8 @@ class SimulatedGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         """The sites online in the round being sampled (a real SuperLink knows which
         nodes are disconnected and never samples them). If fewer than ``min-sites``
-        are online, all are returned: Flower's sampling would otherwise wait forever;
-        the offline ones then answer nothing and the round has no aggregate."""
+        are online, the round is short: all ids are returned so that Flower's
+        sampling does not wait forever, but nothing is sent (see send_and_receive)."""
         self._discover()
         r = self._sampling_round()
         if r not in self._online:
@@ -147,6 +153,7 @@ class SimulatedGrid(Grid):
             self.recorder.note_offline(r, offline)
         online = self._online[r]
         if len(online) < self.recorder.settings.min_sites:
+            self._short.add(r)
             return sorted(self._real)
         return online
 
@@ -161,6 +168,21 @@ class SimulatedGrid(Grid):
         m.metadata.__dict__["_src_node_id"] = self._virtual[m.metadata.src_node_id]
         return m
 
+    def _short_round(self, server_round: int, phase: str, sent: list[Message]
+                     ) -> list[Message]:
+        """Fewer than min-sites online: nothing is sent, nobody trains or spends ε;
+        the server waits out the training phase's timeout and forms no aggregate
+        (a real one would wait in Flower's sampling until enough sites connect)."""
+        if phase == "train":
+            self.recorder.note_skipped(server_round, [m.metadata.dst_node_id for m in sent],
+                                       online=len(self._online.get(server_round, [])))
+        self.recorder.note_network(
+            server_round, phase,
+            simulated_seconds=(float(self.recorder.settings.round_timeout)
+                               if phase == "train" else 0.0),
+            bytes_down=0, bytes_up=0, bytes_lost=0, fates={})
+        return []
+
     # -- a phase of a round ----------------------------------------------------------
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
@@ -170,9 +192,14 @@ class SimulatedGrid(Grid):
         phase = sent[0].metadata.message_type.split(".")[0]
         server_round = server_round_of(sent[0])
         self._last = (server_round, phase)
+        if server_round in self._short:
+            return self._short_round(server_round, phase, sent)
         sizes: dict[int, int] = {}  # encrypted rounds share one content between messages
-        down = {m.metadata.dst_node_id: sizes.setdefault(id(m.content), wire_bytes(m.content))
-                for m in sent}
+        down: dict[int, int] = {}
+        for m in sent:
+            if id(m.content) not in sizes:
+                sizes[id(m.content)] = wire_bytes(m.content)
+            down[m.metadata.dst_node_id] = sizes[id(m.content)]
         # The strategy's timeout is *simulated* time (applied below, per site); the
         # Simulation Engine itself is waited for with the real-time limit.
         replies = [self._from_real(r) for r in

@@ -156,48 +156,67 @@ def site_partition(
 
 def _fill_small(owners: np.ndarray, labels: np.ndarray, allowed: list[set[int]],
                 min_size: int, n_sites: int) -> None:
-    """Move samples from the largest sites to sites below ``min_size`` (in place).
+    """Move samples from sites above ``min_size`` to sites below it (in place).
 
-    Each sample moved costs O(log sites) for a site that may hold any label; a
-    label-restricted site scans the data once. Raises ``ValueError`` naming the
-    first site left without any sample."""
+    Label-restricted sites go first, the most restricted first, so that a site that
+    may take any label never takes the last sample another one could use. A donor
+    only ever shrinks and a filled site stops at exactly ``min_size``, so a sample
+    once unusable stays unusable: one forward pointer per label serves all the
+    restricted sites, and a heap of donor sizes the others. Total work is
+    O(samples log samples + moves log sites). Raises ``ValueError`` naming the first
+    site left without any sample."""
     import heapq
 
     sizes = np.bincount(owners, minlength=n_sites)
-    needy = np.flatnonzero(sizes < min_size)
-    if len(needy) == 0:
+    needy = [int(k) for k in np.flatnonzero(sizes < min_size)]
+    if not needy:
         return
+    restricted = sorted((k for k in needy if allowed[k]), key=lambda k: (len(allowed[k]), k))
+    free = [k for k in needy if not allowed[k]]
+
+    by_label_order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[by_label_order]
+    by_label: dict[int, list[int]] = {}
+    ptr: dict[int, int] = {}
+    for c in np.unique(labels):
+        lo = int(np.searchsorted(sorted_labels, c, side="left"))
+        hi = int(np.searchsorted(sorted_labels, c, side="right"))
+        by_label[int(c)] = by_label_order[lo:hi].tolist()
+        ptr[int(c)] = 0
+
+    def usable(i: int, k: int) -> bool:
+        d = owners[i]
+        return d != k and sizes[d] > min_size
+
+    for k in restricted:
+        labels_k = sorted(c for c in allowed[k] if c in by_label)
+        while sizes[k] < min_size and labels_k:
+            for c in list(labels_k):  # round-robin over the site's labels
+                lst = by_label[c]
+                while ptr[c] < len(lst) and not usable(lst[ptr[c]], k):
+                    ptr[c] += 1
+                if ptr[c] == len(lst):
+                    labels_k.remove(c)  # no donor left for this label
+                    continue
+                i = lst[ptr[c]]
+                ptr[c] += 1
+                sizes[owners[i]] -= 1
+                owners[i] = k
+                sizes[k] += 1
+                if sizes[k] >= min_size:
+                    break
+
     order = np.argsort(owners, kind="stable")
     bounds = np.searchsorted(owners[order], np.arange(n_sites + 1))
     members = {int(k): order[bounds[k]:bounds[k + 1]].tolist() for k in range(n_sites)}
     heap = [(-int(sizes[k]), int(k)) for k in range(n_sites) if sizes[k] > min_size]
     heapq.heapify(heap)
-    for k in map(int, needy):
-        if allowed[k]:
-            ok = np.isin(labels, sorted(allowed[k])) & (owners != k)
-            cand = np.flatnonzero(ok)
-            # largest donors first
-            cand = cand[np.argsort(-sizes[owners[cand]], kind="stable")]
-            for i in cand:
-                if sizes[k] >= min_size:
-                    break
-                d = int(owners[i])
-                if sizes[d] > min_size:
-                    owners[i] = k
-                    sizes[d] -= 1
-                    sizes[k] += 1
-            heap = [(-int(sizes[j]), j) for j in range(n_sites) if sizes[j] > min_size]
-            heapq.heapify(heap)
-            continue
+    for k in free:
         while sizes[k] < min_size and heap:
             neg, d = heapq.heappop(heap)
-            if -neg != sizes[d] or d == k:  # stale entry
-                if sizes[d] > min_size and d != k:
+            if -neg != sizes[d]:  # stale entry: push back with its current size
+                if sizes[d] > min_size:
                     heapq.heappush(heap, (-int(sizes[d]), d))
-                continue
-            while members[d] and owners[members[d][-1]] != d:
-                members[d].pop()  # taken by a label-restricted site meanwhile
-            if not members[d]:
                 continue
             i = members[d].pop()
             owners[i] = k

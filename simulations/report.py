@@ -24,6 +24,7 @@ from simulations.scenario import Scenario
 #: columns of rounds.csv, in order
 ROUND_COLUMNS = ("round", "accuracy", "loss", "metric_source", "sites_sampled",
                  "sites_participated", "dropped", "offline", "timed_out", "eval_missing",
+                 "skipped",
                  "refused", "rejected", "errors", "aggregated", "simulated_seconds",
                  "simulated_elapsed", "train_seconds_simulated", "slowest_site",
                  "slowest_site_seconds", "bytes_down", "bytes_up", "bytes_lost", "seconds")

@@ -420,9 +420,10 @@ def parse_scenario(doc: Mapping[str, Any], *, source: str = "") -> Scenario:
         groups.append(profile)
     if per_round is not None:
         n = sum(g.count for g in groups)
-        if not 1 <= per_round <= n:
-            raise ConfigError(f"{src} [run] 'sites-per-round' must be in [1, {n}] (the "
-                              f"scenario's sites). Found {per_round}.")
+        lo = run_settings.min_sites
+        if not lo <= per_round <= n:
+            raise ConfigError(f"{src} [run] 'sites-per-round' must be in [{lo}, {n}] "
+                              f"(min-sites to the scenario's sites). Found {per_round}.")
         # Flower samples int(fraction * sites); the half keeps float error from
         # rounding the count down.
         run["fraction-train"] = min(1.0, (per_round + 0.5) / n)

@@ -158,6 +158,46 @@ count = 3
     assert s["released_model"]["central_accuracy"] == b["released_model"]["central_accuracy"]
 
 
+def test_a_round_with_too_few_sites_online_is_skipped(tmp_path: Path) -> None:
+    """Fewer than min-sites online: nobody is sent anything (so nobody trains or spends
+    ε), the round waits out its timeout, and the next round goes on."""
+    scenario = tmp_path / "sparse.toml"
+    scenario.write_text("""
+name = "sparse"
+[data]
+task = "digits"
+[run]
+num-server-rounds = 3
+min-sites = 3
+dp = false
+he = false
+seed = 0
+round-timeout = 45.0
+local-epochs = 1
+[[sites]]
+count = 4
+availability = 0.6
+""")
+    sc = load_scenario(scenario)
+    online = [sum(fate(sc.site(k), seed=0, site=k, server_round=r) != OFFLINE for k in range(4))
+              for r in (1, 2, 3)]
+    assert online == [3, 3, 1]  # seed 0: round 3 is short
+    run = tmp_path / "run"
+    r = run_cli("simulate", str(scenario), "--out", str(run))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "round 3: skipped: 1 sites online < min-sites 3" in r.stdout
+    s = json.loads((run / "summary.json").read_text())
+    h1, h2, h3 = s["history"][1:]
+    for h in (h1, h2):
+        assert not h["skipped"] and h["sites_participated"] == 3 and h["offline"] == 1
+    assert h3["skipped"] and h3["sites_sampled"] == 0 and h3["sites_participated"] == 0
+    assert h3["offline"] == 3 and h3["bytes_down"] == 0
+    assert h3["simulated_seconds"] == pytest.approx(45.0)
+    assert h3["model_sha256"] == h2["model_sha256"]  # no aggregate: the model stays
+    kinds = [e["kind"] for e in read_chain(run / "events.jsonl")]
+    assert "round_skipped" in kinds
+
+
 def test_list_and_bad_scenarios_from_the_command_line(tmp_path: Path) -> None:
     r = run_cli("simulate", "--list")
     assert r.returncode == 0
@@ -192,6 +232,7 @@ def test_a_scenario_runs_on_an_existing_ray_cluster(tmp_path: Path) -> None:
     """--ray-address: the simulated sites run on a Ray cluster started with `ray start`
     (a one-node cluster here), not on a Ray that the simulation starts itself: the
     cluster's own session logs gain the workers."""
+    import shutil
     import socket
     import subprocess
     import sys
@@ -220,3 +261,4 @@ def test_a_scenario_runs_on_an_existing_ray_cluster(tmp_path: Path) -> None:
         assert len(list(logs.glob("*worker*"))) > before
     finally:
         _kill_processes_mentioning(temp)  # this cluster only, not any other Ray
+        shutil.rmtree(temp, ignore_errors=True)

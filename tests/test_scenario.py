@@ -92,7 +92,7 @@ def test_sites_per_round_becomes_flowers_sample_size() -> None:
                                  sites=[{"count": n_sites}]))
         fraction = sc.settings(run_dir="/x").fraction_train
         assert int(n_sites * fraction) == per_round  # what Flower's FedAvg samples
-    with pytest.raises(ConfigError, match=r"'sites-per-round' must be in \[1, 4\]"):
+    with pytest.raises(ConfigError, match=r"'sites-per-round' must be in \[3, 4\]"):
         parse_scenario(_doc(run={"sites-per-round": 5}))
     with pytest.raises(ConfigError, match="not both"):
         parse_scenario(_doc(run={"sites-per-round": 2, "fraction-train": 0.5}))
@@ -200,15 +200,30 @@ def test_a_site_that_cannot_get_data_is_named() -> None:
         sc.owners(get_task("digits").embedded().y, seed=0)
 
 
-def test_partition_of_1000_sites_is_fast() -> None:
+def test_restricted_sites_are_filled_before_the_unrestricted_ones() -> None:
+    from simulations.partition import _fill_small
+
+    # site 0 may hold anything, site 1 only label 1, and site 2 owns everything:
+    # filling site 0 first could take the only label-1 sample site 1 can use
+    owners = np.array([2, 2, 2])
+    _fill_small(owners, np.array([0, 1, 0]), [set(), {1}, set()], 1, 3)
+    assert owners[1] == 1 and np.bincount(owners, minlength=3).min() == 1
+
+
+@pytest.mark.parametrize("restricted", [False, True])
+def test_partition_of_1000_sites_is_fast(restricted: bool) -> None:
     import time
 
-    labels = np.random.default_rng(0).integers(0, 10, size=50_000)
-    q = np.random.default_rng(1).lognormal(0, 3, size=1000)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, size=100_000)
+    q = rng.lognormal(0, 3, size=1000)
+    allowed = [(int(rng.integers(0, 10)),) if restricted and k % 2 else () for k in range(1000)]
     t0 = time.perf_counter()
-    owners = _partition(labels, 1000, 0.1, q=q)
+    owners = _partition(labels, 1000, 0.1, q=q, allowed=allowed)
     assert time.perf_counter() - t0 < 5.0
     assert np.bincount(owners, minlength=1000).min() >= 10
+    for k in range(1, 1000, 2 if restricted else 1000):
+        assert set(labels[owners == k]) <= set(allowed[k] or range(10))
 
 
 def test_scenario_partition_is_seeded() -> None:
