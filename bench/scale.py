@@ -84,21 +84,24 @@ def plain_flower(scenario_name: str, rounds: int, work: Path) -> dict[str, Any]:
 
     client = ClientApp()
 
-    def _online(msg: Message, k: int) -> None:
+    def receive(msg: Message, context: Context) -> tuple[Table, Table, torch.nn.Module]:
+        """The site's (train, validation) data and the global model; a client that
+        drops out this round raises, so Flower discards it as fedvault's network does."""
+        torch.set_num_threads(1)
+        k = int(context.node_config["partition-id"])
         r = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
         if fate(scenario.site(k), seed=s.seed, site=k, server_round=r) != ONLINE:
             raise RuntimeError("dropped out")
+        m = model()
+        m.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+        return (*site_data(k), m)
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
-        torch.set_num_threads(1)
-        k = int(context.node_config["partition-id"])
-        _online(msg, k)
-        tr, _ = site_data(k)
-        m = model()
-        m.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+        tr, _, m = receive(msg, context)
         res = train_local(m, tr, epochs=s.local_epochs, batch_size=s.batch_size,
-                          learning_rate=s.learning_rate, momentum=s.momentum, seed=k,
+                          learning_rate=s.learning_rate, momentum=s.momentum,
+                          seed=int(context.node_config["partition-id"]),
                           max_grad_norm=s.max_grad_norm)
         return Message(RecordDict({"arrays": ArrayRecord(m.state_dict()), "metrics":
                                    MetricRecord({"train-loss": res.loss,
@@ -107,12 +110,7 @@ def plain_flower(scenario_name: str, rounds: int, work: Path) -> dict[str, Any]:
 
     @client.evaluate()
     def evaluate_fn(msg: Message, context: Context) -> Message:
-        torch.set_num_threads(1)
-        k = int(context.node_config["partition-id"])
-        _online(msg, k)
-        _, val = site_data(k)
-        m = model()
-        m.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+        _, val, m = receive(msg, context)
         loss, acc = evaluate(m, val)
         return Message(RecordDict({"metrics": MetricRecord(
             {"eval-loss": loss, "eval-acc": acc, "num-examples": len(val)})}), reply_to=msg)

@@ -36,7 +36,7 @@ from rich.table import Table as RichTable
 
 from fedvault import __version__
 from fedvault.errors import FedvaultError
-from protocols.config import RunSettings
+from protocols.config import RunSettings, config_key
 
 console = Console()
 err_console = Console(stderr=True)
@@ -334,14 +334,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     settings = _settings_from(args, "simulation")
     sites = 10 if args.sites is None else args.sites
     check_run(settings, sites)
-    _warn_insecure(settings)
-    with RoundProgress(settings.num_server_rounds, f"simulating {sites} sites",
-                       to_stderr=args.json) as bar:
-        bar.status("starting the Simulation Engine (Ray)")
-        summary = simulate(settings, sites=sites, cpus_per_site=args.cpus_per_site,
-                           ray_address=args.ray_address,
-                           on_event=bar.on_event, verbose=args.verbose)
+    summary = _with_progress(
+        args, settings, f"simulating {sites} sites",
+        lambda on_event: simulate(settings, sites=sites, cpus_per_site=args.cpus_per_site,
+                                  ray_address=args.ray_address, on_event=on_event,
+                                  verbose=args.verbose))
     return _finish(args, summary, Path(settings.run_dir))
+
+
+def _with_progress(args: argparse.Namespace, settings: RunSettings, label: str,
+                   run: Callable[[Callable[[dict[str, Any]], None]], dict[str, Any]]
+                   ) -> dict[str, Any]:
+    """Run a simulation behind a progress bar fed by its event log."""
+    _warn_insecure(settings)
+    with RoundProgress(settings.num_server_rounds, label, to_stderr=args.json) as bar:
+        bar.status("starting the Simulation Engine (Ray)")
+        return run(bar.on_event)
 
 
 def _list_scenarios() -> int:
@@ -362,17 +370,7 @@ def _list_scenarios() -> int:
     return 0
 
 
-#: run options a scenario keeps in its own tables
-_SCENARIO_ONLY = {"task": "[data] task", "data_path": "[data] data-path",
-                  "label_column": "[data] label-column", "partitioner": "[data] partition",
-                  "alpha": "[data] alpha", "site_max_epsilon": "[defaults] max-epsilon",
-                  "site_delta": "[defaults] delta",
-                  "site_min_noise_multiplier": "[defaults] min-noise-multiplier"}
-
-
 def _simulate_scenario(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from simulations.runner import simulate_scenario
     from simulations.scenario import load_scenario
 
@@ -381,24 +379,15 @@ def _simulate_scenario(args: argparse.Namespace) -> int:
         raise FedvaultError("--sites does not apply to a scenario: its [[sites]] groups "
                             f"define {scenario.num_sites} sites.")
     changes = _explicit(args)
-    for field, where in _SCENARIO_ONLY.items():
-        if field in changes:
-            raise FedvaultError(f"with a scenario, set {field.replace('_', '-')} in the "
-                                f"scenario's {where}, not on the command line.")
-    if changes:
-        run = {**dict(scenario.run), **{k.replace("_", "-"): v for k, v in changes.items()}}
-        scenario = dataclasses.replace(scenario, run=run)
-        scenario.settings(run_dir="x")  # validate the overrides now
+    if changes:  # options of [data] or [defaults] are refused with a pointer to the table
+        scenario = scenario.with_run({config_key(k): v for k, v in changes.items()})
     out = (args.out or _default_out(f"scenario-{scenario.name}")).resolve()
     settings = scenario.settings(run_dir=str(out))
-    _warn_insecure(settings)
-    n = scenario.num_sites
-    with RoundProgress(settings.num_server_rounds, f"scenario {scenario.name}: {n} sites",
-                       to_stderr=args.json) as bar:
-        bar.status("starting the Simulation Engine (Ray)")
-        summary = simulate_scenario(scenario, out=out, cpus_per_site=args.cpus_per_site,
-                                    ray_address=args.ray_address,
-                                    on_event=bar.on_event, verbose=args.verbose)
+    summary = _with_progress(
+        args, settings, f"scenario {scenario.name}: {scenario.num_sites} sites",
+        lambda on_event: simulate_scenario(scenario, out=out, cpus_per_site=args.cpus_per_site,
+                                           ray_address=args.ray_address, on_event=on_event,
+                                           verbose=args.verbose))
     code = _finish(args, summary, out)
     if not args.json:
         print_scenario(summary, out)

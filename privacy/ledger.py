@@ -238,9 +238,15 @@ class PrivacyLedger:
         return list(accts.values())
 
 
-def recorded_accountant(path: str | Path, default: str = "prv") -> str:
-    """The accountant named by the ledger's latest reservation (else ``default``)."""
+def last_reservation(path: str | Path) -> dict[str, Any] | None:
+    """The ledger's latest reservation entry (verified chain), or ``None``."""
     for e in reversed(read_chain(path)):
         if e.get("kind") == "reservation":
-            return str(e["accountant"])
-    return default
+            return e
+    return None
+
+
+def recorded_accountant(path: str | Path, default: str = "prv") -> str:
+    """The accountant named by the ledger's latest reservation (else ``default``)."""
+    e = last_reservation(path)
+    return default if e is None else str(e["accountant"])

@@ -19,7 +19,8 @@ from fedvault.errors import ConfigError
 ConfigValue = bool | int | float | str
 
 
-def _key(field_name: str) -> str:
+def config_key(field_name: str) -> str:
+    """The kebab-case key of a snake_case field (``num_server_rounds`` -> ``num-server-rounds``)."""
     return field_name.replace("_", "-")
 
 
@@ -78,7 +79,7 @@ class RunSettings:
         for name in ("fraction_train", "fraction_evaluate"):
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
-                raise ConfigError(f"{_key(name)} must be in (0, 1]. Found {v}.")
+                raise ConfigError(f"{config_key(name)} must be in (0, 1]. Found {v}.")
         if self.min_sites < 1:
             raise ConfigError(f"min-sites must be >= 1. Found {self.min_sites}.")
         if self.local_epochs < 1:
@@ -109,16 +110,16 @@ class RunSettings:
         for name in ("target_epsilon", "max_grad_norm", "site_max_epsilon"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
-                raise ConfigError(f"{_key(name)} must be > 0. Found {v}.")
+                raise ConfigError(f"{config_key(name)} must be > 0. Found {v}.")
         for name in ("dp_delta", "site_delta"):
             v = getattr(self, name)
             if not 0 < v < 1:
-                raise ConfigError(f"{_key(name)} must be in (0, 1). Found {v}.")
+                raise ConfigError(f"{config_key(name)} must be in (0, 1). Found {v}.")
         for name in ("client_dp_noise_multiplier", "client_dp_clipping_norm",
                      "client_dp_max_epsilon"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
-                raise ConfigError(f"{_key(name)} must be > 0. Found {v}.")
+                raise ConfigError(f"{config_key(name)} must be > 0. Found {v}.")
         if not 0 < self.client_dp_delta < 1:
             raise ConfigError(f"client-dp-delta must be in (0, 1). Found {self.client_dp_delta}.")
         if self.he and self.client_dp:
@@ -136,7 +137,7 @@ class RunSettings:
     def from_config(cls, config: Mapping[str, Any]) -> RunSettings:
         """Build from a Flower ``UserConfig`` (kebab-case keys), rejecting unknown keys
         and values of the wrong type with a message naming the key."""
-        known = {_key(f.name): f for f in fields(cls)}
+        known = {config_key(f.name): f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in config.items():
             if key not in known:
@@ -149,7 +150,7 @@ class RunSettings:
 
     def to_config(self) -> dict[str, ConfigValue]:
         """The kebab-case mapping Flower carries as ``run_config``."""
-        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+        return {config_key(f.name): getattr(self, f.name) for f in fields(self)}
 
     def replace(self, **changes: Any) -> RunSettings:
         return dataclasses.replace(self, **changes)

@@ -4,10 +4,11 @@ Two pieces, both client-side, both keyed by the site's partition id:
 
 * :func:`simulation_mod`, a Flower mod around the ClientApp. It gives the site
   the node config a real site would have (its own privacy limits and name),
-  decides whether the site is online and whether it drops out this round
-  (before training, or mid-upload after training and spending epsilon), and
-  tags each reply with a ``simulation`` record (site index, fate, examples
-  processed) that the simulated network at the server reads and strips.
+  decides whether it drops out this round (before training, or mid-upload after
+  training and spending epsilon), and tags each reply with a ``simulation``
+  record (site index, fate, examples processed) that the simulated network at
+  the server reads and strips. Whether a site is online at all is the server's
+  side of the same :func:`fate`: an offline site is never sent anything.
 * :class:`ScenarioBehaviour`, the ClientApp's behaviour hook: a hostile site
   poisons its training data (label flipping, backdoor trigger) and/or tampers
   with its trained model before it is encrypted and sent (sign flipping,
@@ -37,8 +38,10 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.serde import recorddict_to_proto
 
-from fedvault.tasks import Table
+from fedvault.tasks import Table, get_task
+from protocols.config import RunSettings
 from simulations.scenario import Scenario, SiteProfile, load_compiled
 
 #: fates of a site in a round
@@ -68,6 +71,11 @@ def fate(profile: SiteProfile, *, seed: int, site: int, server_round: int) -> st
     if u_drop < profile.dropout:
         return DROPPED_BEFORE if profile.dropout_mode == "before-training" else DROPPED_MID_UPLOAD
     return ONLINE
+
+
+def wire_bytes(content: RecordDict) -> int:
+    """Bytes of a message's content as Flower encodes it on the wire."""
+    return int(recorddict_to_proto(content).ByteSize())
 
 
 def server_round_of(msg: Message) -> int:
@@ -102,7 +110,7 @@ def simulation_mod(scenario_path: str, seed: int) -> Any:
         r = server_round_of(msg)
         f = fate(profile, seed=seed, site=k, server_round=r)
         record: dict[str, Any] = {"site": k, "fate": f}
-        if f in (OFFLINE, DROPPED_BEFORE):
+        if f == DROPPED_BEFORE:
             return Message(content=RecordDict({"simulation": ConfigRecord(record)}),
                            reply_to=msg)
         # The server sees the site under its stable id (site index + 1, see
@@ -124,10 +132,8 @@ def simulation_mod(scenario_path: str, seed: int) -> Any:
             cfg = msg.content.config_records.get("config")
             epochs = int(cfg.get("local-epochs", 1)) if cfg is not None else 1  # type: ignore[arg-type]
         record["examples"] = n * epochs
-        if f == DROPPED_MID_UPLOAD:
-            from flwr.common.serde import recorddict_to_proto
-
-            record["bytes-lost"] = recorddict_to_proto(reply.content).ByteSize()
+        if f == DROPPED_MID_UPLOAD:  # trained and spent epsilon; the update never arrives
+            record["bytes-lost"] = wire_bytes(reply.content)
             return Message(content=RecordDict({"simulation": ConfigRecord(record)}),
                            reply_to=msg)
         reply.content["simulation"] = ConfigRecord(record)
@@ -209,17 +215,15 @@ def default_scale(profile: SiteProfile, scenario: Scenario, fraction_train: floa
 class ScenarioBehaviour:
     """The ClientApp's behaviour hook for a scenario's sites (honest ones pass through)."""
 
-    def __init__(self, scenario_path: str, *, num_classes: int, fraction_train: float,
-                 seed: int, task: str = "digits", min_sites: int = 1) -> None:
-        self.scenario_path = scenario_path
-        self.num_classes = num_classes
-        self.fraction_train = fraction_train
-        self.seed = seed
-        self.task = task
-        self.min_sites = min_sites
+    def __init__(self, settings: RunSettings) -> None:
+        if not settings.scenario:
+            raise ValueError("ScenarioBehaviour needs a run with a scenario.")
+        self.settings = settings
+        self.num_classes = (settings.num_classes
+                            or get_task(settings.task).default_num_classes)
 
     def _profile(self, context: Context) -> SiteProfile:
-        return load_compiled(self.scenario_path).site(_site(context))
+        return load_compiled(self.settings.scenario).site(_site(context))
 
     def training_data(self, table: Table, context: Context, server_round: int) -> Table:
         p = self._profile(context)
@@ -229,8 +233,8 @@ class ScenarioBehaviour:
             return Table(x=table.x, y=flip_labels(table.y, self.num_classes))
         if p.behaviour in ("backdoor", "model-replacement"):
             return backdoor_table(table, target=p.backdoor_target,
-                                  seed=self.seed * 1_000_003 + _site(context),
-                                  value=trigger_value(self.task))
+                                  seed=self.settings.seed * 1_000_003 + _site(context),
+                                  value=trigger_value(self.settings.task))
         return table
 
     def tamper(self, global_state: Mapping[str, torch.Tensor], model: torch.nn.Module,
@@ -238,8 +242,8 @@ class ScenarioBehaviour:
         p = self._profile(context)
         if not p.attacking(server_round):
             return
-        scale = default_scale(p, load_compiled(self.scenario_path), self.fraction_train,
-                              self.min_sites)
+        s = self.settings
+        scale = default_scale(p, load_compiled(s.scenario), s.fraction_train, s.min_sites)
         tamper_state(global_state, model, behaviour=p.behaviour, scale=scale)
 
     def free_rides(self, context: Context, server_round: int) -> bool:

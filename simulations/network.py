@@ -25,29 +25,22 @@ from collections.abc import Iterable
 from typing import Any
 
 from flwr.app import Message, RecordDict
-from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
 from fedvault.errors import FedvaultError
 from server.recorder import RunRecorder
 from simulations.behaviour import (
-    DROPPED_BEFORE,
-    DROPPED_MID_UPLOAD,
     OFFLINE,
     SITE_QUERY,
     fate,
     server_round_of,
+    wire_bytes,
 )
 from simulations.clock import Exchange, Link, phase_seconds, site_seconds
 from simulations.scenario import Scenario, SiteProfile
 
 #: seconds the simulated nodes get to register (plus 1 s per 100 sites)
 JOIN_SECONDS = 60.0
-
-
-def wire_bytes(content: RecordDict) -> int:
-    """Bytes of a message's content as Flower encodes it on the wire."""
-    return int(recorddict_to_proto(content).ByteSize())
 
 
 def link_of(p: SiteProfile) -> Link:
@@ -206,46 +199,34 @@ class SimulatedGrid(Grid):
                    self.inner.send_and_receive([self._to_real(m) for m in sent],
                                                timeout=self.timeout)]
         by_site = {r.metadata.src_node_id: r for r in replies}
-        kept: list[Message] = []
+        vids = sorted(down)  # every sampled site is online: get_node_ids saw to that
         exchanges: list[Exchange] = []
-        order: list[int] = []
         fates: dict[int, str] = {}
         lost = 0
-        for vid in sorted(down):
-            profile = self.scenario.site(vid - 1)
+        for vid in vids:
             r = by_site.get(vid)
             sim: dict[str, Any] = {}
             if r is not None and not r.has_error() and "simulation" in r.content.config_records:
                 sim = dict(r.content.config_records["simulation"])
                 del r.content["simulation"]
-            f = str(sim.get("fate", "online" if r is not None else "no-reply"))
-            fates[vid] = f
-            if f == OFFLINE:
-                continue  # disconnected: the SuperLink knows, nothing is waited for
+            fates[vid] = str(sim.get("fate", "online" if r is not None else "no-reply"))
             lost += int(sim.get("bytes-lost", 0))
-            dropped = f in (DROPPED_BEFORE, DROPPED_MID_UPLOAD) or r is None
-            up = 0 if dropped or r is None or r.has_error() else wire_bytes(r.content)
-            exchanges.append(Exchange(link=link_of(profile), bytes_down=down[vid],
-                                      bytes_up=up, dropped=dropped,
-                                      examples=int(sim.get("examples", 0))))
-            order.append(vid)
-            if not dropped and r is not None:
-                kept.append(r)
-        sim_timeout = float(self.recorder.settings.round_timeout)
-        pt = phase_seconds(exchanges, timeout=sim_timeout)
-        late = {order[i] for i in pt.timed_out
-                if fates[order[i]] not in (DROPPED_BEFORE, DROPPED_MID_UPLOAD, "no-reply")}
+            dropped = fates[vid] != "online"
+            exchanges.append(Exchange(
+                link=link_of(self.scenario.site(vid - 1)), bytes_down=down[vid],
+                bytes_up=0 if dropped or r is None or r.has_error() else wire_bytes(r.content),
+                dropped=dropped, examples=int(sim.get("examples", 0))))
+        pt = phase_seconds(exchanges, timeout=float(self.recorder.settings.round_timeout))
+        late = {vids[i] for i in pt.timed_out if not exchanges[i].dropped}
         for vid in late:
             fates[vid] = "timed-out"
-        kept = [r for r in kept if r.metadata.src_node_id not in late]
-        up_on_time = sum(x.bytes_up for i, x in enumerate(exchanges) if order[i] not in late)
-        up_late = sum(x.bytes_up for i, x in enumerate(exchanges) if order[i] in late)
+        up = {vid: x.bytes_up for vid, x in zip(vids, exchanges, strict=True)}
         # the site that set (or, if late, would have set) the pace of this phase
-        slowest = max(((site_seconds(x), order[i]) for i, x in enumerate(exchanges)
-                       if not x.dropped), default=None)
+        slowest = max(((vid, site_seconds(x)) for vid, x in zip(vids, exchanges, strict=True)
+                       if not x.dropped), key=lambda p: p[1], default=None)
         self.recorder.note_network(
             server_round, phase, simulated_seconds=pt.seconds,
-            bytes_down=sum(x.bytes_down for x in exchanges), bytes_up=up_on_time,
-            bytes_lost=lost + up_late, fates=fates,
-            slowest=None if slowest is None else (slowest[1], slowest[0]))
-        return sorted(kept, key=lambda r: r.metadata.src_node_id)
+            bytes_down=sum(down.values()),
+            bytes_up=sum(b for vid, b in up.items() if vid not in late),
+            bytes_lost=lost + sum(up[vid] for vid in late), fates=fates, slowest=slowest)
+        return [by_site[vid] for vid in vids if fates[vid] == "online"]

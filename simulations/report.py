@@ -17,8 +17,8 @@ import numpy as np
 
 from fedvault.errors import ConfigError
 from fedvault.rundir import RunDirectory
+from privacy.ledger import last_reservation
 from protocols.config import RunSettings
-from protocols.hashchain import read_chain
 from simulations.scenario import Scenario
 
 #: columns of rounds.csv, in order
@@ -36,11 +36,8 @@ def ledger_epsilon(path: Path) -> float | None:
     was lost); ``None`` if the site never trained with DP."""
     if not path.exists():
         return None
-    eps = None
-    for e in read_chain(path):
-        if e.get("kind") == "reservation":
-            eps = float(e["epsilon_after"])
-    return eps
+    e = last_reservation(path)
+    return None if e is None else float(e["epsilon_after"])
 
 
 def site_table(summary: dict[str, Any], scenario: Scenario, run_dir: Path) -> list[dict[str, Any]]:

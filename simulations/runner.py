@@ -129,14 +129,13 @@ def simulate(
     cpus_per_site: float = 1.0,
     on_event: ProgressCallback | None = None,
     verbose: bool = False,
-    scenario: Scenario | None = None,
     ray_address: str = "",
 ) -> dict[str, Any]:
     """Run a simulated federation of ``sites`` sites; return its ``summary.json``.
 
-    With a ``scenario`` (see :func:`simulate_scenario`), the sites get its links,
-    failures and behaviours: a simulated network wraps the server's grid and a mod
-    and a behaviour hook wrap the ClientApp. ``ray_address`` runs the simulated sites
+    With a scenario (``settings.scenario``, see :func:`simulate_scenario`), the sites
+    get its links, failures and behaviours: a simulated network wraps the server's
+    grid and a mod and a behaviour hook wrap the ClientApp. ``ray_address`` runs the simulated sites
     on an existing Ray cluster instead of a local one."""
     from flwr.simulation import run_simulation
 
@@ -146,6 +145,7 @@ def simulate(
         raise ConfigError(f"run directory {str(run_dir.root)!r} already holds a run.")
     settings = ensure_federation(settings, sites, run_dir.root)
     overrides = settings.to_config()
+    scenario = load_compiled(settings.scenario) if settings.scenario else None
     if scenario is None:
         server_app = build_server_app(overrides, mode="simulation")
         client_app = build_client_app(overrides)
@@ -220,20 +220,14 @@ def _scenario_apps(scenario: Scenario, settings: RunSettings, overrides: dict[st
     from simulations.behaviour import ScenarioBehaviour, answer_site_query, simulation_mod
     from simulations.network import SimulatedGrid
 
-    path = settings.scenario
-
     def wrap(grid: Grid, recorder: RunRecorder) -> Grid:
-        return SimulatedGrid(grid, load_compiled(path), recorder)
+        return SimulatedGrid(grid, scenario, recorder)
 
     server_app = build_server_app(overrides, mode="simulation", wrap_grid=wrap)
-    task = get_task(settings.task)
-    behaviour = None
-    if any(g.is_attacker() for g in scenario.groups):
-        behaviour = ScenarioBehaviour(path, num_classes=settings.num_classes
-                                      or task.default_num_classes,
-                                      fraction_train=settings.fraction_train, seed=settings.seed,
-                                      task=settings.task, min_sites=settings.min_sites)
-    client_app = build_client_app(overrides, mods=[simulation_mod(path, settings.seed)],
+    behaviour = (ScenarioBehaviour(settings) if any(g.is_attacker() for g in scenario.groups)
+                 else None)
+    client_app = build_client_app(overrides, mods=[simulation_mod(settings.scenario,
+                                                                  settings.seed)],
                                   behaviour=behaviour)
     client_app.query(SITE_QUERY.split(".")[1])(answer_site_query)
     return server_app, client_app
@@ -250,12 +244,12 @@ def prepare_scenario(scenario: Scenario, run_dir: Path) -> RunSettings:
         shutil.copyfile(scenario.source, rd.root / "scenario.toml")
     compiled = rd.root / "scenario.json"
     save_compiled(scenario, compiled)
-    data_path = ""
+    settings = scenario.settings(run_dir=str(rd.root.resolve()),
+                                 scenario_path=str(compiled.resolve()))
     if scenario.data.generate:
-        data_path = str(generate_table(rd.root / "data.npz", *scenario.data.generate,
-                                       seed=int(dict(scenario.run).get("seed", 0))))
-    return scenario.settings(run_dir=str(rd.root.resolve()), scenario_path=str(compiled.resolve()),
-                             data_path=data_path)
+        data = generate_table(rd.root / "data.npz", *scenario.data.generate, seed=settings.seed)
+        settings = settings.replace(data_path=str(data.resolve()))
+    return settings
 
 
 def generate_table(path: Path, rows: int, features: int, classes: int, *, seed: int) -> Path:
@@ -280,8 +274,7 @@ def simulate_scenario(scenario: Scenario, *, out: Path, cpus_per_site: float = 1
     """Run a scenario in run directory ``out``; return its ``summary.json``."""
     settings = prepare_scenario(scenario, out)
     return simulate(settings, sites=scenario.num_sites, cpus_per_site=cpus_per_site,
-                    on_event=on_event, verbose=verbose, scenario=scenario,
-                    ray_address=ray_address)
+                    on_event=on_event, verbose=verbose, ray_address=ray_address)
 
 
 def evaluate_release(settings: RunSettings, run_dir: RunDirectory) -> dict[str, Any]:

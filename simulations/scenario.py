@@ -54,6 +54,7 @@ names the table and key at fault.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -68,7 +69,7 @@ from typing import Any
 import numpy as np
 
 from fedvault.errors import ConfigError
-from protocols.config import RunSettings
+from protocols.config import RunSettings, config_key
 
 #: What a site may do.
 BEHAVIOURS = ("honest", "label-flip", "sign-flip", "scale", "model-replacement", "backdoor",
@@ -163,12 +164,11 @@ class Scenario:
             out[g.behaviour] = out.get(g.behaviour, 0) + g.count
         return out
 
-    def settings(self, *, run_dir: str, scenario_path: str = "",
-                 data_path: str = "") -> RunSettings:
+    def settings(self, *, run_dir: str, scenario_path: str = "") -> RunSettings:
         """The run configuration this scenario asks for."""
         d = self.data
         base: dict[str, Any] = {
-            "task": d.task, "data-path": data_path or d.data_path,
+            "task": d.task, "data-path": d.data_path,
             "label-column": d.label_column, "partitioner": d.partition, "alpha": d.alpha,
             "run-dir": run_dir, "scenario": scenario_path,
         }
@@ -204,6 +204,14 @@ class Scenario:
             raise ConfigError(f"{self.source or self.name}: cannot partition the data: "
                               f"{msg}") from None
 
+    def with_run(self, overrides: Mapping[str, Any]) -> Scenario:
+        """This scenario with some [run] keys overridden (the command line's run
+        options), checked like the file's own."""
+        check_run_keys(overrides, src=self.source or self.name)
+        changed = dataclasses.replace(self, run={**dict(self.run), **dict(overrides)})
+        changed.settings(run_dir="/tmp/check")  # a bad value is named now
+        return changed
+
     def to_json(self) -> dict[str, Any]:
         return {"format": "fedvault.scenario/1", "name": self.name,
                 "description": self.description, "data": asdict(self.data),
@@ -217,14 +225,21 @@ class Scenario:
 # --------------------------------------------------------------------------------------
 # loading and validation
 # --------------------------------------------------------------------------------------
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
-
-
+_kebab = config_key
 _SITE_FIELDS = {_kebab(f.name): f for f in fields(SiteProfile)}
 _DATA_FIELDS = {_kebab(f.name): f for f in fields(DataSpec)}
 
 
+def check_run_keys(run: Mapping[str, Any], *, src: str) -> None:
+    """Refuse [run] keys that a scenario keeps in another table, naming that table."""
+    for key in run:
+        if key in _RUN_KEYS_ELSEWHERE:
+            raise ConfigError(f"{src} [run]: {key!r} is set by {_RUN_KEYS_ELSEWHERE[key]}, "
+                              "not in [run] nor on the command line.")
+
+
+# TOML values arrive typed, so these checks are stricter than RunSettings' _coerce (which
+# also takes the strings of Flower's --run-config): "5" is not a number here.
 def _num(where: str, key: str, v: Any, *, integer: bool = False) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float):
         kind = "an integer" if integer else "a number"
@@ -365,10 +380,7 @@ def parse_scenario(doc: Mapping[str, Any], *, source: str = "") -> Scenario:
     run = doc.get("run", {})
     if not isinstance(run, dict):
         raise ConfigError(f"{src}: [run] must be a table.")
-    for key in run:
-        if key in _RUN_KEYS_ELSEWHERE:
-            raise ConfigError(f"{src} [run]: {key!r} is set by {_RUN_KEYS_ELSEWHERE[key]}, "
-                              "not in [run].")
+    check_run_keys(run, src=src)
     run = dict(run)
     per_round = run.pop("sites-per-round", None)
     if per_round is not None:
@@ -431,7 +443,6 @@ def parse_scenario(doc: Mapping[str, Any], *, source: str = "") -> Scenario:
                         groups=tuple(groups), source=source)
     if scenario.num_sites > MAX_SITES:
         raise ConfigError(f"{src}: {scenario.num_sites} sites exceed the limit of {MAX_SITES}.")
-    scenario.settings(run_dir="/tmp/check")  # [run] values validated now, key named
     return scenario
 
 

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from client.app import build_client_app
 from fedvault.errors import ConfigError
 from fedvault.tasks import Table, get_task
+from protocols.config import RunSettings
 from simulations.behaviour import (
     DROPPED_BEFORE,
     DROPPED_MID_UPLOAD,
@@ -309,8 +310,7 @@ def _train_site0(tmp_path: Path, scenario: str, g: ArrayRecord) -> tuple[Message
         "run-dir": str(tmp_path / "run"), "dp": False, "scenario": scenario,
         "num-server-rounds": 2}
     app = build_client_app(mods=[simulation_mod(scenario, 0)],
-                           behaviour=ScenarioBehaviour(scenario, num_classes=10,
-                                                       fraction_train=1.0, seed=0))
+                           behaviour=ScenarioBehaviour(RunSettings.from_config(run)))
     msg = Message(content=RecordDict({"arrays": g, "config": ConfigRecord(
         {"server-round": 1, "local-epochs": 1, "batch-size": 64, "learning-rate": 0.1,
          "momentum": 0.0})}), dst_node_id=11, message_type="train")
