@@ -78,7 +78,8 @@ def utility(seeds: int, tmp: Path, he: bool) -> list[dict[str, object]]:
 def per_step(repeats: int = 5) -> list[dict[str, object]]:
     torch.set_num_threads(1)
     settings = RunSettings()
-    site = resolve_site_data(settings, {"partition-id": 0, "num-partitions": 10})
+    site = resolve_site_data(settings, {"partition-id": 0, "num-partitions": 10},
+                             key=b"bench-site-0")
     task = get_task("digits")
     plan = plan_round(num_examples=len(site.train), batch_size=32, epochs=5,
                       noise_multiplier=1.0, max_grad_norm=1.0)

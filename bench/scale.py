@@ -53,9 +53,11 @@ def plain_flower(scenario_name: str, rounds: int, work: Path) -> dict[str, Any]:
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
 
+    import hashlib
+
     from client.data import load_table, split_site
     from client.training import evaluate, train_local
-    from fedvault.tasks import TEST_FRACTION, Table, get_task, split_train_test
+    from fedvault.tasks import TEST_FRACTION, FeatureBounds, Table, get_task, split_train_test
     from simulations.behaviour import ONLINE, fate
     from simulations.runner import generate_table, quiet_flower
     from simulations.scenario import load_scenario
@@ -77,7 +79,18 @@ def plain_flower(scenario_name: str, rounds: int, work: Path) -> dict[str, Any]:
     def site_data(k: int) -> tuple[Table, Table]:
         train, _, owners = pool()
         raw = train.subset(np.flatnonzero(owners == k))
-        return split_site(Table(x=task.preprocess(raw.x), y=raw.y), seed=s.seed)
+        # the same per-record keyed split and declared-bounds scaling as fedvault's sites
+        tr, va = split_site(raw, key=hashlib.sha256(f"bench-site-{k}".encode()).digest())
+        b = bounds()
+        return (Table(x=task.preprocess(tr.x, b), y=tr.y),
+                Table(x=task.preprocess(va.x, b), y=va.y))
+
+    def bounds() -> FeatureBounds | None:
+        if task.fixed_scale is not None:
+            return None
+        train, _, _ = pool()
+        lo, hi = train.x.min(axis=0), train.x.max(axis=0)
+        return FeatureBounds(low=lo, high=np.where(hi > lo, hi, lo + 1.0).astype(np.float32))
 
     def model() -> torch.nn.Module:
         return task.build_model(num_features=s.num_features, num_classes=s.num_classes)
@@ -104,8 +117,7 @@ def plain_flower(scenario_name: str, rounds: int, work: Path) -> dict[str, Any]:
                           seed=int(context.node_config["partition-id"]),
                           max_grad_norm=s.max_grad_norm)
         return Message(RecordDict({"arrays": ArrayRecord(m.state_dict()), "metrics":
-                                   MetricRecord({"train-loss": res.loss,
-                                                 "num-examples": res.num_examples})}),
+                                   MetricRecord({"num-examples": res.num_examples})}),
                        reply_to=msg)
 
     @client.evaluate()
@@ -122,7 +134,7 @@ def plain_flower(scenario_name: str, rounds: int, work: Path) -> dict[str, Any]:
     def main(grid: Grid, context: Context) -> None:
         torch.manual_seed(s.seed)
         _, test, _ = pool()
-        test_p = Table(x=task.preprocess(test.x), y=test.y)
+        test_p = Table(x=task.preprocess(test.x, bounds()), y=test.y)
 
         def central(rnd: int, arrays: ArrayRecord) -> MetricRecord:
             m = model()

@@ -6,9 +6,13 @@ Python simulation entry point carries no run config of its own.
 
 Train message in: ``arrays`` (global model) and ``config`` (``server-round``,
 ``local-epochs``, ``batch-size``, ``learning-rate``, ``momentum``). Reply:
-``arrays`` (the locally trained model) and ``metrics`` (``train-loss``,
-``num-examples``, ``steps``). Evaluate reply: ``metrics`` (``eval-loss``,
-``eval-acc``, ``num-examples``).
+``arrays`` or ``he-update`` (the locally trained model, after DP-SGD),
+``metrics`` (``num-examples``, ``steps``: the planned count) and ``privacy``;
+or ``refusal``. No training loss: it is an exact statistic of the data, outside
+epsilon. Evaluate reply: ``metrics`` (``eval-loss``, ``eval-acc``,
+``num-examples``) only where the site's node config allows releasing them
+(``release-eval-metrics``), else ``declined``. The README's "What leaves a site"
+lists every field with its bound.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,12 +32,15 @@ from flwr.clientapp.typing import Mod
 from client.budget import SitePolicy, check_request, noise_multiplier_for_run, site_policy
 from client.dp import plan_round, train_dp
 from client.he_client import encrypt_update, load_encrypted_global, site_context
-from client.site import resolve_site_data
+from client.site import SiteData, resolve_site_data
 from client.training import TrainResult, evaluate, train_local
-from fedvault.errors import ConfigError, PrivacyRefused
+from fedvault.errors import ConfigError, IntegrityError, PrivacyRefused
 from fedvault.tasks import Table, get_task
 from privacy.ledger import PrivacyLedger
+from privacy.noise import SecureUniform
+from privacy.site_secret import SiteSecret, secret_path_for
 from protocols.config import RunSettings
+from protocols.hashchain import utc_now
 
 logger = logging.getLogger("fedvault.client")
 
@@ -76,7 +84,8 @@ def _cfg(msg: Message) -> ConfigRecord:
 
 
 def _train_seed(settings: RunSettings, server_round: int, context: Context) -> int:
-    # Deterministic per (run seed, round, site): simulated sites are keyed by their
+    # Used only when secure mode is off (then the ledger marks the round insecure):
+    # deterministic per (run seed, round, site); simulated sites are keyed by their
     # partition id, which, unlike Flower's node id, is the same in every run.
     # SeedSequence mixes the three without the collisions of a linear formula (with
     # 1,009+ sites, site k + 1009 in round r would share site k's stream in round r+1).
@@ -89,16 +98,15 @@ def _train_reply(msg: Message, model: torch.nn.Module, result: TrainResult,
                  privacy: dict[str, Any] | None, *, settings: RunSettings, context: Context,
                  server_round: int) -> Message:
     records: dict[str, Any] = {
-        "metrics": MetricRecord({"train-loss": result.loss,
-                                 "num-examples": result.num_examples,
+        "metrics": MetricRecord({"num-examples": result.num_examples,
                                  "steps": result.steps}),
     }
     if settings.he:
         # DP-SGD already happened; now quantise, pack and encrypt (never plaintext).
         he = site_context(settings, context.node_config)
-        # Stochastic rounding is seeded from the OS unless secure mode is off, when it
-        # is seeded like the DP noise so that a run can be repeated exactly.
-        rng = (None if settings.secure_mode else
+        # Stochastic rounding draws from the OS CSPRNG unless secure mode is off, when
+        # it is seeded like the DP noise so that a run can be repeated exactly.
+        rng = (SecureUniform() if settings.secure_mode else
                np.random.default_rng(_train_seed(settings, server_round, context)))
         records["he-update"] = encrypt_update(model, he, context=context,
                                               server_round=server_round,
@@ -123,6 +131,27 @@ def _refusal(msg: Message, policy: SitePolicy, reason: str, spent: float | None 
     return Message(content=RecordDict({"refusal": ConfigRecord(record)}), reply_to=msg)
 
 
+def _site_key(policy: SitePolicy) -> bytes:
+    """The site's secret key (beside its ledger; created at first use)."""
+    return SiteSecret.load_or_create(secret_path_for(policy.ledger_path),
+                                     created=utc_now()).key
+
+
+def _open_ledger(policy: SitePolicy) -> PrivacyLedger:
+    return PrivacyLedger(policy.ledger_path, accountant=policy.accountant)
+
+
+def _register(ledger: PrivacyLedger, policy: SitePolicy, site: SiteData) -> str:
+    """Register the data in its budget scope; the keyed dataset id (what may leave)."""
+    dataset = ledger.dataset_id(site.fingerprint)
+    if policy.budget_scope != "site":
+        ledger.declare_scope(policy.budget_scope, dataset=dataset,
+                             declared_by="node-config budget-scope")
+    ledger.register(dataset, scope=policy.budget_scope, source=site.source,
+                    rows=len(site.train) + len(site.validation), fingerprint=site.fingerprint)
+    return dataset
+
+
 def build_client_app(overrides: Mapping[str, Any] | None = None, *,
                      mods: Sequence[Mod] = (),
                      behaviour: SiteBehaviour | None = None) -> ClientApp:
@@ -135,7 +164,8 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
     def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(1)
         settings = _settings(context, overrides)
-        site = resolve_site_data(settings, context.node_config)
+        policy = site_policy(settings, context.node_config)
+        site = resolve_site_data(settings, context.node_config, key=_site_key(policy))
         model = _model_from(msg, settings, context)
         cfg = _cfg(msg)
         server_round = int(cfg.get("server-round", 0))  # type: ignore[arg-type]
@@ -144,6 +174,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
         lr = float(cfg.get("learning-rate", settings.learning_rate))  # type: ignore[arg-type]
         momentum = float(cfg.get("momentum", settings.momentum))  # type: ignore[arg-type]
         seed = _train_seed(settings, server_round, context)
+        run_id = str(context.run_id)
         train_table = site.train
         global_state: dict[str, torch.Tensor] = {}
         if behaviour is not None:
@@ -156,19 +187,31 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
             return result
 
         if behaviour is not None and behaviour.free_rides(context, server_round):
-            # sends the global model back untrained, claiming its examples and a loss
-            loss, _ = evaluate(model, site.train)
-            return _train_reply(msg, model, TrainResult(loss=loss, steps=0,
+            # sends the global model back untrained, claiming its examples
+            return _train_reply(msg, model, TrainResult(loss=float("nan"), steps=0,
                                                         num_examples=len(site.train)),
                                 privacy=None, settings=settings, context=context,
                                 server_round=server_round)
 
-        policy = site_policy(settings, context.node_config)
+        try:
+            ledger = _open_ledger(policy)
+            dataset = _register(ledger, policy, site)
+        except IntegrityError as exc:
+            # a ledger that cannot be trusted: train nothing, say why (nothing to record in)
+            return _refusal(msg, policy, f"privacy ledger: {exc}")
+
+        def refuse(reason: str) -> Message:
+            ledger.refuse(policy.budget_scope, run_id=run_id, server_round=server_round,
+                          reason=reason, delta=policy.delta, limit=policy.max_epsilon,
+                          dataset=dataset)
+            return _refusal(msg, policy, reason,
+                            spent=ledger.spent(policy.budget_scope, delta=policy.delta))
+
         if not settings.dp:
             try:
                 check_request(settings, policy, 0.0)
             except PrivacyRefused as exc:
-                return _refusal(msg, policy, str(exc))
+                return refuse(str(exc))
             result = tampered(train_local(model, train_table, epochs=epochs,
                                           batch_size=batch_size, learning_rate=lr,
                                           momentum=momentum, seed=seed,
@@ -176,36 +219,36 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
             return _train_reply(msg, model, result, privacy=None, settings=settings,
                                 context=context, server_round=server_round)
 
-        ledger = PrivacyLedger(policy.ledger_path, accountant=policy.accountant)
-        ledger.register(site.fingerprint, source=site.source, rows=len(site.train))
         plan = plan_round(num_examples=len(site.train), batch_size=batch_size, epochs=epochs,
                           noise_multiplier=1.0, max_grad_norm=settings.max_grad_norm)
         sigma = noise_multiplier_for_run(settings, policy, sample_rate=plan.sample_rate,
                                          steps_per_round=plan.steps)
         plan = dataclasses.replace(plan, noise_multiplier=sigma)
-        run_id = str(context.run_id)
         try:
             check_request(settings, policy, sigma)
         except PrivacyRefused as exc:
-            ledger.refuse(site.fingerprint, run_id=run_id, server_round=server_round,
-                          reason=str(exc), delta=policy.delta, limit=policy.max_epsilon)
-            return _refusal(msg, policy, str(exc),
-                            spent=ledger.spent(site.fingerprint, delta=policy.delta))
+            return refuse(str(exc))
         try:
             # Durable (fsync-ed) before the first step: a crash mid-round still counts.
-            reservation = ledger.reserve(site.fingerprint, [plan.event()], run_id=run_id,
+            reservation = ledger.reserve(policy.budget_scope, [plan.event()], run_id=run_id,
                                          server_round=server_round, delta=policy.delta,
-                                         limit=policy.max_epsilon)
+                                         limit=policy.max_epsilon, dataset=dataset,
+                                         insecure=not settings.secure_mode)
         except PrivacyRefused as exc:
             return _refusal(msg, policy, str(exc),
-                            spent=ledger.spent(site.fingerprint, delta=policy.delta))
+                            spent=ledger.spent(policy.budget_scope, delta=policy.delta))
         if not settings.secure_mode:
-            logger.warning("secure-mode is off: DP noise comes from torch's seeded PRNG, "
-                           "not a CSPRNG. Use this only for experiments.")
+            logger.warning("secure-mode is off: DP noise and batch sampling come from "
+                           "seeded PRNGs, not a CSPRNG; the ledger marks this round "
+                           "insecure. Use this only for experiments.")
         result = tampered(train_dp(model, train_table, plan, learning_rate=lr,
                                    momentum=momentum, secure_mode=settings.secure_mode,
                                    seed=seed, task_name=settings.task))
         ledger.complete(reservation, steps_taken=result.steps)
+        logger.info("site %s round %s: trained %d DP-SGD steps; epsilon %.4f of %g "
+                    "(scope %s, delta %g)", policy.site_name, server_round, result.steps,
+                    reservation["epsilon_after"], policy.max_epsilon, policy.budget_scope,
+                    policy.delta)
         privacy = {"site": policy.site_name, "epsilon": float(reservation["epsilon_after"]),
                    "delta": policy.delta, "accountant": policy.accountant,
                    "noise-multiplier": sigma, "sample-rate": plan.sample_rate,
@@ -217,7 +260,23 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
     def evaluate_fn(msg: Message, context: Context) -> Message:
         torch.set_num_threads(1)
         settings = _settings(context, overrides)
-        site = resolve_site_data(settings, context.node_config)
+        policy = site_policy(settings, context.node_config)
+        cfg = _cfg(msg)
+        server_round = int(cfg.get("server-round", 0))  # type: ignore[arg-type]
+        if not policy.releases_eval_metrics(dp=settings.dp):
+            return _declined(msg, "evaluation metrics are exact statistics of the site's "
+                             "data, outside epsilon; this site does not release them "
+                             "(node-config release-eval-metrics)")
+        if not policy.evaluate_after_refusal and Path(policy.ledger_path).exists():
+            try:
+                refused = _open_ledger(policy).refused(run_id=str(context.run_id),
+                                                       server_round=server_round)
+            except IntegrityError as exc:
+                return _declined(msg, f"privacy ledger: {exc}")
+            if refused:
+                return _declined(msg, "this site refused to train in this round, so it does "
+                                 "not evaluate either (node-config evaluate-after-refusal)")
+        site = resolve_site_data(settings, context.node_config, key=_site_key(policy))
         model = _model_from(msg, settings, context)
         loss, acc = evaluate(model, site.validation)
         metrics = MetricRecord(
@@ -226,6 +285,12 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
         return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
     return app
+
+
+def _declined(msg: Message, reason: str) -> Message:
+    """An evaluation reply that releases nothing and says why."""
+    return Message(content=RecordDict({"declined": ConfigRecord({"reason": reason})}),
+                   reply_to=msg)
 
 
 app = build_client_app()

@@ -3,19 +3,25 @@
 The data owner's settings come from the SuperNode's node config and win over
 anything the server sends:
 
-=====================  =========================================  ===========
-node-config key        meaning                                    default
-=====================  =========================================  ===========
-``max-epsilon``        the dataset's total epsilon budget          10.0
-``delta``              delta at which epsilon is accounted         1e-5
-``min-noise-multiplier`` refuse rounds with less noise than this   0.5
-``accountant``         ``prv`` (tight) or ``rdp``                  ``prv``
-``ledger-path``        the site's privacy ledger (mode 0600)       see below
-``require-dp``         refuse rounds without DP                    true
-=====================  =========================================  ===========
+==========================  =========================================  ===========
+node-config key             meaning                                    default
+==========================  =========================================  ===========
+``max-epsilon``             the budget scope's total epsilon           10.0
+``delta``                   delta at which epsilon is accounted         1e-5
+``min-noise-multiplier``    refuse rounds with less noise than this    0.5
+``accountant``              ``prv`` (tight) or ``rdp``                 ``prv``
+``ledger-path``             the site's privacy ledger (mode 0600)      see below
+``require-dp``              refuse rounds without DP                   true
+``budget-scope``            the budget this data draws on; another     ``site``
+                            name declares it disjoint from the rest
+``release-eval-metrics``    send exact evaluation metrics (outside ε)  false with DP
+``evaluate-after-refusal``  evaluate in a round the site refused        false
+``allow-insecure-noise``    train when the run asks for seeded noise   false
+==========================  =========================================  ===========
 
 The default ledger is ``~/.fedvault/privacy-ledger.jsonl`` of the user running
-the SuperNode.
+the SuperNode; a relative ``ledger-path`` is made absolute against the directory
+the ClientApp runs in, once, and logged.
 
 A simulated site (no ``data-path`` in its node config: Flower's Simulation
 Engine sets only ``partition-id``) is played by the simulation, so its policy
@@ -25,6 +31,7 @@ directory. A real site never takes its limits from the run config.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,7 +41,11 @@ from typing import Any
 
 from fedvault.errors import ConfigError, PrivacyRefused
 from privacy.accountants import ACCOUNTANTS, get_accountant
+from privacy.ledger import SITE_SCOPE, check_scope
 from protocols.config import RunSettings
+
+logger = logging.getLogger("fedvault.client")
+_LOGGED_LEDGERS: set[str] = set()
 
 DEFAULT_MAX_EPSILON = 10.0
 DEFAULT_DELTA = 1e-5
@@ -53,6 +64,11 @@ class SitePolicy:
     ledger_path: str = DEFAULT_LEDGER
     require_dp: bool = True
     site_name: str = ""
+    budget_scope: str = SITE_SCOPE
+    #: ``None``: the default (release only when the run trains without DP)
+    release_eval_metrics: bool | None = None
+    evaluate_after_refusal: bool = False
+    allow_insecure_noise: bool = False
 
     def __post_init__(self) -> None:
         if not (self.max_epsilon > 0 and not math.isnan(self.max_epsilon)):
@@ -65,6 +81,15 @@ class SitePolicy:
         if self.accountant not in ACCOUNTANTS:
             raise ConfigError(f"accountant must be one of {sorted(ACCOUNTANTS)}. "
                               f"Found {self.accountant!r}.")
+        try:
+            check_scope(self.budget_scope)
+        except ValueError as exc:
+            raise ConfigError(f"node-config budget-scope: {exc}") from None
+
+    def releases_eval_metrics(self, *, dp: bool) -> bool:
+        """Exact evaluation metrics are a release outside epsilon: by default only
+        when the run trains without DP anyway."""
+        return (not dp) if self.release_eval_metrics is None else self.release_eval_metrics
 
 
 def _num(cfg: Mapping[str, Any], key: str, default: float) -> float:
@@ -97,18 +122,34 @@ def site_policy(settings: RunSettings, node_config: Mapping[str, Any]) -> SitePo
         base = SitePolicy(max_epsilon=settings.site_max_epsilon, delta=settings.site_delta,
                           min_noise_multiplier=settings.site_min_noise_multiplier,
                           accountant=settings.accountant, ledger_path=ledger,
-                          require_dp=settings.dp, site_name=name)
+                          require_dp=settings.dp, site_name=name,
+                          release_eval_metrics=settings.site_release_eval_metrics,
+                          # simulated sites are the central team's own experiment
+                          allow_insecure_noise=True)
     else:
         base = SitePolicy(site_name=name)
+    release = node_config.get("release-eval-metrics")
+    ledger_path = str(Path(str(node_config.get("ledger-path", base.ledger_path)))
+                      .expanduser().absolute())
+    if ledger_path not in _LOGGED_LEDGERS:
+        _LOGGED_LEDGERS.add(ledger_path)
+        logger.info("site %s: privacy ledger %s", name or "(unnamed)", ledger_path)
     return SitePolicy(
         max_epsilon=_num(node_config, "max-epsilon", base.max_epsilon),
         delta=_num(node_config, "delta", base.delta),
         min_noise_multiplier=_num(node_config, "min-noise-multiplier",
                                   base.min_noise_multiplier),
         accountant=str(node_config.get("accountant", base.accountant)),
-        ledger_path=str(node_config.get("ledger-path", base.ledger_path)),
+        ledger_path=ledger_path,
         require_dp=_bool(node_config, "require-dp", base.require_dp),
         site_name=base.site_name,
+        budget_scope=str(node_config.get("budget-scope", base.budget_scope)),
+        release_eval_metrics=(base.release_eval_metrics if release is None
+                              else _bool(node_config, "release-eval-metrics", False)),
+        evaluate_after_refusal=_bool(node_config, "evaluate-after-refusal",
+                                     base.evaluate_after_refusal),
+        allow_insecure_noise=_bool(node_config, "allow-insecure-noise",
+                                   base.allow_insecure_noise),
     )
 
 
@@ -138,6 +179,10 @@ def check_request(settings: RunSettings, policy: SitePolicy, noise_multiplier: f
             raise PrivacyRefused("the run asks to train without differential privacy; "
                                  "this site requires DP (node-config require-dp)")
         return
+    if not settings.secure_mode and not policy.allow_insecure_noise:
+        raise PrivacyRefused("the run asks for seeded (insecure) noise and sampling, which "
+                             "whoever knows the seed can undo; this site does not allow it "
+                             "(node-config allow-insecure-noise)")
     if settings.dp_delta > policy.delta:
         raise PrivacyRefused(f"the run asks for delta {settings.dp_delta:g}, above this "
                              f"site's delta {policy.delta:g}")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fedvault.errors import DataError
-from fedvault.tasks import Table, split_train_test
+from fedvault.tasks import Table
 
 #: Fraction of a site's data kept for federated evaluation.
 VALIDATION_FRACTION = 0.2
@@ -172,24 +172,51 @@ def save_table(table: Table, path: str | Path, *, label_column: str = "label") -
 
 
 def fingerprint(table: Table) -> str:
-    """SHA-256 of the data as loaded: the same data under another path has the same
-    fingerprint; any changed value, row or label gives a new one."""
+    """SHA-256 of the data as loaded, invariant to the order of its rows and of its
+    feature columns (a re-export that only reorders them is the same dataset). It
+    stays on the site: what leaves is a keyed hash of it
+    (:meth:`privacy.site_secret.SiteSecret.dataset_id`)."""
+    x = np.ascontiguousarray(table.x, dtype=np.float32)
+    y = np.ascontiguousarray(table.y, dtype=np.int64)
+    # columns in a canonical order: by the hash of each column's sorted values
+    col_keys = [hashlib.sha256(np.sort(x[:, j]).tobytes()).digest() for j in range(x.shape[1])]
+    x = x[:, sorted(range(x.shape[1]), key=lambda j: col_keys[j])]
+    # rows in a canonical order: lexicographic on (label, features)
+    keys: list[np.ndarray] = [x[:, j] for j in reversed(range(x.shape[1]))]
+    order = np.lexsort([*keys, y])
     h = hashlib.sha256()
-    h.update(b"fedvault-table-v1")
-    h.update(np.asarray(table.x.shape, dtype=np.int64).tobytes())
-    h.update(np.ascontiguousarray(table.x, dtype=np.float32).tobytes())
-    h.update(np.ascontiguousarray(table.y, dtype=np.int64).tobytes())
+    h.update(b"fedvault-table-v2")
+    h.update(np.asarray(x.shape, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(x[order]).tobytes())
+    h.update(np.ascontiguousarray(y[order]).tobytes())
     return h.hexdigest()
 
 
-def split_site(table: Table, *, seed: int) -> tuple[Table, Table]:
+def record_keys(table: Table, key: bytes) -> np.ndarray:
+    """A keyed 64-bit hash of every record (features and label), uniform in [0, 1):
+    BLAKE2b in keyed mode (RFC 7693), a MAC, so nobody without the site's key can
+    predict a record's value."""
+    x = np.ascontiguousarray(table.x, dtype=np.float32)
+    y = np.ascontiguousarray(table.y, dtype=np.int64)
+    out = np.empty(len(table), dtype=np.float64)
+    k = key[:64]
+    for i in range(len(table)):
+        d = hashlib.blake2b(x[i].tobytes() + y[i].tobytes(), key=k, digest_size=8,
+                            person=b"fedvault-split").digest()
+        out[i] = int.from_bytes(d, "little") / 2.0**64
+    return out
+
+
+def split_site(table: Table, *, key: bytes) -> tuple[Table, Table]:
     """A site's (train, validation) split; validation feeds federated evaluation.
 
-    A site with too few rows for a stratified split trains and validates on all of it.
+    Each record's side is decided by a keyed hash of that record alone
+    (:func:`record_keys` < ``VALIDATION_FRACTION``): adding, removing or changing one
+    record moves no other record across the split, and nobody without the site's key
+    can tell which side a record is on. A table with no record on one side (only
+    possible with a handful of rows) trains, and validates, on all of it.
     """
-    if len(table) < 5:
+    to_val = record_keys(table, key) < VALIDATION_FRACTION
+    if to_val.all() or not to_val.any():
         return table, table
-    train, val = split_train_test(table, test_fraction=VALIDATION_FRACTION, seed=seed)
-    if len(val) == 0 or len(train) == 0:
-        return table, table
-    return train, val
+    return table.subset(np.flatnonzero(~to_val)), table.subset(np.flatnonzero(to_val))

@@ -1,11 +1,15 @@
 """DP-SGD at the site with Opacus: Poisson sampling, per-sample clipping, Gaussian noise.
 
 The pieces of ``PrivacyEngine.make_private`` are assembled here by hand
-(``GradSampleModule``, ``DPDataLoader``, ``DPOptimizer``) for two reasons:
-the sample rate and step count must be fixed *before* training so the exact
-mechanism can be reserved in the site's ledger first, and secure mode needs an
-optimizer that draws its noise from the OS CSPRNG (``privacy.noise``), because
-Opacus's own secure mode requires ``torchcsprng``, which has no torch-2 build.
+(``GradSampleModule``, ``DPOptimizer``, and a Poisson sampler in place of
+``DPDataLoader``) for three reasons: the sample rate and step count must be fixed
+*before* training so the exact mechanism can be reserved in the site's ledger
+first; secure mode needs noise *and* sampling from the OS CSPRNG
+(``privacy.noise``), because Opacus's own secure mode requires ``torchcsprng``,
+which has no torch-2 build (privacy amplification by subsampling assumes the
+batches are secret: a seeded sampler lets anyone who knows the seed recompute
+them); and every planned step must run, an empty batch included, as the analysis
+assumes (an empty Poisson batch is a step that adds the full noise to a zero sum).
 Opacus's per-run accountant is not used: the ledger's accountant composes the
 whole history of the dataset across rounds and runs.
 """
@@ -20,19 +24,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from opacus import GradSampleModule
-from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.validators import ModuleValidator
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from client.training import TrainResult
 from fedvault.errors import TaskError
 from fedvault.tasks import Table
 from privacy.analysis import poisson_sample_rate, steps_per_epoch
 from privacy.events import SubsampledGaussianEvent
-from privacy.noise import secure_gaussian_like
+from privacy.noise import SecureUniform, UniformSource, secure_gaussian_like
 
 logger = logging.getLogger("fedvault.client.dp")
 
@@ -93,6 +95,18 @@ def check_opacus_compatible(model: nn.Module, task_name: str) -> None:
         )
 
 
+def poisson_batches(num_examples: int, plan: DPPlan, rng: UniformSource
+                    ) -> list[np.ndarray]:
+    """The index sets of one epoch of Poisson sampling: ``plan.steps_per_epoch`` steps,
+    each including every record independently with probability ``plan.sample_rate``
+    (Opacus's ``UniformWithReplacementSampler``), drawn from ``rng``."""
+    out = []
+    for _ in range(plan.steps_per_epoch):
+        mask = rng.random(num_examples) < plan.sample_rate
+        out.append(np.flatnonzero(mask))
+    return out
+
+
 def train_dp(
     model: nn.Module,
     table: Table,
@@ -104,18 +118,20 @@ def train_dp(
     seed: int,
     task_name: str = "",
 ) -> TrainResult:
-    """Run exactly ``plan`` (its sample rate and step count) of DP-SGD on ``table``."""
+    """Run exactly ``plan`` (its sample rate and step count) of DP-SGD on ``table``.
+
+    In secure mode, batches and noise come from the OS CSPRNG; otherwise both come
+    from generators seeded with ``seed`` (reproducible, and undoable by whoever knows
+    the seed: the ledger marks such rounds ``insecure``). ``TrainResult.steps`` is
+    the planned count: every step runs, an empty batch as a noise-only step.
+    """
     check_opacus_compatible(model, task_name)
     if len(table) != plan.num_examples:
         raise ValueError(f"plan is for {plan.num_examples} examples. Found {len(table)}.")
     torch.manual_seed(seed)
-    ds = TensorDataset(torch.from_numpy(np.ascontiguousarray(table.x)),
-                       torch.from_numpy(np.ascontiguousarray(table.y)))
-    loader = DPDataLoader(ds, sample_rate=plan.sample_rate,
-                          generator=torch.Generator().manual_seed(seed))
-    if len(loader) != plan.steps_per_epoch:  # pragma: no cover - guards an Opacus change
-        raise RuntimeError(f"Opacus loader runs {len(loader)} steps per epoch; the reserved "
-                           f"plan says {plan.steps_per_epoch}.")
+    rng: UniformSource = SecureUniform() if secure_mode else np.random.default_rng(seed)
+    x = torch.from_numpy(np.ascontiguousarray(table.x))
+    y = torch.from_numpy(np.ascontiguousarray(table.y))
     gsm = GradSampleModule(model)
     base = torch.optim.SGD(gsm.parameters(), lr=learning_rate, momentum=momentum)
     opt_cls = CsprngDPOptimizer if secure_mode else DPOptimizer
@@ -124,27 +140,28 @@ def train_dp(
                         expected_batch_size=plan.expected_batch_size, loss_reduction="mean")
     loss_fn = nn.CrossEntropyLoss()
     gsm.train()
-    steps, last = 0, math.nan
+    steps = 0
     try:
         for _ in range(plan.epochs):
-            total, n = 0.0, 0
-            for xb, yb in loader:
+            for idx in poisson_batches(len(table), plan, rng):
                 optimizer.zero_grad()
-                if len(yb) == 0:
-                    # An empty Poisson batch: skipping the step only spends less
-                    # privacy than reserved, never more.
-                    continue
-                loss = loss_fn(gsm(xb), yb)
-                with warnings.catch_warnings():
-                    # Opacus's hooks fire on module outputs when inputs need no grad:
-                    # expected here (inputs are data), and torch warns every step.
-                    warnings.filterwarnings("ignore", message="Full backward hook")
-                    loss.backward()
+                if len(idx) == 0:
+                    # An empty Poisson batch: the clipped sum is zero and the step adds
+                    # the full noise, exactly the mechanism the ledger accounted.
+                    for p in optimizer.params:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                else:
+                    loss = loss_fn(gsm(x[idx]), y[idx])
+                    with warnings.catch_warnings():
+                        # Opacus's hooks fire on module outputs when inputs need no
+                        # grad: expected here (inputs are data); torch warns every step.
+                        warnings.filterwarnings("ignore", message="Full backward hook")
+                        loss.backward()
                 optimizer.step()
                 steps += 1
-                total += float(loss.item()) * len(yb)
-                n += len(yb)
-            last = total / max(n, 1)
     finally:
         gsm.remove_hooks()
-    return TrainResult(loss=last, steps=steps, num_examples=len(table))
+    if steps != plan.steps:  # pragma: no cover - the loop above runs the plan exactly
+        raise RuntimeError(f"ran {steps} DP-SGD steps; the reserved plan says {plan.steps}.")
+    # No training loss: it is an exact statistic of the data, outside epsilon.
+    return TrainResult(loss=math.nan, steps=steps, num_examples=len(table))

@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord, Context
 from fedvault.errors import ConfigError, HEError
 from fedvault.provision import load_context
 from privacy.he import HEContext
+from privacy.noise import UniformSource
 from protocols.config import RunSettings
 from protocols.he_update import EncryptedGlobal, EncryptedUpdate
 
@@ -75,7 +76,7 @@ def he_weight(num_examples: int, unit: int, max_weight: int) -> int:
 
 def encrypt_update(model: torch.nn.Module, he: HEContext, *, context: Context,
                    server_round: int, num_examples: int, weight_unit: int,
-                   rng: np.random.Generator | None = None) -> EncryptedUpdate:
+                   rng: UniformSource | None = None) -> EncryptedUpdate:
     flat = flatten(model.state_dict())
     weight = he_weight(num_examples, weight_unit, he.params.max_weight)
     return EncryptedUpdate(

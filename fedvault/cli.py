@@ -502,7 +502,8 @@ def cmd_budget_verify(args: argparse.Namespace) -> int:
 def cmd_budget_report(args: argparse.Namespace) -> int:
     from fedvault import reports
 
-    data = reports.ledger_report(args.ledger, accountant=args.accountant)
+    data = reports.ledger_report(args.ledger, accountant=args.accountant,
+                                 adjacency=args.adjacency)
     if args.format == "table":
         print_budget_table(data)
         text = None
@@ -524,17 +525,33 @@ def cmd_budget_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_budget_new_ledger(args: argparse.Namespace) -> int:
+    from privacy.ledger import PrivacyLedger
+
+    led = PrivacyLedger.start_new(args.ledger, reason=args.reason)
+    console.print(f"started a new privacy ledger at {led.path}; the decision is its first "
+                  "entry", soft_wrap=True, highlight=False)
+    return 0
+
+
 def print_budget_table(data: dict[str, Any]) -> None:
     from rich import box
 
-    t = RichTable(title="privacy budget per dataset", box=box.SIMPLE_HEAD, padding=(0, 1))
-    for col in ("dataset", "ε spent", "ε limit", "remaining", "δ", "runs", "rounds",
-                "refused", "last use (UTC)"):
+    replace = data.get("adjacency") == "replace-one"
+    t = RichTable(title="privacy budget per budget scope", box=box.SIMPLE_HEAD,
+                  padding=(0, 1))
+    cols = ["scope", "ε spent", *(["ε replace-one"] if replace else []), "ε limit",
+            "remaining", "δ", "runs", "rounds", "refused", "last use (UTC)"]
+    for col in cols:
         t.add_column(col, no_wrap=True,
-                     justify="left" if col in ("dataset", "last use (UTC)") else "right")
-    for d in data["datasets"]:
+                     justify="left" if col in ("scope", "last use (UTC)") else "right")
+    for d in data["scopes"]:
         lim = d["epsilon_limit"]
-        t.add_row(d["fingerprint"][:12], f"{d['epsilon_spent']:.4f}",
+        spent = (f"[bold red]unbounded[/] ({d['epsilon_spent']:.4f})" if d["insecure_rounds"]
+                 else f"{d['epsilon_spent']:.4f}")
+        rep = d.get("epsilon_replace_one")
+        t.add_row(d["scope"], spent,
+                  *([("-" if rep is None else f"{rep:.4f}")] if replace else []),
                   "-" if lim is None else f"{lim:g}",
                   "-" if d["epsilon_remaining"] is None else f"{d['epsilon_remaining']:.4f}",
                   "-" if d["delta"] is None else f"{d['delta']:g}",
@@ -542,11 +559,18 @@ def print_budget_table(data: dict[str, Any]) -> None:
                   d["last_use"][:16].replace("T", " "))
     console.print(f"ledger: {data['ledger']}", soft_wrap=True, highlight=False)
     console.print(f"accountant: {data['accountant']} (every ε recomputed from the stored "
-                  "mechanisms)", highlight=False)
+                  "mechanisms); neighbouring relation: add/remove-one"
+                  + (", and replace-one by group privacy" if replace else ""), highlight=False)
     console.print(t)
-    for d in data["datasets"]:
-        console.print(f"  {d['fingerprint'][:12]}: {d['source']} (fingerprint {d['fingerprint']})",
-                      soft_wrap=True, highlight=False)
+    for d in data["scopes"]:
+        console.print(f"  {d['scope']}: {len(d['datasets'])} dataset(s), first "
+                      f"{d['source'] or '-'}"
+                      + (" (declared disjoint by the data owner)" if d["declared_disjoint"]
+                         else ""), soft_wrap=True, highlight=False)
+        if d["insecure_rounds"]:
+            console.print(f"  [bold red]{d['scope']}: {d['insecure_rounds']} round(s) ran with "
+                          "seeded (insecure) noise: whoever knows the seed can remove it, so "
+                          "this scope's ε is unbounded[/]", soft_wrap=True)
     v = data["verified"]
     console.print(f"[green]hash chain verified[/]: {v['entries']} entries, "
                   f"last hash {v['last_hash'][:16]}…")
@@ -671,10 +695,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "exit 1 naming the first edited, deleted or reordered entry.")
     bv.add_argument("ledger", type=Path, metavar="LEDGER")
     bv.set_defaults(func=cmd_budget_verify)
-    br = bsub.add_parser("report", help="per dataset: epsilon spent, limit, remaining, ...",
-                         description="Report a verified ledger: per dataset epsilon spent "
-                         "(recomputed from the stored mechanisms), limit, remaining, delta, "
-                         "accountant, runs, rounds, last use.")
+    br = bsub.add_parser("report", help="per budget scope: epsilon spent, limit, remaining, ...",
+                         description="Report a verified ledger: per budget scope epsilon "
+                         "spent (recomputed from the stored mechanisms), limit, remaining, "
+                         "delta, accountant, neighbouring relation, runs, rounds, last use; "
+                         "rounds with insecure (seeded) noise make a scope's epsilon "
+                         "unbounded, shown in red.")
     br.add_argument("ledger", type=Path, metavar="LEDGER")
     br.add_argument("--format", choices=["table", "json", "csv", "html"], default="table",
                     help="table (default, for a terminal), json, csv, or html (one "
@@ -682,7 +708,20 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--out", type=Path, default=None, help="write to FILE instead of stdout")
     br.add_argument("--accountant", choices=["prv", "rdp"], default=None,
                     help="recompute with this accountant (default: the ledger's own)")
+    br.add_argument("--adjacency", choices=["add-remove-one", "replace-one"],
+                    default="add-remove-one",
+                    help="also give epsilon under replace-one adjacency (group privacy of "
+                    "two add/remove steps); spends are accounted add/remove-one")
     br.set_defaults(func=cmd_budget_report)
+    bn = bsub.add_parser("new-ledger", help="start a new ledger on the record",
+                         description="Where a site's ledger is missing or cut short and "
+                         "cannot be restored from a backup, start a new one: the old file "
+                         "is kept aside and the new ledger's first entry records your "
+                         "reason and the anchor it replaces. The site refuses to train "
+                         "until you restore the ledger or do this.")
+    bn.add_argument("ledger", type=Path, metavar="LEDGER")
+    bn.add_argument("--reason", required=True, help="why (recorded in the ledger)")
+    bn.set_defaults(func=cmd_budget_new_ledger)
 
     pv = sub.add_parser("provision", help="create a federation: HE contexts and a manifest",
                         description="Create a federation directory: the server's public HE "

@@ -16,41 +16,66 @@ from typing import Any
 
 from fedvault import __version__
 from fedvault.errors import IntegrityError
-from privacy.ledger import PrivacyLedger, recorded_accountant
+from privacy.analysis import replace_one_epsilon
+from privacy.events import ADD_REMOVE_ONE, SubsampledGaussianEvent
+from privacy.ledger import PrivacyLedger, entry_scope, recorded_accountant
 from protocols.hashchain import utc_now, verify_chain
 
 FORMATS = ("table", "json", "csv", "html")
+REPLACE_ONE = "replace-one"
+ADJACENCY_CHOICES = (ADD_REMOVE_ONE, REPLACE_ONE)
 
 
-def ledger_report(path: str | Path, *, accountant: str | None = None) -> dict[str, Any]:
-    """The report's data: verification, and per dataset what was spent."""
+def ledger_report(path: str | Path, *, accountant: str | None = None,
+                  adjacency: str = ADD_REMOVE_ONE) -> dict[str, Any]:
+    """The report's data: verification, and per budget scope what was spent.
+
+    Every spend is accounted under add/remove-one adjacency (the site releases its
+    example count); ``adjacency="replace-one"`` adds, per scope, epsilon under
+    replace-one as well (:func:`privacy.analysis.replace_one_epsilon`)."""
+    if adjacency not in ADJACENCY_CHOICES:
+        raise ValueError(f"adjacency must be one of {ADJACENCY_CHOICES}. Found {adjacency!r}.")
     p = Path(path)
     chain = verify_chain(p)
     if not chain.ok:
         raise IntegrityError(f"no report for a broken ledger: {chain.describe()} "
                              f"(run `fedvault budget verify {p}`)")
     acct = accountant or recorded_accountant(p)
-    led = PrivacyLedger(p, accountant=acct)
+    led = PrivacyLedger(p, accountant=acct, site_secret=False)
     entries = led.entries()
     mechanisms = [
         {"seq": e["seq"], "time": e["time"], "run_id": e["run_id"], "round": e["round"],
-         "fingerprint": e["fingerprint"], "events": e["events"], "delta": e["delta"],
-         "epsilon_after": e["epsilon_after"], "accountant": e["accountant"]}
+         "scope": entry_scope(e), "events": e["events"], "delta": e["delta"],
+         "epsilon_after": e["epsilon_after"], "accountant": e["accountant"],
+         "insecure": bool(e.get("insecure", False))}
         for e in entries if e.get("kind") == "reservation"
     ]
     refusals = [
         {"seq": e["seq"], "time": e["time"], "run_id": e["run_id"], "round": e["round"],
-         "fingerprint": e["fingerprint"], "reason": e["reason"]}
+         "scope": entry_scope(e), "reason": e["reason"]}
         for e in entries if e.get("kind") == "refusal"
     ]
+    scopes = [a.to_dict() for a in led.accounts()]
+    if adjacency == REPLACE_ONE:
+        for d in scopes:
+            hist = led.history(d["scope"], entries)
+            if d["delta"] is None or not hist:
+                d["epsilon_replace_one"] = 0.0 if d["delta"] is not None else None
+                continue
+            def eps_at(dd: float, h: list[SubsampledGaussianEvent] = hist) -> float:
+                return led.accountant.epsilon(h, delta=dd)
+
+            eps, _ = replace_one_epsilon(delta=d["delta"], epsilon_of=eps_at)
+            d["epsilon_replace_one"] = round(eps, 6)
     return {
         "format": "fedvault.budget-report/1",
         "ledger": str(p.resolve()),
         "generated": utc_now(),
         "fedvault": __version__,
         "accountant": acct,
+        "adjacency": adjacency,
         "verified": {"ok": True, "entries": chain.entries, "last_hash": chain.last_hash},
-        "datasets": [a.to_dict() for a in led.accounts()],
+        "scopes": scopes,
         "mechanisms": mechanisms,
         "refusals": refusals,
     }
@@ -60,22 +85,25 @@ def to_json(report: dict[str, Any]) -> str:
     return json.dumps(report, indent=2) + "\n"
 
 
-CSV_COLUMNS = ("fingerprint", "source", "epsilon_spent", "epsilon_limit", "epsilon_remaining",
-               "delta", "accountant", "rounds", "refusals", "runs", "first_use", "last_use",
+CSV_COLUMNS = ("scope", "source", "epsilon_spent", "epsilon_limit", "epsilon_remaining",
+               "epsilon_bound", "insecure_rounds", "delta", "accountant", "adjacency", "rounds",
+               "refusals", "runs", "datasets", "declared_disjoint", "first_use", "last_use",
                "entries")
 
 
 def to_csv(report: dict[str, Any]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(CSV_COLUMNS)
-    for d in report["datasets"]:
-        w.writerow([";".join(d[c]) if c == "runs" else d[c] for c in CSV_COLUMNS])
+    cols = CSV_COLUMNS + (("epsilon_replace_one",) if report["adjacency"] == REPLACE_ONE
+                          else ())
+    w.writerow(cols)
+    for d in report["scopes"]:
+        w.writerow([";".join(d[c]) if c in ("runs", "datasets") else d[c] for c in cols])
     return buf.getvalue()
 
 
 def epsilon_plot_png(report: dict[str, Any]) -> bytes:
-    """Epsilon after each reserved round, per dataset, against its limit."""
+    """Epsilon after each reserved round, per budget scope, against its limit."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,11 +111,12 @@ def epsilon_plot_png(report: dict[str, Any]) -> bytes:
 
     fig, ax = plt.subplots(figsize=(9.5, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, d in enumerate(report["datasets"]):
-        c = colors[i % len(colors)]
+    for i, d in enumerate(report["scopes"]):
+        c = "#cf222e" if d["insecure_rounds"] else colors[i % len(colors)]
         ys = [0.0] + [s["epsilon"] for s in d["series"]]
         ax.step(range(len(ys)), ys, where="post", marker="o", color=c,
-                label=f"dataset {d['fingerprint'][:12]}")
+                label=f"scope {d['scope']}" + (" (INSECURE noise)" if d["insecure_rounds"]
+                                               else ""))
         if d["epsilon_limit"] is not None:
             ax.axhline(d["epsilon_limit"], color=c, linestyle="--", linewidth=1,
                        label=f"limit {d['epsilon_limit']:g}")
@@ -99,7 +128,7 @@ def epsilon_plot_png(report: dict[str, Any]) -> bytes:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    ax.set_title("privacy budget spent per dataset")
+    ax.set_title("privacy budget spent per budget scope")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -129,16 +158,27 @@ def to_html(report: dict[str, Any]) -> str:
     """One self-contained HTML file (inline CSS, the plot as an embedded PNG)."""
     png = base64.b64encode(epsilon_plot_png(report)).decode("ascii")
     e = html.escape
+    def spent_cell(d: dict[str, Any]) -> str:
+        if d["insecure_rounds"]:
+            return (f"<td class=\"insecure\">unbounded: {d['insecure_rounds']} round(s) with "
+                    f"seeded (insecure) noise; {_fmt(d['epsilon_spent'])} if it was secret</td>")
+        return f"<td>{e(_fmt(d['epsilon_spent']))}</td>"
+
+    replace = report["adjacency"] == REPLACE_ONE
     rows = "".join(
-        f"<tr><td title=\"{e(d['fingerprint'])}\"><code>{e(d['fingerprint'][:16])}…</code></td>"
+        f"<tr><td><code>{e(d['scope'])}</code>"
+        + (" (declared disjoint)" if d["declared_disjoint"] else "") + "</td>"
+        + f"<td>{e(_fmt(d['source']))}</td>" + spent_cell(d)
+        + ("<td>" + e(_fmt(d.get("epsilon_replace_one"))) + "</td>" if replace else "")
         + "".join(f"<td>{e(_fmt(d[c], c))}</td>" for c in (
-            "source", "epsilon_spent", "epsilon_limit", "epsilon_remaining",
-            "delta", "accountant", "rounds", "refusals", "runs", "last_use")) + "</tr>"
-        for d in report["datasets"])
+            "epsilon_limit", "epsilon_remaining", "delta", "accountant", "rounds",
+            "refusals", "runs", "last_use")) + "</tr>"
+        for d in report["scopes"])
     mech = "".join(
         f"<tr><td>{m['seq']}</td><td>{e(m['time'])}</td><td>{e(str(m['run_id']))}</td>"
-        f"<td>{m['round']}</td><td>{e(m['fingerprint'][:12])}</td>"
-        f"<td>{e(_mechanism(m['events']))}</td>"
+        f"<td>{m['round']}</td><td>{e(m['scope'])}</td>"
+        f"<td>{e(_mechanism(m['events']))}"
+        + (' <b class="insecure">INSECURE noise</b>' if m["insecure"] else "") + "</td>"
         f"<td>{m['delta']:g}</td><td>{m['epsilon_after']:.4f}</td></tr>"
         for m in report["mechanisms"])
     refs = "".join(
@@ -156,6 +196,7 @@ th, td {{ border: 1px solid #d0d7de; padding: 4px 8px; text-align: left; }}
 th {{ background: #f6f8fa; }}
 td {{ font-variant-numeric: tabular-nums; word-break: break-all; }}
 .ok {{ color: #1a7f37; font-weight: bold; }}
+.insecure {{ color: #cf222e; font-weight: bold; }}
 .meta {{ color: #57606a; font-size: 0.85em; }}
 </style></head><body>
 <h1>Privacy budget report</h1>
@@ -163,16 +204,22 @@ td {{ font-variant-numeric: tabular-nums; word-break: break-all; }}
  · fedvault {e(report['fedvault'])} · accountant <b>{e(report['accountant'])}</b></p>
 <p class="ok" id="verified">✔ Hash chain verified: {v['entries']} entries, last hash
 <code>{e(v['last_hash'][:16])}…</code></p>
-<h2>Per dataset</h2>
-<table id="datasets"><thead><tr><th>dataset fingerprint</th><th>source</th><th>ε spent</th>
-<th>ε limit</th><th>ε remaining</th><th>δ</th><th>accountant</th><th>rounds</th>
+<h2>Per budget scope</h2>
+<p class="meta">Every dataset a site trains on draws from its scope's one budget (by default
+the scope <code>site</code>: everyone behind the site's data), so re-exporting a table cannot
+reset it. Neighbouring relation: <b>add/remove-one</b> (the site releases its example
+count){' ; ε under <b>replace-one</b> by group privacy (Dwork &amp; Roth 2014, Thm 2.2)'
+if replace else ''}.</p>
+<table id="datasets"><thead><tr><th>budget scope</th><th>source</th><th>ε spent</th>
+{'<th>ε replace-one</th>' if replace else ''}<th>ε limit</th><th>ε remaining</th><th>δ</th>
+<th>accountant</th><th>rounds</th>
 <th>refusals</th><th>runs</th><th>last use</th></tr></thead><tbody>{rows}</tbody></table>
 <h2>ε over rounds</h2>
 <img id="plot" alt="cumulative epsilon per dataset against its limit"
  src="data:image/png;base64,{png}" style="max-width:100%">
 <h2>Mechanism of every round (Poisson-subsampled Gaussian, DP-SGD)</h2>
 <table id="mechanisms"><thead><tr><th>entry</th><th>time (UTC)</th><th>run</th><th>round</th>
-<th>dataset</th><th>mechanism</th><th>δ</th><th>ε after</th></tr></thead>
+<th>scope</th><th>mechanism</th><th>δ</th><th>ε after</th></tr></thead>
 <tbody>{mech}</tbody></table>
 <h2>Refused rounds</h2>
 <table id="refusals"><thead><tr><th>entry</th><th>time (UTC)</th><th>run</th><th>round</th>

@@ -111,13 +111,59 @@ def _scale_digits(x: np.ndarray) -> np.ndarray:
     return np.clip(x, 0.0, 16.0).astype(np.float32) / 16.0
 
 
-def _standardise(x: np.ndarray) -> np.ndarray:
-    # Each dataset is standardised with its own statistics: a site never needs
-    # another site's means. Constant columns are left centred (std taken as 1).
-    mean = x.mean(axis=0, keepdims=True)
-    std = x.std(axis=0, keepdims=True)
-    std[std < 1e-8] = 1.0
-    return ((x - mean) / std).astype(np.float32)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FeatureBounds:
+    """Per-feature ``[low, high]`` that a data owner *declares* (node config
+    ``feature-bounds``) or a task documents: preprocessing clips to them and maps them
+    to [-1, 1]. Never computed from the table being trained on: statistics of the raw
+    table would let one record move every other record's features, outside the
+    DP-SGD mechanism's sensitivity (one record moves only its own clipped gradient)."""
+
+    low: np.ndarray  # float32, shape (num_features,)
+    high: np.ndarray
+
+    def __post_init__(self) -> None:
+        lo, hi = np.asarray(self.low, dtype=np.float64), np.asarray(self.high, dtype=np.float64)
+        if lo.ndim != 1 or lo.shape != hi.shape or len(lo) == 0:
+            raise ValueError(f"feature bounds need one low and one high per feature. Found "
+                             f"shapes {lo.shape} and {hi.shape}.")
+        if not (np.isfinite(lo).all() and np.isfinite(hi).all()) or (hi <= lo).any():
+            bad = int(np.flatnonzero(~(hi > lo))[0]) if (hi <= lo).any() else -1
+            raise ValueError(f"feature bounds must be finite with low < high. Found feature "
+                             f"{bad}: [{lo[bad] if bad >= 0 else '?'}, "
+                             f"{hi[bad] if bad >= 0 else '?'}].")
+
+    @classmethod
+    def uniform(cls, low: float, high: float, num_features: int) -> FeatureBounds:
+        return cls(low=np.full(num_features, low, dtype=np.float32),
+                   high=np.full(num_features, high, dtype=np.float32))
+
+    def __len__(self) -> int:
+        return len(self.low)
+
+    def scale(self, x: np.ndarray) -> np.ndarray:
+        """Clip each feature to its bounds and map [low, high] to [-1, 1]: a function of
+        each value alone."""
+        if x.shape[1] != len(self):
+            raise TaskError(f"feature bounds are declared for {len(self)} features. "
+                            f"Found {x.shape[1]}.")
+        lo = self.low.astype(np.float64)
+        hi = self.high.astype(np.float64)
+        z = (np.clip(x.astype(np.float64), lo, hi) - lo) / (hi - lo)
+        return (2.0 * z - 1.0).astype(np.float32)
+
+
+#: The ranges that the breast cancer dataset's documentation publishes for each of its
+#: 30 features (scikit-learn's ``load_breast_cancer().DESCR``, from the UCI WDBC
+#: description), widened to the values it actually contains: declared bounds, not
+#: statistics a site computes from its own rows.
+_BREAST_CANCER_LOW = (6.981, 9.71, 43.79, 143.5, 0.05, 0.019, 0.0, 0.0, 0.106, 0.0499,
+                      0.111, 0.36, 0.757, 6.802, 0.0017, 0.0022, 0.0, 0.0, 0.0078, 0.0008,
+                      7.93, 12.02, 50.41, 185.2, 0.071, 0.027, 0.0, 0.0, 0.156, 0.055)
+_BREAST_CANCER_HIGH = (28.11, 39.28, 188.5, 2501.0, 0.164, 0.346, 0.427, 0.202, 0.304,
+                       0.098, 2.873, 4.885, 21.98, 542.2, 0.032, 0.136, 0.396, 0.053, 0.079,
+                       0.03, 36.04, 49.54, 251.2, 4254.0, 0.223, 1.058, 1.252, 0.291,
+                       0.664, 0.208)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,9 +176,26 @@ class Task:
     default_num_features: int
     default_num_classes: int
     model_factory: Callable[[int, int], nn.Module]
-    preprocess: Callable[[np.ndarray], np.ndarray]
     embedded_loader: Callable[[], Table]
     embedded_name: str
+    #: fixed scaling of the task's inputs (digits: pixel intensities); ``None``: scale
+    #: with declared :class:`FeatureBounds`
+    fixed_scale: Callable[[np.ndarray], np.ndarray] | None = None
+    #: the bounds the embedded data's documentation declares
+    embedded_bounds: FeatureBounds | None = None
+
+    def preprocess(self, x: np.ndarray, bounds: FeatureBounds | None = None) -> np.ndarray:
+        """The model's input: a function of each record alone (never of table statistics)."""
+        if self.fixed_scale is not None:
+            return self.fixed_scale(x)
+        b = bounds or self.embedded_bounds
+        if b is None or len(b) != x.shape[1]:
+            raise TaskError(
+                f"task {self.name!r} scales features to bounds the data owner declares; "
+                f"none are declared for these {x.shape[1]} features. Set node-config "
+                "feature-bounds (\"LOW:HIGH\" for every feature, or a JSON file with "
+                "\"low\" and \"high\" lists).")
+        return b.scale(x)
 
     def build_model(self, *, num_features: int = 0, num_classes: int = 0) -> nn.Module:
         """A freshly initialised model (seed torch before calling for determinism)."""
@@ -181,7 +244,7 @@ TASKS: dict[str, Task] = {
         default_num_features=64,
         default_num_classes=10,
         model_factory=_digits_model,
-        preprocess=_scale_digits,
+        fixed_scale=_scale_digits,
         embedded_loader=_load_digits,
         embedded_name="sklearn.datasets.load_digits",
     ),
@@ -195,7 +258,8 @@ TASKS: dict[str, Task] = {
         default_num_features=30,
         default_num_classes=2,
         model_factory=lambda nf, nc: TabularMLP(nf, nc),
-        preprocess=_standardise,
+        embedded_bounds=FeatureBounds(low=np.array(_BREAST_CANCER_LOW, dtype=np.float32),
+                                      high=np.array(_BREAST_CANCER_HIGH, dtype=np.float32)),
         embedded_loader=_load_breast_cancer,
         embedded_name="sklearn.datasets.load_breast_cancer",
     ),

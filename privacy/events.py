@@ -14,6 +14,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+#: The neighbouring relation every event is accounted under: two datasets are
+#: neighbours when one is the other with one record added or removed. (The site's
+#: example count is released, so this, not replace-one, is the relation that fits;
+#: ``privacy.analysis.replace_one_epsilon`` converts for a report.)
+ADD_REMOVE_ONE = "add-remove-one"
+ADJACENCIES = (ADD_REMOVE_ONE,)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SubsampledGaussianEvent:
@@ -32,6 +39,7 @@ class SubsampledGaussianEvent:
     noise_multiplier: float
     sample_rate: float
     steps: int
+    adjacency: str = ADD_REMOVE_ONE
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
@@ -40,17 +48,22 @@ class SubsampledGaussianEvent:
             raise ValueError(f"sample_rate must be in (0, 1]. Found {self.sample_rate}.")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise ValueError(f"steps must be an integer >= 0. Found {self.steps!r}.")
+        if self.adjacency not in ADJACENCIES:
+            raise ValueError(f"adjacency must be one of {ADJACENCIES}. Found {self.adjacency!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.KIND, "noise_multiplier": self.noise_multiplier,
-                "sample_rate": self.sample_rate, "steps": self.steps}
+                "sample_rate": self.sample_rate, "steps": self.steps,
+                "adjacency": self.adjacency}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SubsampledGaussianEvent:
         if d.get("kind") != cls.KIND:
             raise ValueError(f"not a {cls.KIND} event. Found kind {d.get('kind')!r}.")
         return cls(noise_multiplier=float(d["noise_multiplier"]),
-                   sample_rate=float(d["sample_rate"]), steps=int(d["steps"]))
+                   sample_rate=float(d["sample_rate"]), steps=int(d["steps"]),
+                   # entries written before the field existed were add/remove-one too
+                   adjacency=str(d.get("adjacency", ADD_REMOVE_ONE)))
 
 
 def compress(events: Iterable[SubsampledGaussianEvent]) -> list[SubsampledGaussianEvent]:

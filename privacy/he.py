@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from fedvault.errors import ConfigError, HEError
+from privacy.noise import SecureUniform, UniformSource
 
 #: Max total coefficient-modulus bits for 128-bit classical security (HE standard, table 1).
 MAX_COEFF_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
@@ -193,10 +193,11 @@ def ckks_params(**kw: Any) -> HEParams:
 # ----------------------------------------------------------------------------------------
 # quantisation and packing (BFV)
 # ----------------------------------------------------------------------------------------
-def quantise(values: np.ndarray, params: HEParams, rng: np.random.Generator) -> np.ndarray:
+def quantise(values: np.ndarray, params: HEParams, rng: UniformSource) -> np.ndarray:
     """Clip to [-bound, bound] and stochastically round to integers in [0, 2**quant_bits).
 
-    Unbiased: E[dequantise(quantise(x))] = clip(x)."""
+    Unbiased: E[dequantise(quantise(x))] = clip(x). ``rng`` is the secret source of
+    the rounding (``privacy.noise.SecureUniform``, the OS CSPRNG, at every real site)."""
     levels = (1 << params.quant_bits) - 1
     x = (np.clip(values.astype(np.float64), -params.bound, params.bound) + params.bound) / (
         2 * params.bound) * levels
@@ -304,7 +305,7 @@ class HEContext:
         return cls.load(p.read_bytes(), params)
 
     # -- encryption (sites) ----------------------------------------------------------------
-    def encrypt(self, values: np.ndarray, rng: np.random.Generator | None = None, *,
+    def encrypt(self, values: np.ndarray, rng: UniformSource | None = None, *,
                 weight: int = 1) -> list[bytes]:
         """Quantise (BFV), multiply by the integer ``weight``, pack and encrypt a flat
         vector; one bytes per ciphertext. (CKKS multiplies the floats by ``weight``.)"""
@@ -316,8 +317,7 @@ class HEContext:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if self.params.scheme == "bfv":
-                q = quantise(flat, self.params, rng or np.random.default_rng(
-                    int.from_bytes(os.urandom(8), "little")))
+                q = quantise(flat, self.params, rng or SecureUniform())
                 for chunk in pack(q * weight, self.params):
                     out.append(ts.bfv_vector(self.ctx, chunk.tolist()).serialize())
             else:

@@ -1,39 +1,65 @@
 """The privacy ledger: a site's tamper-evident record of every privacy spend.
 
 One ledger per site (a file on the data owner's machine, mode 0600), in the
-hash-chained JSON-lines format of :mod:`protocols.hashchain`. Entries are keyed
-by *dataset fingerprint* (a hash of the data as loaded), so the same data under
-another path shares one budget and changed data is a new dataset.
+hash-chained JSON-lines format of :mod:`protocols.hashchain`, with the site's
+secret beside it (:mod:`privacy.site_secret`: the key of its keyed hashes and the
+ledger's anchor).
+
+**What a budget covers.** Spends are composed per *budget scope*, not per file:
+by default every dataset a site trains on draws from the one scope ``"site"``
+(the people behind the site's data), so re-exporting a table (rows shuffled,
+columns moved, a value changed, a row added) cannot reset anyone's protection.
+A data owner who knows a dataset is about other people may declare it so
+(node config ``budget-scope = "NAME"``); the ledger records that decision
+(``scope_declared``) and the dataset then draws from scope ``NAME``.
 
 Entry kinds (besides the chain's ``seq``, ``time``, ``prev_hash``, ``hash``):
 
 ``dataset_registered``
-    ``fingerprint``, ``source``, ``rows``, ``note``: the first use of a dataset.
+    ``scope``, ``dataset`` (the keyed identifier that may leave the site),
+    ``fingerprint`` (the raw-data hash: kept in this local file only), ``source``,
+    ``rows``, ``note``: the first use of a dataset in a scope.
+``scope_declared``
+    ``scope``, ``dataset``, ``declared_by``: the data owner's statement that this
+    dataset's records are disjoint from every other scope's.
 ``reservation``
-    ``run_id``, ``round``, ``fingerprint``, ``events`` (the mechanism uses),
-    ``accountant``, ``delta``, ``epsilon_before``, ``epsilon_after``,
-    ``epsilon_limit``: written and fsync-ed *before* the first DP-SGD step.
-    A reservation is a spend: if the process dies mid-round it still counts.
+    ``run_id``, ``round``, ``scope``, ``dataset``, ``events`` (the mechanism uses,
+    each with its neighbouring relation), ``accountant``, ``delta``,
+    ``epsilon_before``, ``epsilon_after``, ``epsilon_limit``, ``insecure``:
+    written and fsync-ed *before* the first DP-SGD step. A reservation is a spend:
+    if the process dies mid-round it still counts. ``insecure: true`` marks a
+    round whose noise and sampling came from a seeded PRNG (``--insecure-noise``):
+    whoever knows the seed can remove the noise, so reports show the scope's
+    epsilon as unbounded.
 ``completed``
-    ``run_id``, ``round``, ``fingerprint``, ``reservation_seq``, ``steps_taken``.
+    ``run_id``, ``round``, ``scope``, ``reservation_seq``, ``steps_taken``.
 ``refusal``
-    ``run_id``, ``round``, ``fingerprint``, ``reason``, ``epsilon_spent``,
-    ``epsilon_requested``, ``epsilon_limit``, ``delta``: a round the site refused.
+    ``run_id``, ``round``, ``scope``, ``dataset``, ``reason``, ``epsilon_spent``,
+    ``epsilon_requested``, ``epsilon_limit``, ``delta``: a round the site refused,
+    whatever the reason (budget, weaker privacy than allowed, DP off).
 ``repaired``
-    a torn last line (a crash *while writing* an entry) was moved aside. Safe:
-    training starts only after the reservation's write and fsync returned, so a
-    torn reservation never preceded any training step.
+    a torn last line (a crash *while writing* an entry) was moved aside. A line
+    that may be a complete reservation is never dropped: its events are
+    recovered and counted here (``events``, ``scope``; ``"*"`` when the scope was
+    cut off, which counts against every scope), and if they cannot be recovered
+    the ledger refuses to open.
+``ledger_started``
+    the data owner started a new ledger on purpose (``fedvault budget new-ledger``):
+    ``reason``, ``previous_anchor``.
 
 Epsilon is always recomputed from the stored events by an accountant, never
 summed from the stored numbers, so any independent accountant can check it.
-Check and reserve happen under an exclusive file lock, so two processes at the
-same site cannot both spend the last of a budget.
+Check and reserve happen under an exclusive lock on the ledger file itself (its
+inode), so two processes at the same site cannot both spend the last of a
+budget, even when they reach the ledger through a symlink or a hard link.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,17 +68,47 @@ from typing import Any
 
 from fedvault.errors import IntegrityError, PrivacyRefused
 from privacy.accountants import Accountant, BudgetCheck, get_accountant
-from privacy.events import SubsampledGaussianEvent
-from protocols.hashchain import HashChainLog, read_chain, repair_torn_tail, verify_chain
+from privacy.events import ADD_REMOVE_ONE, SubsampledGaussianEvent
+from privacy.site_secret import SiteSecret, secret_path_for
+from protocols.hashchain import (
+    HashChainLog,
+    follow_chain,
+    read_chain,
+    repair_torn_tail,
+    utc_now,
+    verify_chain,
+)
 
 LEDGER_MODE = 0o600
+#: The default budget scope: everything the site trains on.
+SITE_SCOPE = "site"
+#: The scope of a recovered spend whose scope was cut off: it counts against every scope.
+ANY_SCOPE = "*"
+#: Entry kinds whose ``events`` are spends.
+SPEND_KINDS = frozenset({"reservation", "repaired"})
+
+_SCOPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_scope(scope: str) -> str:
+    """A budget scope name: letters, digits, ``.``, ``_``, ``-`` (1-64 characters)."""
+    if not _SCOPE_RE.match(scope):
+        raise ValueError(f"budget scope must be 1-64 letters, digits, '.', '_' or '-'. "
+                         f"Found {scope!r}.")
+    return scope
+
+
+def entry_scope(entry: dict[str, Any]) -> str:
+    """The scope an entry belongs to; entries written before scopes existed were
+    keyed by a data fingerprint and count, conservatively, against the site scope."""
+    return str(entry.get("scope", SITE_SCOPE))
 
 
 @dataclass
-class DatasetAccount:
-    """What one dataset has spent, recomputed from the ledger."""
+class ScopeAccount:
+    """What one budget scope has spent, recomputed from the ledger."""
 
-    fingerprint: str
+    scope: str
     epsilon_spent: float = 0.0
     epsilon_limit: float | None = None
     delta: float | None = None
@@ -60,26 +116,36 @@ class DatasetAccount:
     entries: int = 0
     reservations: int = 0
     refusals: int = 0
+    insecure: int = 0
     runs: set[str] = field(default_factory=set)
+    datasets: set[str] = field(default_factory=set)
+    declared: bool = False
     first_use: str = ""
     last_use: str = ""
     source: str = ""
+    adjacency: str = ADD_REMOVE_ONE
     series: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         remaining = (None if self.epsilon_limit is None
                      else max(0.0, self.epsilon_limit - self.epsilon_spent))
         return {
-            "fingerprint": self.fingerprint,
+            "scope": self.scope,
             "epsilon_spent": round(self.epsilon_spent, 6),
             "epsilon_limit": self.epsilon_limit,
             "epsilon_remaining": None if remaining is None else round(remaining, 6),
+            # a seeded-noise round can be undone by whoever knows the seed
+            "epsilon_bound": "unbounded (insecure noise)" if self.insecure else "dp",
+            "insecure_rounds": self.insecure,
             "delta": self.delta,
             "accountant": self.accountant,
+            "adjacency": self.adjacency,
             "entries": self.entries,
             "rounds": self.reservations,
             "refusals": self.refusals,
             "runs": sorted(self.runs),
+            "datasets": sorted(self.datasets),
+            "declared_disjoint": self.declared,
             "first_use": self.first_use,
             "last_use": self.last_use,
             "source": self.source,
@@ -87,32 +153,142 @@ class DatasetAccount:
         }
 
 
-class PrivacyLedger:
-    """A site's privacy ledger at ``path`` (created with mode 0600)."""
+#: Older name, kept for callers of the per-dataset API.
+DatasetAccount = ScopeAccount
 
-    def __init__(self, path: str | Path, *, accountant: str = "prv") -> None:
-        self.path = Path(path).expanduser()
+
+def _recover_spend(fragment: bytes) -> dict[str, Any] | None:
+    """From a torn last line: ``None`` if it cannot be a spend; else what can be read
+    of it (``events`` absent if they were cut off)."""
+    spend_like = fragment.startswith(b'{"accountant"') or b'"events":' in fragment
+    if not spend_like:
+        return None
+    out: dict[str, Any] = {}
+    m = re.search(rb'"events":(\[[^\]]*\])', fragment)
+    if m:
+        try:
+            events = json.loads(m.group(1))
+            out["events"] = [SubsampledGaussianEvent.from_dict(e).to_dict() for e in events]
+        except (ValueError, KeyError, TypeError):
+            pass
+    for key in ("scope", "run_id"):
+        km = re.search(rb'"' + key.encode() + rb'":"([^"]*)"', fragment)
+        if km:
+            out[key] = km.group(1).decode("utf-8", "replace")
+    rm = re.search(rb'"round":(\d+)', fragment)
+    if rm:
+        out["round"] = int(rm.group(1))
+    if re.search(rb'"insecure":true', fragment):
+        out["insecure"] = True
+    return out
+
+
+class PrivacyLedger:
+    """A site's privacy ledger at ``path`` (created with mode 0600).
+
+    ``site_secret`` (the default at sites) keeps the site's secret beside the ledger
+    (created at first use) and checks the ledger against its anchor; the server's
+    client-level DP ledger and read-only reports pass ``False``.
+    """
+
+    def __init__(self, path: str | Path, *, accountant: str = "prv",
+                 site_secret: bool = True) -> None:
+        self.path = Path(path).expanduser().absolute()
         self.accountant: Accountant = get_accountant(accountant)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.secret: SiteSecret | None = None
+        secret_file = secret_path_for(self.path)
+        existed = self.path.exists() and self.path.stat().st_size > 0
+        if site_secret:
+            found = SiteSecret.load(secret_file)
+            if found is not None and not existed and int(found.anchor.get("entries", 0)) > 0:
+                raise IntegrityError(self._missing_message(found, 0))
+            self.secret = found or SiteSecret.load_or_create(secret_file, created=utc_now())
         with self.lock():
-            if self.path.exists() and self.path.stat().st_size > 0:
+            if existed:
                 report = verify_chain(self.path)
+                if not report.ok and "torn last line" not in report.reason:
+                    raise IntegrityError(f"privacy ledger is broken: {report.describe()}")
+                self._check_anchor()
                 if not report.ok:
-                    if "torn last line" not in report.reason:
-                        raise IntegrityError(f"privacy ledger is broken: {report.describe()}")
-                    fragment = repair_torn_tail(self.path)
-                    HashChainLog(self.path, mode=LEDGER_MODE).append(
-                        "repaired", reason="torn last line moved aside",
-                        fragment_bytes=len(fragment or b""))
+                    self._repair()
             else:
                 HashChainLog(self.path, mode=LEDGER_MODE)
             os.chmod(self.path, LEDGER_MODE)
 
+    def _missing_message(self, secret: SiteSecret, found: int) -> str:
+        want = int(secret.anchor.get("entries", 0))
+        what = "is missing" if found == 0 else f"has {found} complete entries"
+        return (f"privacy ledger {self.path} {what}, but this site's secret "
+                f"({secret.path}) records {want}: the ledger was moved, replaced or cut "
+                "short, and training on it would start the budget from zero. Restore the "
+                "ledger from a backup, or start a new one on the record with "
+                f"`fedvault budget new-ledger {self.path} --reason TEXT`.")
+
+    def _check_anchor(self) -> None:
+        if self.secret is None:
+            return
+        want = int(self.secret.anchor.get("entries", 0))
+        if want == 0:
+            return
+        complete, _ = follow_chain(self.path, 0)
+        if len(complete) < want:
+            raise IntegrityError(self._missing_message(self.secret, len(complete)))
+        if complete[want - 1].get("hash") != self.secret.anchor.get("hash"):
+            raise IntegrityError(
+                f"privacy ledger {self.path}: entry {want - 1} is not the one this site's "
+                f"secret anchored: the ledger was replaced or rewritten. Restore it from a "
+                f"backup, or start a new one with `fedvault budget new-ledger {self.path} "
+                "--reason TEXT`.")
+
+    def _repair(self) -> None:
+        data = self.path.read_bytes()
+        fragment = data[data.rfind(b"\n") + 1:]
+        spend = _recover_spend(fragment)
+        if spend is not None and "events" not in spend:
+            raise IntegrityError(
+                f"privacy ledger {self.path}: its last line is a cut reservation whose "
+                "mechanism cannot be read, so what it spent is unknown; refusing to train "
+                "rather than under-count. Restore the ledger from a backup (or the last "
+                "line by hand, then run `fedvault budget verify`).")
+        repair_torn_tail(self.path)
+        if spend is None:
+            self._append("repaired", reason="torn last line moved aside (not a spend)",
+                         fragment_bytes=len(fragment))
+        else:
+            self._append("repaired", reason="torn last line was a reservation: its events "
+                         "are counted here", fragment_bytes=len(fragment),
+                         scope=spend.get("scope", ANY_SCOPE), events=spend["events"],
+                         run_id=spend.get("run_id"), round=spend.get("round"),
+                         insecure=bool(spend.get("insecure", False)))
+
+    @classmethod
+    def start_new(cls, path: str | Path, *, reason: str, accountant: str = "prv"
+                  ) -> PrivacyLedger:
+        """The data owner's explicit decision to start a new ledger where one is missing
+        or cannot be restored: the old file (if any) is kept aside, and the new
+        ledger's first entry records the decision and the anchor it replaces."""
+        if not reason.strip():
+            raise ValueError("starting a new ledger needs a reason.")
+        p = Path(path).expanduser().absolute()
+        secret = SiteSecret.load(secret_path_for(p))
+        previous = dict(secret.anchor) if secret else {}
+        if p.exists():
+            p.rename(p.with_name(f"{p.name}.replaced-{utc_now().replace(':', '')}"))
+        if secret is not None:
+            secret.anchor = {}
+            secret.save()
+        led = cls(p, accountant=accountant)
+        with led.lock():
+            led._append("ledger_started", reason=reason, previous_anchor=previous)
+        return led
+
     # -- locking and raw access --------------------------------------------------------
     @contextmanager
     def lock(self) -> Iterator[None]:
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, LEDGER_MODE)
+        """An exclusive lock on the ledger file itself: one inode, whichever name
+        (symlink, hard link, relative path) a process reaches it by."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, LEDGER_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -126,113 +302,166 @@ class PrivacyLedger:
     def _append(self, kind: str, **fields: Any) -> dict[str, Any]:
         # Re-open under the caller's lock: verifies the chain and picks up entries
         # other processes appended since.
-        return HashChainLog(self.path, mode=LEDGER_MODE).append(kind, **fields)
+        entry = HashChainLog(self.path, mode=LEDGER_MODE).append(kind, **fields)
+        if self.secret is not None:
+            self.secret.set_anchor(entries=entry["seq"] + 1, last_hash=entry["hash"])
+        return entry
+
+    def dataset_id(self, fingerprint: str) -> str:
+        """The keyed identifier of a dataset (what may leave the site)."""
+        if self.secret is None:
+            return fingerprint
+        return self.secret.dataset_id(fingerprint)
 
     # -- questions (no state change) ---------------------------------------------------
-    def history(self, fingerprint: str,
+    def history(self, scope: str = SITE_SCOPE,
                 entries: Sequence[dict[str, Any]] | None = None) -> list[SubsampledGaussianEvent]:
+        """Every spend of ``scope`` (and the recovered spends of unknown scope)."""
         out: list[SubsampledGaussianEvent] = []
         for e in entries if entries is not None else self.entries():
-            if e.get("kind") == "reservation" and e.get("fingerprint") == fingerprint:
+            if e.get("kind") in SPEND_KINDS and "events" in e and \
+                    entry_scope(e) in (scope, ANY_SCOPE):
                 out.extend(SubsampledGaussianEvent.from_dict(ev) for ev in e["events"])
         return out
 
-    def spent(self, fingerprint: str, *, delta: float) -> float:
-        return self.accountant.epsilon(self.history(fingerprint), delta=delta)
+    def spent(self, scope: str = SITE_SCOPE, *, delta: float) -> float:
+        return self.accountant.epsilon(self.history(scope), delta=delta)
 
-    def check(self, fingerprint: str, planned: Sequence[SubsampledGaussianEvent], *,
+    def check(self, scope: str, planned: Sequence[SubsampledGaussianEvent], *,
               delta: float, limit: float) -> BudgetCheck:
-        return self.accountant.check(self.history(fingerprint), planned, delta=delta,
-                                     limit=limit)
+        return self.accountant.check(self.history(scope), planned, delta=delta, limit=limit)
+
+    def refused(self, *, run_id: str, server_round: int) -> bool:
+        """Did this site refuse round ``server_round`` of run ``run_id``?"""
+        return any(e.get("kind") == "refusal" and str(e.get("run_id")) == run_id
+                   and e.get("round") == server_round for e in self.entries())
 
     # -- state changes -------------------------------------------------------------------
-    def register(self, fingerprint: str, *, source: str, rows: int) -> dict[str, Any] | None:
-        """Record the first use of a dataset; names the datasets it differs from."""
+    def register(self, dataset: str, *, source: str, rows: int, scope: str = SITE_SCOPE,
+                 fingerprint: str = "") -> dict[str, Any] | None:
+        """Record the first use of a dataset in a scope; says which budget it draws on."""
+        check_scope(scope)
         with self.lock():
             entries = self.entries()
-            if any(e.get("fingerprint") == fingerprint for e in entries):
+            if any(e.get("kind") == "dataset_registered" and e.get("dataset") == dataset
+                   and entry_scope(e) == scope for e in entries):
                 return None
-            others = sorted({e["fingerprint"] for e in entries
-                             if e.get("kind") == "dataset_registered"})
-            note = ("first dataset of this ledger" if not others else
-                    f"new dataset: its data differ from the {len(others)} dataset(s) already "
-                    "in this ledger; its budget starts from zero")
-            return self._append("dataset_registered", fingerprint=fingerprint, source=source,
-                                rows=rows, note=note, previous=others)
+            others = sorted({str(e.get("dataset")) for e in entries
+                             if e.get("kind") == "dataset_registered"
+                             and entry_scope(e) == scope} - {dataset})
+            note = (f"first dataset of budget scope {scope!r}" if not others else
+                    f"another dataset in budget scope {scope!r}: it draws on the same budget "
+                    f"as the {len(others)} dataset(s) already there")
+            return self._append("dataset_registered", scope=scope, dataset=dataset,
+                                fingerprint=fingerprint, source=source, rows=rows, note=note,
+                                previous=others)
 
-    def reserve(self, fingerprint: str, planned: Sequence[SubsampledGaussianEvent], *,
-                run_id: str, server_round: int, delta: float, limit: float
-                ) -> dict[str, Any]:
+    def declare_scope(self, scope: str, *, dataset: str, declared_by: str
+                      ) -> dict[str, Any] | None:
+        """Record the data owner's declaration that ``dataset`` belongs to ``scope``,
+        whose records are disjoint from every other scope's (once per pair)."""
+        check_scope(scope)
+        if scope == SITE_SCOPE:
+            return None
+        with self.lock():
+            if any(e.get("kind") == "scope_declared" and e.get("scope") == scope
+                   and e.get("dataset") == dataset for e in self.entries()):
+                return None
+            return self._append(
+                "scope_declared", scope=scope, dataset=dataset, declared_by=declared_by,
+                note=f"the data owner declares that this dataset's records are disjoint "
+                     f"from every other budget scope's; it draws on scope {scope!r}")
+
+    def reserve(self, scope: str, planned: Sequence[SubsampledGaussianEvent], *,
+                run_id: str, server_round: int, delta: float, limit: float,
+                dataset: str = "", insecure: bool = False) -> dict[str, Any]:
         """Check the budget and, if it holds, durably reserve the spend (fsync-ed).
 
         Raises :class:`PrivacyRefused` (after writing a ``refusal`` entry) if the
-        planned events would take the dataset past ``limit``.
+        planned events would take the scope past ``limit``.
         """
         with self.lock():
             entries = self.entries()
-            chk = self.accountant.check(self.history(fingerprint, entries), planned,
+            chk = self.accountant.check(self.history(scope, entries), planned,
                                         delta=delta, limit=limit)
             if chk.exceeds:
-                reason = (f"privacy budget: dataset {fingerprint[:12]} has spent "
-                          f"epsilon {chk.epsilon_before:.4f}; this round would bring it to "
+                reason = (f"privacy budget: scope {scope!r} has spent epsilon "
+                          f"{chk.epsilon_before:.4f}; this round would bring it to "
                           f"{chk.epsilon_after:.4f} > limit {limit:g} (delta {delta:g})")
-                self._append("refusal", run_id=run_id, round=server_round,
-                             fingerprint=fingerprint, reason=reason,
+                self._append("refusal", run_id=run_id, round=server_round, scope=scope,
+                             dataset=dataset, reason=reason,
                              epsilon_spent=chk.epsilon_before,
                              epsilon_requested=chk.epsilon_after, epsilon_limit=limit,
                              delta=delta)
                 raise PrivacyRefused(reason)
             return self._append(
-                "reservation", run_id=run_id, round=server_round, fingerprint=fingerprint,
-                events=[e.to_dict() for e in planned], accountant=self.accountant.name,
-                delta=delta, epsilon_before=chk.epsilon_before,
-                epsilon_after=chk.epsilon_after, epsilon_limit=limit)
+                "reservation", run_id=run_id, round=server_round, scope=scope,
+                dataset=dataset, events=[e.to_dict() for e in planned],
+                accountant=self.accountant.name, delta=delta,
+                epsilon_before=chk.epsilon_before, epsilon_after=chk.epsilon_after,
+                epsilon_limit=limit, insecure=insecure)
 
-    def refuse(self, fingerprint: str, *, run_id: str, server_round: int, reason: str,
-               delta: float, limit: float) -> dict[str, Any]:
+    def refuse(self, scope: str, *, run_id: str, server_round: int, reason: str,
+               delta: float, limit: float, dataset: str = "") -> dict[str, Any]:
         """Record a refusal that is not about the budget (e.g. weaker noise than allowed)."""
         with self.lock():
-            spent = self.spent(fingerprint, delta=delta)
-            return self._append("refusal", run_id=run_id, round=server_round,
-                                fingerprint=fingerprint, reason=reason, epsilon_spent=spent,
+            spent = self.accountant.epsilon(self.history(scope), delta=delta)
+            return self._append("refusal", run_id=run_id, round=server_round, scope=scope,
+                                dataset=dataset, reason=reason, epsilon_spent=spent,
                                 epsilon_requested=None, epsilon_limit=limit, delta=delta)
 
     def complete(self, reservation: dict[str, Any], *, steps_taken: int) -> dict[str, Any]:
         with self.lock():
             return self._append("completed", run_id=reservation["run_id"],
-                                round=reservation["round"],
-                                fingerprint=reservation["fingerprint"],
+                                round=reservation["round"], scope=entry_scope(reservation),
                                 reservation_seq=reservation["seq"], steps_taken=steps_taken)
 
     # -- reporting -------------------------------------------------------------------------
-    def accounts(self) -> list[DatasetAccount]:
-        """Per dataset: epsilon spent (recomputed), limit, delta, runs, rounds, series."""
+    def accounts(self) -> list[ScopeAccount]:
+        """Per budget scope: epsilon spent (recomputed), limit, delta, runs, rounds, series."""
         entries = self.entries()
-        accts: dict[str, DatasetAccount] = {}
+        accts: dict[str, ScopeAccount] = {}
+        recovered_any = False
         for e in entries:
-            fp = e.get("fingerprint")
-            if not fp:
+            kind = e.get("kind")
+            if kind not in ("dataset_registered", "scope_declared", "reservation", "refusal",
+                            "completed", "repaired") or (kind == "repaired"
+                                                         and "events" not in e):
                 continue
-            a = accts.setdefault(fp, DatasetAccount(fingerprint=fp, first_use=e["time"]))
+            scope = entry_scope(e)
+            if scope == ANY_SCOPE:
+                recovered_any = True
+                continue
+            a = accts.setdefault(scope, ScopeAccount(scope=scope, first_use=e["time"]))
             a.entries += 1
             a.last_use = e["time"]
-            if e["kind"] == "dataset_registered":
-                a.source = e.get("source", "")
-            elif e["kind"] == "reservation":
+            if e.get("dataset"):
+                a.datasets.add(str(e["dataset"]))
+            if kind == "dataset_registered":
+                a.source = a.source or str(e.get("source", ""))
+            elif kind == "scope_declared":
+                a.declared = True
+            elif kind in SPEND_KINDS:
                 a.reservations += 1
-                a.runs.add(str(e["run_id"]))
-                a.delta = e["delta"]
-                a.epsilon_limit = e["epsilon_limit"]
-                a.series.append({"seq": e["seq"], "time": e["time"], "run_id": e["run_id"],
-                                 "round": e["round"], "epsilon": e["epsilon_after"]})
-            elif e["kind"] == "refusal":
+                a.runs.add(str(e.get("run_id")))
+                a.insecure += bool(e.get("insecure", False))
+                if kind == "reservation":
+                    a.delta = e["delta"]
+                    a.epsilon_limit = e["epsilon_limit"]
+                    a.series.append({"seq": e["seq"], "time": e["time"],
+                                     "run_id": e["run_id"], "round": e["round"],
+                                     "epsilon": e["epsilon_after"]})
+            elif kind == "refusal":
                 a.refusals += 1
                 a.runs.add(str(e["run_id"]))
                 a.epsilon_limit = e["epsilon_limit"]
                 a.delta = a.delta or e["delta"]
+        if recovered_any and not accts:
+            accts[SITE_SCOPE] = ScopeAccount(scope=SITE_SCOPE)
         for a in accts.values():
+            a.delta = a.delta or 1e-5 if recovered_any else a.delta
             if a.delta is not None:
-                a.epsilon_spent = self.accountant.epsilon(self.history(a.fingerprint, entries),
+                a.epsilon_spent = self.accountant.epsilon(self.history(a.scope, entries),
                                                           delta=a.delta)
             a.accountant = self.accountant.name  # the one that computed epsilon_spent
         return list(accts.values())

@@ -11,9 +11,12 @@ target standard deviation divided by two.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 _TWO_53 = float(2**53)
 
@@ -35,6 +38,8 @@ def secure_standard_normal(n: int) -> np.ndarray:
 
 def secure_gaussian_like(reference: torch.Tensor, std: float) -> torch.Tensor:
     """N(0, std^2) noise shaped like ``reference``: (sum of 4 draws of N(0, std^2)) / 2."""
+    import torch  # here, so that the CSPRNG helpers load without torch
+
     if std == 0:
         return torch.zeros_like(reference)
     n = reference.numel()
@@ -43,3 +48,27 @@ def secure_gaussian_like(reference: torch.Tensor, std: float) -> torch.Tensor:
         total += secure_standard_normal(n)
     noise = (std * total / 2.0).reshape(tuple(reference.shape))
     return torch.from_numpy(noise).to(dtype=reference.dtype, device=reference.device)
+
+
+def secure_uniform(n: int) -> np.ndarray:
+    """``n`` uniforms in (0, 1] from the OS CSPRNG (53 random bits each)."""
+    return _uniform_open(n)
+
+
+class UniformSource(Protocol):
+    """Anything with numpy ``Generator.random``'s signature."""
+
+    def random(self, size: int | tuple[int, ...]) -> np.ndarray: ...
+
+
+class SecureUniform:
+    """A source of uniforms with numpy ``Generator.random``'s signature, drawn from
+    ``os.urandom``: for every random choice the privacy analysis treats as secret
+    (Poisson sampling, the stochastic rounding of HE quantisation). A seeded numpy
+    generator is a drop-in replacement, for ``--insecure-noise`` runs only."""
+
+    def random(self, size: int | tuple[int, ...]) -> np.ndarray:
+        shape = (size,) if isinstance(size, int) else tuple(size)
+        n = int(np.prod(shape)) if shape else 1
+        # (0, 1] -> [0, 1): numpy's convention, so `u < p` has probability exactly p.
+        return (1.0 - _uniform_open(n)).reshape(shape)

@@ -70,6 +70,10 @@ class RunSettings:
     site_max_epsilon: float = 10.0
     site_delta: float = 1e-5
     site_min_noise_multiplier: float = 0.5
+    site_release_eval_metrics: bool = True
+    # -- simulation only: the bounds the simulated data owners declare for their features
+    # ("LOW:HIGH" for every feature, or a JSON file with "low" and "high" lists)
+    feature_bounds: str = ""
     # -- simulation only: the compiled scenario (RUN_DIR/scenario.json) of `fedvault simulate`
     scenario: str = ""
 

@@ -16,7 +16,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from client.site import pooled_table
+from client.site import pooled_table, site_bounds
 from client.training import evaluate
 from fedvault.errors import ConfigError, FedvaultError
 from fedvault.provision import load_context
@@ -38,7 +38,9 @@ def central_test_table(task: Task, settings: RunSettings) -> Table | None:
     if not settings.central_eval:
         return None
     _, test = pooled_table(task, settings)
-    return Table(x=task.preprocess(test.x), y=test.y)
+    # scaled like the simulated sites' data: declared bounds, never test-set statistics
+    bounds = site_bounds(settings, {}, task, test.num_features)
+    return Table(x=task.preprocess(test.x, bounds), y=test.y)
 
 
 def make_central_evaluator(
@@ -126,7 +128,7 @@ def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str
                 strategy, noise_multiplier=settings.client_dp_noise_multiplier,
                 clipping_norm=settings.client_dp_clipping_norm,
                 ledger=PrivacyLedger(recorder.dir.root / "server-ledger.jsonl",
-                                     accountant=settings.accountant),
+                                     accountant=settings.accountant, site_secret=False),
                 federation=settings.federation, run_id=str(context.run_id),
                 delta=settings.client_dp_delta, max_epsilon=settings.client_dp_max_epsilon)
         runner.start(

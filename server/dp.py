@@ -65,8 +65,9 @@ class ClientLevelDP(Strategy):
         self.delta = delta
         self.max_epsilon = max_epsilon
         self.current: ArrayRecord | None = None
-        ledger.register(self.fingerprint, source=f"client-level DP, federation {federation!r}",
-                        rows=0)
+        # The server ledger's one budget scope is the federation (its sites' records).
+        ledger.register(self.fingerprint, scope=self.fingerprint,
+                        source=f"client-level DP, federation {federation!r}", rows=0)
 
     def summary(self) -> None:
         self.strategy.summary()

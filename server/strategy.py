@@ -138,6 +138,12 @@ class FedVaultFedAvg(FedAvg):
                 self.recorder.note_site_error(server_round, node, "evaluate",
                                               msg.error.reason or "unknown error")
                 continue
+            if "declined" in msg.content.config_records:
+                # the site's policy: exact evaluation metrics are a release outside epsilon
+                reason = str(msg.content.config_records["declined"].get("reason", ""))
+                self.recorder.events.append("evaluation_declined", round=server_round,
+                                            node=node, reason=reason[:300])
+                continue
             try:
                 num_examples_of(msg, key=self.weighted_by_key)
             except UpdateRejected as exc:

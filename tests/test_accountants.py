@@ -171,3 +171,46 @@ def test_secure_noise_is_standard_normal() -> None:
     assert n.shape == ref.shape and n.dtype == torch.float32
     assert abs(float(n.std()) - 2.5) < 0.05
     assert not torch.equal(n, secure_gaussian_like(ref, std=2.5))
+
+
+# -- closed forms and speed ------------------------------------------------------------------
+@pytest.mark.parametrize(("sigma", "steps"), [(1.5, 16), (100.0, 100_000), (3.0, 1)])
+def test_full_batch_history_is_one_gaussian_in_closed_form(sigma: float, steps: int) -> None:
+    """q = 1: T steps at sigma are one Gaussian with mu = sqrt(T) / sigma; the exact
+    epsilon (Balle & Wang 2018) agrees with Google's PLD accountant, at any T, fast."""
+    import time
+
+    from privacy.analysis import gaussian_delta
+
+    t0 = time.perf_counter()
+    ours = PRVAccountant().epsilon([_event(sigma, 1.0, steps)], delta=1e-5)
+    assert time.perf_counter() - t0 < 2.0
+    ref = float(pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+                .compose(dpa.GaussianDpEvent(sigma / np.sqrt(steps))).get_epsilon(1e-5))
+    assert abs(ours - ref) <= 0.01 * ref + 1e-4, (ours, ref)
+    # and it is the smallest epsilon at which the exact delta is <= 1e-5
+    mu = np.sqrt(steps) / sigma
+    assert gaussian_delta(mu=mu, epsilon=ours) <= 1e-5 < gaussian_delta(mu=mu,
+                                                                        epsilon=ours * 0.999)
+
+
+def test_calibration_is_tight_and_safe() -> None:
+    for name in ("prv", "rdp"):
+        a = get_accountant(name)
+        for q, t in ((0.1, 400), (0.5, 40), (1.0, 40)):
+            s = a.noise_for(target_epsilon=8.0, delta=1e-5, sample_rate=q, steps=t)
+            assert a.epsilon([_event(s, q, t)], delta=1e-5) <= 8.0
+            assert a.epsilon([_event(s * 0.985, q, t)], delta=1e-5) > 8.0  # within 1.5%
+
+
+def test_replace_one_by_group_privacy() -> None:
+    """(eps1, delta1) add/remove-one gives (2 eps1, (1 + e^eps1) delta1) replace-one."""
+    from privacy.analysis import replace_one_epsilon
+
+    acc = PRVAccountant()
+    hist = [_event(1.2, 0.1, 200)]
+    eps, d1 = replace_one_epsilon(delta=1e-5,
+                                  epsilon_of=lambda d: acc.epsilon(hist, delta=d))
+    e1 = acc.epsilon(hist, delta=d1)
+    assert eps == pytest.approx(2 * e1) and (1 + np.exp(e1)) * d1 <= 1e-5
+    assert eps > 2 * acc.epsilon(hist, delta=1e-5)  # the delta split costs something

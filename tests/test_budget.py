@@ -31,9 +31,10 @@ def _round(app: object, tmp_path: Path, r: int, **settings: object) -> Message:
 
 def test_site_stops_exactly_when_the_next_round_would_exceed(tmp_path: Path) -> None:
     app = build_client_app()
-    # Probe one round to learn this site's per-round mechanism, then set the limit
-    # half-way between the epsilon after 3 and after 4 rounds (by the PLD oracle).
-    probe = _round(app, tmp_path / "probe", 1, noise_multiplier=1.5, site_max_epsilon=1000.0)
+    # Round 1 tells this site's per-round mechanism (its split is its own keyed hash);
+    # then the limit is set half-way between the epsilon after 3 and after 4 rounds
+    # (by the PLD oracle).
+    probe = _round(app, tmp_path / "run", 1, noise_multiplier=1.5, site_max_epsilon=1000.0)
     p = probe.content.config_records["privacy"]
     sigma, q, steps = float(p["noise-multiplier"]), float(p["sample-rate"]), int(p["steps"])  # type: ignore[arg-type]
     from privacy.events import SubsampledGaussianEvent as E
@@ -42,8 +43,8 @@ def test_site_stops_exactly_when_the_next_round_would_exceed(tmp_path: Path) -> 
         return pld_epsilon([E(noise_multiplier=sigma, sample_rate=q, steps=steps * k)], 1e-5)
 
     limit = (oracle(3) + oracle(4)) / 2
-    trained, refused_at = 0, None
-    for r in range(1, 8):
+    trained, refused_at = 1, None
+    for r in range(2, 8):
         reply = _round(app, tmp_path / "run", r, noise_multiplier=1.5, site_max_epsilon=limit)
         if "refusal" in reply.content.config_records:
             refused_at = r

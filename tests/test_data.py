@@ -8,7 +8,7 @@ import pytest
 
 from client.data import fingerprint, load_table, save_table, split_site
 from client.site import resolve_site_data
-from fedvault.errors import ConfigError, DataError
+from fedvault.errors import ConfigError, DataError, TaskError
 from fedvault.tasks import Table, get_task
 from protocols.config import RunSettings
 
@@ -103,36 +103,106 @@ def test_fingerprint_follows_content_not_path(tmp_path: Path) -> None:
     assert fingerprint(load_table(b, label_column="label")) != fa
 
 
+KEY = b"k" * 32
+
+
 def test_site_split_is_disjoint() -> None:
     t = get_task("digits").embedded().subset(np.arange(200))
-    train, val = split_site(t, seed=0)
-    assert len(train) + len(val) == 200 and len(val) > 0
+    train, val = split_site(t, key=KEY)
+    assert len(train) + len(val) == 200 and 20 < len(val) < 60
+
+
+def _rows(t: Table) -> set[bytes]:
+    return {t.x[i].tobytes() + t.y[i].tobytes() for i in range(len(t))}
+
+
+@pytest.mark.parametrize("task_name", ["digits", "tabular"])
+def test_one_record_changes_no_other_records_features_or_split(tmp_path: Path,
+                                                                task_name: str) -> None:
+    # Neighbouring tables must stay neighbouring training sets: removing or replacing
+    # one record moves no other record across the split and rescales no other record.
+    task = get_task(task_name)
+    full = task.embedded().subset(np.arange(300))
+    target = 17
+    removed = full.subset(np.delete(np.arange(300), target))
+    x2 = full.x.copy()
+    x2[target] = x2[target] * 3 + 5  # an outlier replaces the record
+    replaced = Table(x=x2, y=full.y.copy())
+    settings = RunSettings(task=task_name)
+    sites = []
+    for i, t in enumerate((full, removed, replaced)):
+        p = save_table(t, tmp_path / f"t{i}.npz")
+        sites.append(resolve_site_data(settings, {"data-path": str(p)}, key=KEY))
+    base_tr, base_va = _rows(sites[0].train), _rows(sites[0].validation)
+    for other in sites[1:]:
+        tr, va = _rows(other.train), _rows(other.validation)
+        # every other record is identical, feature for feature, and on the same side:
+        # only the target's old and new rows differ
+        changed = len(tr ^ base_tr) + len(va ^ base_va)
+        assert 1 <= changed <= 2, changed
+
+
+def test_split_is_unpredictable_without_the_sites_key() -> None:
+    t = get_task("digits").embedded().subset(np.arange(300))
+    a, _ = split_site(t, key=b"a" * 32)
+    b, _ = split_site(t, key=b"b" * 32)
+    assert _rows(a) != _rows(b)
 
 
 def test_site_data_from_node_config(tmp_path: Path) -> None:
     settings = RunSettings(task="tabular")
     t = get_task("tabular").embedded().subset(np.arange(100))
     p = save_table(t, tmp_path / "site.csv", label_column="diagnosis")
-    site = resolve_site_data(settings, {"data-path": str(p), "label-column": "diagnosis"})
+    site = resolve_site_data(settings, {"data-path": str(p), "label-column": "diagnosis"},
+                             key=KEY)
     assert len(site.train) + len(site.validation) == 100
-    # standardised per site
-    assert abs(float(site.train.x.mean())) < 0.2
+    # scaled to the declared (documented) bounds, never the table's own statistics
+    assert float(site.train.x.min()) >= -1.0 and float(site.train.x.max()) <= 1.0
+
+
+def test_tabular_site_without_declared_bounds_is_told_to_declare_them(tmp_path: Path) -> None:
+    t = Table(x=np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32),
+              y=np.arange(50) % 2)
+    p = save_table(t, tmp_path / "site.npz")
+    settings = RunSettings(task="tabular", num_features=4)
+    with pytest.raises(TaskError, match="feature-bounds"):
+        resolve_site_data(settings, {"data-path": str(p)}, key=KEY)
+    site = resolve_site_data(settings, {"data-path": str(p), "feature-bounds": "-3:3"},
+                             key=KEY)
+    assert float(np.abs(site.train.x).max()) <= 1.0
+    bad = tmp_path / "b.json"
+    bad.write_text('{"low": [0, 0], "high": [1, 1]}')
+    with pytest.raises(ConfigError, match="declares 2 features"):
+        resolve_site_data(settings, {"data-path": str(p), "feature-bounds": str(bad)}, key=KEY)
+
+
+def test_fingerprint_ignores_row_and_column_order() -> None:
+    t = get_task("tabular").embedded().subset(np.arange(120))
+    rng = np.random.default_rng(1)
+    rows = rng.permutation(120)
+    cols = rng.permutation(t.num_features)
+    shuffled = Table(x=t.x[rows][:, cols], y=t.y[rows])
+    assert fingerprint(shuffled) == fingerprint(t)
+    changed = Table(x=t.x.copy(), y=t.y.copy())
+    changed.x[3, 4] = np.nextafter(changed.x[3, 4], np.float32(np.inf))
+    assert fingerprint(changed) != fingerprint(t)
 
 
 def test_site_without_data_is_told_how_to_fix_it() -> None:
     with pytest.raises(DataError, match="set data-path in the SuperNode's node config"):
-        resolve_site_data(RunSettings(), {})
+        resolve_site_data(RunSettings(), {}, key=KEY)
 
 
 def test_site_refuses_another_task(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="serves task 'tabular'"):
-        resolve_site_data(RunSettings(task="digits"), {"task": "tabular", "data-path": "x"})
+        resolve_site_data(RunSettings(task="digits"), {"task": "tabular", "data-path": "x"},
+                          key=KEY)
 
 
 def test_site_partition_of_embedded_data() -> None:
     s = RunSettings(partitioner="iid")
-    sizes = [len(resolve_site_data(s, {"partition-id": i, "num-partitions": 4}).train)
+    sizes = [len(resolve_site_data(s, {"partition-id": i, "num-partitions": 4}, key=KEY).train)
              for i in range(4)]
     assert min(sizes) > 250
     with pytest.raises(ConfigError, match=r"partition-id must be in \[0, 3\]"):
-        resolve_site_data(s, {"partition-id": 4, "num-partitions": 4})
+        resolve_site_data(s, {"partition-id": 4, "num-partitions": 4}, key=KEY)

@@ -39,9 +39,11 @@ def _ledger(tmp_path: Path, rounds: int = 3) -> PrivacyLedger:
 def test_entries_carry_what_a_regulator_needs(tmp_path: Path) -> None:
     led = _ledger(tmp_path)
     res = [e for e in led.entries() if e["kind"] == "reservation"]
-    for key in ("seq", "time", "run_id", "round", "fingerprint", "events", "accountant",
-                "delta", "epsilon_before", "epsilon_after", "prev_hash", "hash"):
+    for key in ("seq", "time", "run_id", "round", "scope", "dataset", "events", "accountant",
+                "delta", "epsilon_before", "epsilon_after", "insecure", "prev_hash", "hash"):
         assert key in res[0]
+    assert res[0]["events"][0]["adjacency"] == "add-remove-one"
+    assert res[0]["insecure"] is False
     assert res[1]["epsilon_before"] == res[0]["epsilon_after"]
     # epsilon is recomputed from the events by an accountant, not summed
     expected = PRVAccountant().epsilon([_ev(30)], delta=1e-5)
@@ -66,11 +68,24 @@ def test_persists_across_instances(tmp_path: Path) -> None:
     assert again.register(FP, source="elsewhere", rows=100) is None  # same data, same budget
 
 
-def test_new_data_is_a_new_dataset_and_says_so(tmp_path: Path) -> None:
-    led = _ledger(tmp_path, rounds=1)
-    e = led.register("cd" * 32, source="changed.csv", rows=99)
-    assert e is not None and "new dataset" in e["note"] and e["previous"] == [FP]
-    assert led.spent("cd" * 32, delta=1e-5) == 0.0
+def test_new_data_draws_on_the_same_site_budget(tmp_path: Path) -> None:
+    led = PrivacyLedger(tmp_path / "ledger.jsonl")
+    led.register("d1", source="a.csv", rows=100)
+    led.reserve("site", [_ev()], run_id="r", server_round=1, delta=1e-5, limit=100,
+                dataset="d1")
+    e = led.register("d2", source="re-exported.csv", rows=99)
+    assert e is not None and "same budget" in e["note"] and e["previous"] == ["d1"]
+    # a re-export is a new dataset id but not a new budget
+    assert led.spent("site", delta=1e-5) > 0
+
+
+def test_a_declared_disjoint_scope_is_recorded(tmp_path: Path) -> None:
+    led = PrivacyLedger(tmp_path / "ledger.jsonl")
+    e = led.declare_scope("cohort-2025", dataset="d9", declared_by="node-config budget-scope")
+    assert e is not None and e["kind"] == "scope_declared"
+    assert led.declare_scope("cohort-2025", dataset="d9", declared_by="x") is None
+    with pytest.raises(ValueError, match="budget scope"):
+        led.declare_scope("../etc", dataset="d9", declared_by="x")
 
 
 @pytest.mark.parametrize("tamper", ["edit", "delete", "reorder"])
@@ -105,13 +120,73 @@ def test_budget_verify_ok(tmp_path: Path) -> None:
 def test_torn_last_line_is_repaired_without_losing_a_spend(tmp_path: Path) -> None:
     led = _ledger(tmp_path, rounds=2)
     spent = led.spent(FP, delta=1e-5)
-    with led.path.open("ab") as fh:  # a crash in the middle of writing an entry
-        fh.write(b'{"seq":7,"kind":"reservation","ev')
+    with led.path.open("ab") as fh:  # a crash in the middle of writing a non-spend entry
+        fh.write(b'{"dataset":"x","delta":1e-05,"epsilon_li')
     again = PrivacyLedger(led.path)
     assert verify_chain(again.path).ok
     assert again.entries()[-1]["kind"] == "repaired"
     assert again.spent(FP, delta=1e-5) == spent
     assert list(tmp_path.glob("ledger.jsonl.torn-*"))
+
+
+def test_a_cut_reservation_is_never_repaired_away(tmp_path: Path) -> None:
+    # The last reservation, complete on disk, loses its last 30 bytes (an edit, or a
+    # filesystem that lost the tail): its spend must still count.
+    led = _ledger(tmp_path, rounds=1)
+    res = led.reserve(FP, [_ev(500)], run_id="run-1", server_round=9, delta=1e-5,
+                      limit=100)
+    full = led.spent(FP, delta=1e-5)
+    data = led.path.read_bytes()
+    led.path.write_bytes(data[:-31])  # 30 bytes and the newline
+    # (the anchor would catch the cut; this is the repair path on its own)
+    assert led.secret is not None
+    led.secret.path.unlink()
+    again = PrivacyLedger(led.path)
+    assert again.entries()[-1]["kind"] == "repaired"
+    assert again.spent(FP, delta=1e-5) == pytest.approx(full, rel=1e-9)
+    assert res["epsilon_after"] == pytest.approx(full, rel=1e-9)
+    assert run_cli("budget", "verify", str(led.path)).returncode == 0
+
+
+def test_a_cut_reservation_without_readable_events_refuses_to_open(tmp_path: Path) -> None:
+    led = _ledger(tmp_path, rounds=1)
+    assert led.secret is not None
+    led.secret.path.unlink()
+    with led.path.open("ab") as fh:
+        fh.write(b'{"accountant":"prv","dataset":"x","delta":1e-05,"epsilon_after":3.2,'
+                 b'"epsilon_before":1.0,"epsilon_limit":10,"events":[{"adjac')
+    with pytest.raises(IntegrityError, match="cut reservation"):
+        PrivacyLedger(led.path)
+
+
+def test_a_ledger_moved_away_or_truncated_is_refused(tmp_path: Path) -> None:
+    led = _ledger(tmp_path, rounds=3)
+    lines = led.path.read_bytes().splitlines(keepends=True)
+    # truncated to its first line: the chain still verifies, the anchor does not
+    led.path.write_bytes(lines[0])
+    assert verify_chain(led.path).ok
+    with pytest.raises(IntegrityError, match="records"):
+        PrivacyLedger(led.path)
+    # moved away entirely
+    led.path.rename(tmp_path / "elsewhere.jsonl")
+    with pytest.raises(IntegrityError, match="is missing"):
+        PrivacyLedger(led.path)
+    # the data owner starts a new one on the record
+    r = run_cli("budget", "new-ledger", str(led.path), "--reason", "disk lost; no backup")
+    assert r.returncode == 0, r.stdout + r.stderr
+    fresh = PrivacyLedger(led.path)
+    first = fresh.entries()[0]
+    assert first["kind"] == "ledger_started" and first["reason"] == "disk lost; no backup"
+    assert first["previous_anchor"]["entries"] == 7
+
+
+def test_site_secret_is_private(tmp_path: Path) -> None:
+    led = _ledger(tmp_path, rounds=1)
+    assert led.secret is not None
+    assert led.secret.path.stat().st_mode & 0o777 == 0o600
+    assert led.path.stat().st_mode & 0o777 == 0o600
+    # the keyed dataset id does not reveal the raw-data hash
+    assert led.dataset_id(FP) != FP and FP not in led.dataset_id(FP)
 
 
 def test_two_processes_cannot_both_spend_the_last_budget(tmp_path: Path) -> None:
@@ -132,8 +207,17 @@ def test_two_processes_cannot_both_spend_the_last_budget(tmp_path: Path) -> None
         except PrivacyRefused:
             print("refused")
     """)
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(led.path), f"r{i}"],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True) for i in range(4)]
+    # each process reaches the one ledger by another name: its path, a symlink, a
+    # hard link, a relative path
+    sym = tmp_path / "via-symlink.jsonl"
+    sym.symlink_to(led.path)
+    hard = tmp_path / "sub" / "via-hardlink.jsonl"
+    hard.parent.mkdir()
+    os.link(led.path, hard)
+    names = [str(led.path), str(sym), str(hard), os.path.relpath(led.path, ROOT)]
+    procs = [subprocess.Popen([sys.executable, "-c", script, name, f"r{i}"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+             for i, name in enumerate(names)]
     outs = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
     assert outs == ["refused", "refused", "refused", "reserved"]
     assert led.spent(FP, delta=1e-5) <= limit
@@ -181,9 +265,8 @@ def test_killed_mid_round_still_counts(tmp_path: Path) -> None:
     entries = read_chain(ledger)
     assert [e["kind"] for e in entries] == ["dataset_registered", "reservation"]
     res = entries[1]
-    fp = res["fingerprint"]
     led = PrivacyLedger(ledger)
-    spent = led.spent(fp, delta=1e-5)
+    spent = led.spent(res["scope"], delta=1e-5)
     assert spent == pytest.approx(res["epsilon_after"], rel=1e-9) and spent > 0
     # the interrupted round's full planned steps are counted
     assert res["events"][0]["steps"] % 500 == 0 and res["events"][0]["steps"] >= 500 * 10

@@ -18,13 +18,13 @@ from privacy.events import SubsampledGaussianEvent
 from privacy.ledger import PrivacyLedger
 from tests.helpers import run_cli
 
-FP1, FP2 = "a1" * 32, "b2" * 32
+FP1, FP2 = "site", "cohort-b"  # the default scope and one the data owner declared
 
 
 @pytest.fixture
 def ledger(tmp_path: Path) -> Path:
     led = PrivacyLedger(tmp_path / "site" / "privacy-ledger.jsonl")
-    led.register(FP1, source="/data/site.csv", rows=400)
+    led.register("d" * 32, source="/data/site.csv", rows=400)
     ev = SubsampledGaussianEvent(noise_multiplier=1.6, sample_rate=0.1, steps=5)
     for run, rounds in (("run-1", 3), ("run-2", 2)):
         for r in range(1, rounds + 1):
@@ -33,7 +33,8 @@ def ledger(tmp_path: Path) -> Path:
                 led.complete(res, steps_taken=16)
             except PrivacyRefused:
                 pass  # the refusals are part of what the report must show
-    led.register(FP2, source="/data/site-v2.csv", rows=410)
+    led.declare_scope(FP2, dataset="e" * 32, declared_by="node-config budget-scope")
+    led.register("e" * 32, scope=FP2, source="/data/site-v2.csv", rows=410)
     res = led.reserve(FP2, [ev], run_id="run-3", server_round=1, delta=1e-5, limit=8.0)
     led.complete(res, steps_taken=16)
     return led.path
@@ -42,21 +43,60 @@ def ledger(tmp_path: Path) -> Path:
 def test_table(ledger: Path) -> None:
     r = run_cli("budget", "report", str(ledger))
     assert r.returncode == 0, r.stderr
-    for word in ("ε spent", "ε limit", "remaining", "accountant: prv", "a1a1a1a1a1a1",
-                 "b2b2b2b2b2b2", "hash chain verified"):
-        assert word in r.stdout
+    for word in ("ε spent", "ε limit", "remaining", "accountant: prv", "cohort-b",
+                 "declared disjoint", "add/remove-one", "hash chain verified"):
+        assert word in r.stdout, word
+    assert "unbounded" not in r.stdout
+
+
+def test_insecure_rounds_make_a_scope_unbounded(ledger: Path, tmp_path: Path) -> None:
+    led = PrivacyLedger(ledger)
+    ev = SubsampledGaussianEvent(noise_multiplier=1.6, sample_rate=0.1, steps=5)
+    led.reserve(FP2, [ev], run_id="run-4", server_round=1, delta=1e-5, limit=8.0,
+                insecure=True)
+    r = run_cli("budget", "report", str(ledger))
+    assert r.returncode == 0 and "unbounded" in r.stdout and "insecure" in r.stdout
+    data = json.loads(run_cli("budget", "report", str(ledger), "--format", "json").stdout)
+    by = {d["scope"]: d for d in data["scopes"]}
+    assert by[FP2]["epsilon_bound"].startswith("unbounded") and by[FP2]["insecure_rounds"] == 1
+    assert by[FP1]["epsilon_bound"] == "dp"
+    out = tmp_path / "r.html"
+    run_cli("budget", "report", str(ledger), "--format", "html", "--out", str(out))
+    assert 'class="insecure"' in out.read_text()
+
+
+def test_replace_one_adjacency_on_request(ledger: Path) -> None:
+    from privacy.analysis import replace_one_epsilon
+
+    data = json.loads(run_cli("budget", "report", str(ledger), "--format", "json",
+                              "--adjacency", "replace-one").stdout)
+    assert data["adjacency"] == "replace-one"
+    led = PrivacyLedger(ledger)
+    for d in data["scopes"]:
+        add_remove = d["epsilon_spent"]
+        rep = d["epsilon_replace_one"]
+        assert rep > add_remove  # replacing is removing and adding
+        hist = led.history(d["scope"])
+        eps, d1 = replace_one_epsilon(
+            delta=1e-5, epsilon_of=lambda x, h=hist: led.accountant.epsilon(h, delta=x))
+        # the group-privacy conversion holds: (2 eps1, (1 + e^eps1) delta1) with delta1 fit
+        assert (1 + np.exp(eps / 2)) * d1 <= 1e-5 * (1 + 1e-9)
+        assert rep == pytest.approx(eps, rel=1e-6)
+    r = run_cli("budget", "report", str(ledger), "--adjacency", "replace-one")
+    assert "ε replace-one" in r.stdout
 
 
 def test_json_and_csv_agree_with_the_ledger(ledger: Path, tmp_path: Path) -> None:
     r = run_cli("budget", "report", str(ledger), "--format", "json")
     data = json.loads(r.stdout)
-    by_fp = {d["fingerprint"]: d for d in data["datasets"]}
+    by_fp = {d["scope"]: d for d in data["scopes"]}
     led = PrivacyLedger(ledger)
     for fp in (FP1, FP2):
         d = by_fp[fp]
-        for key in ("fingerprint", "epsilon_spent", "epsilon_limit", "delta", "accountant",
-                    "entries"):
+        for key in ("scope", "epsilon_spent", "epsilon_limit", "delta", "accountant",
+                    "adjacency", "epsilon_bound", "datasets", "entries"):
             assert key in d
+        assert d["adjacency"] == "add-remove-one"
         assert d["epsilon_spent"] == pytest.approx(led.spent(fp, delta=1e-5), rel=1e-6)
         assert d["delta"] == 1e-5 and d["accountant"] == "prv"
     assert by_fp[FP1]["epsilon_limit"] == 1.5 and by_fp[FP2]["epsilon_limit"] == 8.0
@@ -66,9 +106,9 @@ def test_json_and_csv_agree_with_the_ledger(ledger: Path, tmp_path: Path) -> Non
     assert run_cli("budget", "report", str(ledger), "--format", "csv", "--out",
                    str(out)).returncode == 0
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
-    assert {r["fingerprint"] for r in rows} == {FP1, FP2}
+    assert {r["scope"] for r in rows} == {FP1, FP2}
     assert float(rows[0]["epsilon_spent"]) == pytest.approx(
-        by_fp[rows[0]["fingerprint"]]["epsilon_spent"])
+        by_fp[rows[0]["scope"]]["epsilon_spent"])
 
 
 def test_no_report_for_a_tampered_ledger(ledger: Path) -> None:

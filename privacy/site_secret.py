@@ -1,0 +1,114 @@
+"""A site's secret: the key of its keyed hashes, and the anchor of its privacy ledger.
+
+One small JSON file beside the ledger (``<ledger>.secret``, mode 0600), generated
+from the OS CSPRNG at first use and never sent anywhere::
+
+    {"version": 1, "key": "<64 hex>", "created": "...",
+     "anchor": {"entries": 17, "hash": "<64 hex>"}}
+
+* ``key`` keys every identifier that may leave the site or decides a record's
+  fate: dataset identifiers (``HMAC-SHA256(key, "dataset" | fingerprint)``), so
+  that nobody without the key can test a guess of the data against them, and
+  the per-record train/validation split, so that a record's side depends on that
+  record alone and cannot be predicted outside the site.
+* ``anchor`` is the ledger's length and last hash after the latest append. A
+  hash chain cannot show that its tail was cut, or that the whole file was moved
+  away; the anchor can: a ledger shorter than its anchor, or missing while the
+  anchor says it had entries, is refused until the data owner restores it or
+  starts a new one on the record (``fedvault budget new-ledger``).
+
+The file is rewritten atomically (write to a temporary file, fsync, rename), so a
+crash leaves the old or the new anchor, never a torn key. The anchor may lag the
+ledger by the last entry (a crash between the two writes); it is a lower bound,
+which is all the check needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedvault.errors import IntegrityError
+
+SECRET_MODE = 0o600
+SECRET_VERSION = 1
+
+
+def secret_path_for(ledger_path: str | Path) -> Path:
+    """Where the secret of the ledger at ``ledger_path`` lives: beside the ledger's
+    real file, so a symlink to the ledger reaches the same secret."""
+    real = Path(os.path.realpath(Path(ledger_path).expanduser()))
+    return real.with_name(real.name + ".secret")
+
+
+@dataclass
+class SiteSecret:
+    """The key and ledger anchor of one site (see the module docstring)."""
+
+    path: Path
+    key: bytes
+    created: str
+    anchor: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SiteSecret | None:
+        """The secret at ``path``, or ``None`` if there is none."""
+        p = Path(path)
+        if not p.exists():
+            return None
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+            key = bytes.fromhex(d["key"])
+            if len(key) != 32:
+                raise ValueError(f"key of {len(key)} bytes")
+            anchor = dict(d.get("anchor") or {})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError(f"{p}: the site secret is unreadable ({exc}); restore it "
+                                 "from a backup.") from exc
+        return cls(path=p, key=key, created=str(d.get("created", "")), anchor=anchor)
+
+    @classmethod
+    def load_or_create(cls, path: str | Path, *, created: str) -> SiteSecret:
+        found = cls.load(path)
+        if found is not None:
+            return found
+        s = cls(path=Path(path), key=secrets.token_bytes(32), created=created)
+        s.save()
+        return s
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        body = json.dumps({"version": SECRET_VERSION, "key": self.key.hex(),
+                           "created": self.created, "anchor": self.anchor},
+                          sort_keys=True).encode("utf-8")
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, SECRET_MODE)
+        try:
+            os.write(fd, body)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        os.chmod(self.path, SECRET_MODE)
+
+    def keyed(self, purpose: str, data: bytes | str) -> str:
+        """HMAC-SHA256 of ``data`` under the site key, domain-separated by ``purpose``."""
+        raw = data.encode("utf-8") if isinstance(data, str) else data
+        return hmac.new(self.key, purpose.encode("utf-8") + b"\x00" + raw,
+                        hashlib.sha256).hexdigest()
+
+    def dataset_id(self, fingerprint: str) -> str:
+        """The identifier of a dataset that may leave the site (32 hex digits)."""
+        return self.keyed("dataset", fingerprint)[:32]
+
+    def set_anchor(self, *, entries: int, last_hash: str) -> None:
+        if entries < int(self.anchor.get("entries", 0)):
+            return  # never move the anchor backwards
+        self.anchor = {"entries": entries, "hash": last_hash}
+        self.save()
