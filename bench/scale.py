@@ -45,6 +45,8 @@ TARGET_SECONDS = 600.0
 # the plain Flower baseline (runs inside its own process: --plain-worker)
 # --------------------------------------------------------------------------------------
 def plain_flower(scenario_name: str, rounds: int, work: Path) -> dict[str, Any]:
+    import hashlib
+
     import numpy as np
     import torch
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -52,8 +54,6 @@ def plain_flower(scenario_name: str, rounds: int, work: Path) -> dict[str, Any]:
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
-
-    import hashlib
 
     from client.data import load_table, split_site
     from client.training import evaluate, train_local

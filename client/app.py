@@ -18,6 +18,7 @@ lists every field with its bound.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -131,10 +132,17 @@ def _refusal(msg: Message, policy: SitePolicy, reason: str, spent: float | None 
     return Message(content=RecordDict({"refusal": ConfigRecord(record)}), reply_to=msg)
 
 
-def _site_key(policy: SitePolicy) -> bytes:
-    """The site's secret key (beside its ledger; created at first use)."""
-    return SiteSecret.load_or_create(secret_path_for(policy.ledger_path),
-                                     created=utc_now()).key
+def _site_key(policy: SitePolicy, settings: RunSettings, context: Context) -> bytes:
+    """The site's secret key (beside its ledger; created at first use from the OS
+    CSPRNG). A *simulated* site in an ``--insecure-noise`` run, which exists to be
+    repeated exactly, derives it from the run seed and its partition instead."""
+    seeded = None
+    if not settings.secure_mode and not context.node_config.get("data-path"):
+        pid = context.node_config.get("partition-id", context.node_id)
+        seeded = hashlib.sha256(f"fedvault-simulated-site/{settings.seed}/{pid}".encode()
+                                ).digest()
+    return SiteSecret.load_or_create(secret_path_for(policy.ledger_path), created=utc_now(),
+                                     key=seeded).key
 
 
 def _open_ledger(policy: SitePolicy) -> PrivacyLedger:
@@ -165,7 +173,8 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
         torch.set_num_threads(1)
         settings = _settings(context, overrides)
         policy = site_policy(settings, context.node_config)
-        site = resolve_site_data(settings, context.node_config, key=_site_key(policy))
+        site = resolve_site_data(settings, context.node_config,
+                                 key=_site_key(policy, settings, context))
         model = _model_from(msg, settings, context)
         cfg = _cfg(msg)
         server_round = int(cfg.get("server-round", 0))  # type: ignore[arg-type]
@@ -276,7 +285,8 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
             if refused:
                 return _declined(msg, "this site refused to train in this round, so it does "
                                  "not evaluate either (node-config evaluate-after-refusal)")
-        site = resolve_site_data(settings, context.node_config, key=_site_key(policy))
+        site = resolve_site_data(settings, context.node_config,
+                                 key=_site_key(policy, settings, context))
         model = _model_from(msg, settings, context)
         loss, acc = evaluate(model, site.validation)
         metrics = MetricRecord(

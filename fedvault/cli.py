@@ -280,8 +280,10 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
                           f"at δ = {central['delta']:g}, σ = {central['noise_multiplier']:g}, "
                           f"clip {central['clipping_norm']:g}")
         if not privacy.get("secure_mode"):
-            console.print("[yellow]warning: --insecure-noise: DP noise came from a seeded "
-                          "PRNG, not a CSPRNG[/]")
+            console.print("[bold red]INSECURE: --insecure-noise: DP noise and batch sampling "
+                          "came from seeded PRNGs; whoever knows the seed can remove the "
+                          "noise, so these ε are unbounded. Each site's ledger marks these "
+                          "rounds insecure.[/]")
     elif privacy:
         console.print("[yellow]trained WITHOUT differential privacy (--no-dp)[/]")
     released = summary.get("released_model")
@@ -315,8 +317,9 @@ def _finish(args: argparse.Namespace, summary: dict[str, Any], run_dir: Path) ->
 # --------------------------------------------------------------------------------------
 def _warn_insecure(settings: RunSettings) -> None:
     if settings.dp and not settings.secure_mode:
-        err_console.print("[yellow]warning: secure mode is off (--insecure-noise): DP noise "
-                          "comes from torch's seeded PRNG, not a CSPRNG.[/]")
+        err_console.print("[bold red]warning: secure mode is off (--insecure-noise): DP "
+                          "noise and batch sampling come from seeded PRNGs, not a CSPRNG; "
+                          "the ε of this run is unbounded and every ledger says so.[/]")
     elif settings.he and not settings.secure_mode:
         err_console.print("[yellow]warning: secure mode is off (--insecure-noise): HE's "
                           "stochastic rounding is seeded.[/]")

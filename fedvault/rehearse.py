@@ -23,6 +23,7 @@ deployment issue, and every process logs that it is insecure.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -40,7 +41,7 @@ from typing import IO, Any
 import tomli_w
 
 from client.data import save_table
-from client.site import pooled_table
+from client.site import pool_bounds, pooled_table
 from fedvault.errors import ConfigError, DeploymentError
 from fedvault.rundir import RunDirectory
 from fedvault.tasks import get_task
@@ -293,6 +294,22 @@ def write_site_data(settings: RunSettings, sites: int, root: Path) -> list[Path]
             for k, idx in enumerate(parts)]
 
 
+def write_declared_bounds(settings: RunSettings, root: Path) -> str | None:
+    """The feature bounds the rehearsal's data owners declare (tabular data of the
+    run's own file: the range of the whole public pool), as the JSON a real data owner
+    points node-config ``feature-bounds`` at; ``None`` where the task needs none."""
+    task = get_task(settings.task)
+    if task.fixed_scale is not None or not (settings.data_path or settings.feature_bounds):
+        return None
+    if settings.feature_bounds:  # "LOW:HIGH" or a file: handed to every site as declared
+        f = Path(settings.feature_bounds).expanduser()
+        return str(f.resolve()) if f.exists() else settings.feature_bounds
+    b = pool_bounds(settings)
+    p = root / "feature-bounds.json"
+    p.write_text(json.dumps({"low": b.low.tolist(), "high": b.high.tolist()}), encoding="utf-8")
+    return str(p)
+
+
 def rehearse(
     settings: RunSettings,
     *,
@@ -318,6 +335,7 @@ def rehearse(
     data_files = write_site_data(settings, sites, dep_root)
     task = get_task(settings.task)
     label = settings.label_column or task.default_label_column
+    bounds_file = write_declared_bounds(settings, dep_root)
 
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
     base_env["PYTHONUNBUFFERED"] = "1"
@@ -353,7 +371,14 @@ def rehearse(
                     f"max-epsilon={settings.site_max_epsilon!r} delta={settings.site_delta!r} "
                     f"min-noise-multiplier={settings.site_min_noise_multiplier!r} "
                     f'accountant="{settings.accountant}" '
-                    f"require-dp={'true' if settings.dp else 'false'}"
+                    f"require-dp={'true' if settings.dp else 'false'} "
+                    # the rehearsal's data owners are played on public data: they let
+                    # the central team see exact evaluation metrics (and seeded noise
+                    # when the run asks for it); a real site's defaults are off
+                    "release-eval-metrics="
+                    f"{'true' if settings.site_release_eval_metrics else 'false'}"
+                    + ("" if settings.secure_mode else " allow-insecure-noise=true")
+                    + (f' feature-bounds="{bounds_file}"' if bounds_file else "")
                     + (f' he-federation="{settings.he_federation}"' if settings.he else ""))
                 status(f"starting flower-supernode site-{k}")
                 node = dep.spawn(

@@ -195,7 +195,7 @@ def _rdp_epsilon(parts: Sequence[tuple[float, float, int]], delta: float) -> flo
     return float(eps)
 
 
-class _PRVWithFastDomain(_OpacusPRV):  # type: ignore[misc]
+class _PRVWithFastDomain(_OpacusPRV):
     """Opacus's PRV accountant with the same safe-domain rule (Gopi et al. 2021,
     Remark 5.6, as Opacus's ``compute_safe_domain_size`` applies it) bounded by RDP
     over integer orders, cached per (q, sigma). Opacus's own bound evaluates RDP at

@@ -74,11 +74,14 @@ class SiteSecret:
         return cls(path=p, key=key, created=str(d.get("created", "")), anchor=anchor)
 
     @classmethod
-    def load_or_create(cls, path: str | Path, *, created: str) -> SiteSecret:
+    def load_or_create(cls, path: str | Path, *, created: str, key: bytes | None = None
+                       ) -> SiteSecret:
+        """The secret at ``path``, created if missing: with a key from the OS CSPRNG,
+        or ``key`` (simulations that must repeat exactly)."""
         found = cls.load(path)
         if found is not None:
             return found
-        s = cls(path=Path(path), key=secrets.token_bytes(32), created=created)
+        s = cls(path=Path(path), key=key or secrets.token_bytes(32), created=created)
         s.save()
         return s
 

@@ -61,7 +61,7 @@ def test_clips_averages_uniformly_and_adds_calibrated_noise(tmp_path: Path) -> N
     res = [e for e in led if e["kind"] == "reservation"]
     assert res[0]["events"] == [SubsampledGaussianEvent(
         noise_multiplier=0.5, sample_rate=1.0, steps=1).to_dict()]
-    assert res[0]["fingerprint"] == federation_fingerprint("f")
+    assert res[0]["scope"] == federation_fingerprint("f")
 
 
 def test_noise_follows_the_number_actually_averaged(tmp_path: Path) -> None:

@@ -56,8 +56,19 @@ def test_digits_simulation_improves_and_writes_its_run(tmp_path: Path) -> None:
         assert verify_chain(ledger).ok
         rep = run_cli("budget", "report", str(ledger), "--format", "json")
         data = json.loads(rep.stdout)
-        assert data["datasets"][0]["epsilon_spent"] == pytest.approx(s["epsilon"], rel=1e-6)
+        assert data["scopes"][0]["epsilon_spent"] == pytest.approx(s["epsilon"], rel=1e-6)
     assert "privacy per site" in r.stdout and "max ε over sites" in r.stdout
+
+    # No file the server side writes holds a site's raw-data hash (the sites' ledgers,
+    # in the run directory only because this is a simulation, keep it locally).
+    raw = [e["fingerprint"] for s in sites
+           for e in read_chain(out / "ledgers" / f"{s['site']}.jsonl")
+           if e["kind"] == "dataset_registered"]
+    assert len(raw) == 3 and all(len(f) == 64 for f in raw)
+    for f in out.rglob("*"):
+        if f.is_file() and "ledgers" not in f.parts:
+            blob = f.read_bytes()
+            assert not any(h[:12].encode() in blob for h in raw), f
 
 
 def test_encrypted_aggregation_end_to_end(tmp_path: Path) -> None:

@@ -49,27 +49,27 @@ def test_table(ledger: Path) -> None:
     assert "unbounded" not in r.stdout
 
 
-def test_insecure_rounds_make_a_scope_unbounded(ledger: Path, tmp_path: Path) -> None:
+def test_insecure_rounds_make_a_scope_unbounded(ledger: Path) -> None:
+    from fedvault.reports import ledger_report, to_html
+
     led = PrivacyLedger(ledger)
     ev = SubsampledGaussianEvent(noise_multiplier=1.6, sample_rate=0.1, steps=5)
     led.reserve(FP2, [ev], run_id="run-4", server_round=1, delta=1e-5, limit=8.0,
                 insecure=True)
     r = run_cli("budget", "report", str(ledger))
     assert r.returncode == 0 and "unbounded" in r.stdout and "insecure" in r.stdout
-    data = json.loads(run_cli("budget", "report", str(ledger), "--format", "json").stdout)
+    data = ledger_report(ledger)
     by = {d["scope"]: d for d in data["scopes"]}
     assert by[FP2]["epsilon_bound"].startswith("unbounded") and by[FP2]["insecure_rounds"] == 1
     assert by[FP1]["epsilon_bound"] == "dp"
-    out = tmp_path / "r.html"
-    run_cli("budget", "report", str(ledger), "--format", "html", "--out", str(out))
-    assert 'class="insecure"' in out.read_text()
+    assert 'class="insecure"' in to_html(data)
 
 
 def test_replace_one_adjacency_on_request(ledger: Path) -> None:
+    from fedvault.reports import ledger_report
     from privacy.analysis import replace_one_epsilon
 
-    data = json.loads(run_cli("budget", "report", str(ledger), "--format", "json",
-                              "--adjacency", "replace-one").stdout)
+    data = ledger_report(ledger, adjacency="replace-one")
     assert data["adjacency"] == "replace-one"
     led = PrivacyLedger(ledger)
     for d in data["scopes"]:
@@ -77,8 +77,11 @@ def test_replace_one_adjacency_on_request(ledger: Path) -> None:
         rep = d["epsilon_replace_one"]
         assert rep > add_remove  # replacing is removing and adding
         hist = led.history(d["scope"])
-        eps, d1 = replace_one_epsilon(
-            delta=1e-5, epsilon_of=lambda x, h=hist: led.accountant.epsilon(h, delta=x))
+
+        def eps_at(x: float, h: list[SubsampledGaussianEvent] = hist) -> float:
+            return led.accountant.epsilon(h, delta=x)
+
+        eps, d1 = replace_one_epsilon(delta=1e-5, epsilon_of=eps_at)
         # the group-privacy conversion holds: (2 eps1, (1 + e^eps1) delta1) with delta1 fit
         assert (1 + np.exp(eps / 2)) * d1 <= 1e-5 * (1 + 1e-9)
         assert rep == pytest.approx(eps, rel=1e-6)
