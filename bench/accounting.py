@@ -184,13 +184,20 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             led = _ledger_with(history, Path(tmp))
             ev = Event(noise_multiplier=planned[0], sample_rate=planned[1], steps=planned[2])
-            t_res, _ = timed(lambda led=led, ev=ev: float(led.reserve(
-                "site", [ev], run_id="bench", server_round=0, delta=DELTA, limit=1e9,
-                dataset="d" * 32)["epsilon_after"]))
+
+            def reserve(led: Any = led, ev: Event = ev) -> float:
+                return float(led.reserve("site", [ev], run_id="bench", server_round=0,
+                                         delta=DELTA, limit=1e9,
+                                         dataset="d" * 32)["epsilon_after"])
+
+            t_res, _ = timed(reserve)
             # the report of the history (before the reservation above was added)
             led2 = _ledger_with(history, Path(tmp) / "r")
-            t_rep, eps = timed(lambda p=led2.path: float(
-                ledger_report(p)["scopes"][0]["epsilon_spent"]))
+
+            def report(p: Path = led2.path) -> float:
+                return float(ledger_report(p)["scopes"][0]["epsilon_spent"])
+
+            t_rep, eps = timed(report)
         b_res, _ = run_legacy("reserve", (history, planned), args.baseline_timeout)
         b_rep, b_eps = run_legacy("report", history, args.baseline_timeout)
         ref = None if args.no_pld else pld(history)
@@ -202,8 +209,10 @@ def main() -> None:
                          "epsilon_pld": None if ref is None else round(ref, 5)})
     prv = get_accountant("prv")
     for name, q, steps in CALIBRATIONS:
-        t_cal, sigma = timed(lambda q=q, steps=steps: prv.noise_for(
-            target_epsilon=8.0, delta=DELTA, sample_rate=q, steps=steps))
+        def calibrate(q: float = q, steps: int = steps) -> float:
+            return prv.noise_for(target_epsilon=8.0, delta=DELTA, sample_rate=q, steps=steps)
+
+        t_cal, sigma = timed(calibrate)
         b_cal, b_sigma = run_legacy("calibrate", (q, steps), args.baseline_timeout)
         rows.append({"case": name, "operation": "calibrate", "before_s": b_cal,
                      "after_s": round(t_cal, 4),

@@ -116,9 +116,9 @@ class PRVAccountant(Accountant):
     """Tight numerical composition (Opacus ``PRVAccountant``), upper bound of epsilon.
 
     Opacus's ``eps_error`` is an absolute tolerance; fedvault makes it relative:
-    a coarse pass estimates epsilon, then the reported value is computed with
-    ``eps_error = rel_error * max(epsilon, 1)`` (0.1% by default), so small and
-    large epsilons are equally exact and large ones stay fast.
+    ``eps_error = rel_error * max(epsilon_RDP, 1)`` (0.1% by default), where
+    epsilon_RDP, the RDP bound over integer orders, is at least the PRV value, so
+    small and large epsilons are about equally exact and large ones stay fast.
     """
 
     name = "prv"
@@ -158,9 +158,12 @@ class PRVAccountant(Accountant):
                                                steps=1))
         acc = _PRVWithFastDomain()
         acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in sub]
-        coarse = float(acc.get_epsilon(delta=delta, eps_error=0.05))
+        # The error scale: RDP's epsilon (integer orders, cached per (q, sigma)), an upper
+        # bound of the PRV value, so one PRV pass suffices where a coarse PRV pass
+        # used to estimate it (for large epsilon the coarse pass cost as much).
+        scale = _rdp_epsilon(acc.history, delta)
         return float(acc.get_epsilon(delta=delta,
-                                     eps_error=self.rel_error * max(coarse, 1.0)))
+                                     eps_error=self.rel_error * max(scale, 1.0)))
 
 
 class RDPAccountant(Accountant):
