@@ -177,7 +177,7 @@ def main() -> None:
     from fedvault.reports import ledger_report
     from privacy.accountants import get_accountant
 
-    console = Console()
+    console = Console(width=150)
     rows: list[dict[str, Any]] = []
     for case in CASES:
         history, planned = case["history"], case["planned"]

@@ -134,10 +134,11 @@ def _refusal(msg: Message, policy: SitePolicy, reason: str, spent: float | None 
 
 def _site_key(policy: SitePolicy, settings: RunSettings, context: Context) -> bytes:
     """The site's secret key (beside its ledger; created at first use from the OS
-    CSPRNG). A *simulated* site in an ``--insecure-noise`` run, which exists to be
-    repeated exactly, derives it from the run seed and its partition instead."""
+    CSPRNG). A *simulated* site in a run that exists to be repeated exactly (no DP,
+    or ``--insecure-noise``) derives it from the run seed and its partition instead."""
     seeded = None
-    if not settings.secure_mode and not context.node_config.get("data-path"):
+    if (not settings.secure_mode or not settings.dp) and not context.node_config.get(
+            "data-path"):
         pid = context.node_config.get("partition-id", context.node_id)
         seeded = hashlib.sha256(f"fedvault-simulated-site/{settings.seed}/{pid}".encode()
                                 ).digest()

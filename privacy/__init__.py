@@ -1,5 +1,6 @@
 """Differential privacy: privacy events, accountants (PRV, RDP), calibration, the
-site's hash-chained privacy ledger, and CSPRNG noise for secure-mode DP-SGD.
+site's hash-chained privacy ledger and its site secret (keyed ids, ledger anchor),
+and CSPRNG noise and sampling for secure-mode DP-SGD.
 Homomorphic encryption: parameter sets checked at 128-bit security, quantisation
 and packing, TenSEAL contexts (``privacy.he``).
 """
@@ -14,8 +15,9 @@ from privacy.accountants import (
 )
 from privacy.events import SubsampledGaussianEvent, compress
 from privacy.he import HEContext, HEParams, ckks_params, new_secret_context
-from privacy.ledger import DatasetAccount, PrivacyLedger
-from privacy.noise import secure_gaussian_like, secure_standard_normal
+from privacy.ledger import DatasetAccount, PrivacyLedger, ScopeAccount
+from privacy.noise import SecureUniform, secure_gaussian_like, secure_standard_normal
+from privacy.site_secret import SiteSecret
 
 __all__ = [
     "ACCOUNTANTS",
@@ -27,6 +29,9 @@ __all__ = [
     "PRVAccountant",
     "PrivacyLedger",
     "RDPAccountant",
+    "ScopeAccount",
+    "SecureUniform",
+    "SiteSecret",
     "SubsampledGaussianEvent",
     "ckks_params",
     "compress",
