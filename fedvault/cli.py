@@ -499,7 +499,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_budget_verify(args: argparse.Namespace) -> int:
-    return _verify(args.ledger)
+    """The hash chain, and, where the site secret is beside the ledger, its anchor: a
+    chain cannot show that its tail was cut or that the whole file was replaced."""
+    from privacy.ledger import anchor_problem
+
+    if args.ledger.exists():
+        status = _verify(args.ledger)
+        if status:
+            return status  # the first edited, deleted or reordered entry, named
+    problem = anchor_problem(args.ledger)
+    if problem:
+        err_console.print(f"[red]{escape(problem)}[/]", soft_wrap=True)
+        return 1
+    if not args.ledger.exists():
+        return _verify(args.ledger)
+    return 0
 
 
 def cmd_budget_report(args: argparse.Namespace) -> int:

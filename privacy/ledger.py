@@ -202,7 +202,7 @@ class PrivacyLedger:
         if site_secret:
             found = SiteSecret.load(secret_file)
             if found is not None and not existed and int(found.anchor.get("entries", 0)) > 0:
-                raise IntegrityError(self._missing_message(found, 0))
+                raise IntegrityError(_missing_message(self.path, found, 0))
             self.secret = found or SiteSecret.load_or_create(secret_file, created=utc_now())
         with self.lock():
             if existed:
@@ -216,30 +216,11 @@ class PrivacyLedger:
                 HashChainLog(self.path, mode=LEDGER_MODE)
             os.chmod(self.path, LEDGER_MODE)
 
-    def _missing_message(self, secret: SiteSecret, found: int) -> str:
-        want = int(secret.anchor.get("entries", 0))
-        what = "is missing" if found == 0 else f"has {found} complete entries"
-        return (f"privacy ledger {self.path} {what}, but this site's secret "
-                f"({secret.path}) records {want}: the ledger was moved, replaced or cut "
-                "short, and training on it would start the budget from zero. Restore the "
-                "ledger from a backup, or start a new one on the record with "
-                f"`fedvault budget new-ledger {self.path} --reason TEXT`.")
-
     def _check_anchor(self) -> None:
-        if self.secret is None:
-            return
-        want = int(self.secret.anchor.get("entries", 0))
-        if want == 0:
-            return
-        complete, _ = follow_chain(self.path, 0)
-        if len(complete) < want:
-            raise IntegrityError(self._missing_message(self.secret, len(complete)))
-        if complete[want - 1].get("hash") != self.secret.anchor.get("hash"):
-            raise IntegrityError(
-                f"privacy ledger {self.path}: entry {want - 1} is not the one this site's "
-                f"secret anchored: the ledger was replaced or rewritten. Restore it from a "
-                f"backup, or start a new one with `fedvault budget new-ledger {self.path} "
-                "--reason TEXT`.")
+        if self.secret is not None:
+            problem = anchor_problem(self.path, self.secret)
+            if problem:
+                raise IntegrityError(problem)
 
     def _repair(self) -> None:
         data = self.path.read_bytes()
@@ -465,6 +446,36 @@ class PrivacyLedger:
                                                           delta=a.delta)
             a.accountant = self.accountant.name  # the one that computed epsilon_spent
         return list(accts.values())
+
+
+def _missing_message(path: Path, secret: SiteSecret, found: int) -> str:
+    want = int(secret.anchor.get("entries", 0))
+    what = "is missing" if found == 0 else f"has {found} complete entries"
+    return (f"privacy ledger {path} {what}, but this site's secret ({secret.path}) "
+            f"records {want}: the ledger was moved, replaced or cut short, and training on "
+            "it would start the budget from zero. Restore the ledger from a backup, or "
+            f"start a new one on the record with `fedvault budget new-ledger {path} "
+            "--reason TEXT`.")
+
+
+def anchor_problem(path: str | Path, secret: SiteSecret | None = None) -> str | None:
+    """What is wrong with the ledger at ``path`` against its site secret's anchor
+    (``None``: nothing, or no secret to check against)."""
+    p = Path(path).expanduser().absolute()
+    secret = secret or SiteSecret.load(secret_path_for(p))
+    if secret is None:
+        return None
+    want = int(secret.anchor.get("entries", 0))
+    if want == 0:
+        return None
+    complete = follow_chain(p, 0)[0] if p.exists() else []
+    if len(complete) < want:
+        return _missing_message(p, secret, len(complete))
+    if complete[want - 1].get("hash") != secret.anchor.get("hash"):
+        return (f"privacy ledger {p}: entry {want - 1} is not the one this site's secret "
+                "anchored: the ledger was replaced or rewritten. Restore it from a backup, "
+                f"or start a new one with `fedvault budget new-ledger {p} --reason TEXT`.")
+    return None
 
 
 def last_reservation(path: str | Path) -> dict[str, Any] | None:

@@ -167,6 +167,8 @@ def test_a_ledger_moved_away_or_truncated_is_refused(tmp_path: Path) -> None:
     assert verify_chain(led.path).ok
     with pytest.raises(IntegrityError, match="records"):
         PrivacyLedger(led.path)
+    r = run_cli("budget", "verify", str(led.path))  # the compliance check sees it too
+    assert r.returncode == 1 and "cut short" in r.stderr
     # moved away entirely
     led.path.rename(tmp_path / "elsewhere.jsonl")
     with pytest.raises(IntegrityError, match="is missing"):
