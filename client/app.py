@@ -205,10 +205,17 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
 
         try:
             ledger = _open_ledger(policy)
-            dataset = _register(ledger, policy, site)
         except IntegrityError as exc:
             # a ledger that cannot be trusted: train nothing, say why (nothing to record in)
             return _refusal(msg, policy, f"privacy ledger: {exc}")
+        try:
+            dataset = _register(ledger, policy, site)
+        except IntegrityError as exc:
+            return _refusal(msg, policy, f"privacy ledger: {exc}")
+        except PrivacyRefused as exc:  # the data already draws on another budget scope
+            ledger.refuse(policy.budget_scope, run_id=run_id, server_round=server_round,
+                          reason=str(exc), delta=policy.delta, limit=policy.max_epsilon)
+            return _refusal(msg, policy, str(exc))
 
         def refuse(reason: str) -> Message:
             ledger.refuse(policy.budget_scope, run_id=run_id, server_round=server_round,
@@ -247,6 +254,8 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
         except PrivacyRefused as exc:
             return _refusal(msg, policy, str(exc),
                             spent=ledger.spent(policy.budget_scope, delta=policy.delta))
+        except IntegrityError as exc:  # e.g. another process left a torn line meanwhile
+            return _refusal(msg, policy, f"privacy ledger: {exc}")
         if not settings.secure_mode:
             logger.warning("secure-mode is off: DP noise and batch sampling come from "
                            "seeded PRNGs, not a CSPRNG; the ledger marks this round "

@@ -318,12 +318,27 @@ class PrivacyLedger:
                    and e.get("round") == server_round for e in self.entries())
 
     # -- state changes -------------------------------------------------------------------
+    @staticmethod
+    def _check_one_scope(entries: Sequence[dict[str, Any]], dataset: str, scope: str) -> None:
+        """A dataset draws on one budget scope for good: moving it to another (a new
+        ``budget-scope``, or back to ``site``) would start its records from zero."""
+        for e in entries:
+            if e.get("dataset") == dataset and e.get("kind") in (
+                    "dataset_registered", "scope_declared", *SPEND_KINDS) \
+                    and entry_scope(e) not in (scope, ANY_SCOPE):
+                raise PrivacyRefused(
+                    f"this dataset already draws on budget scope {entry_scope(e)!r}; "
+                    f"moving it to scope {scope!r} would start its records' budget from "
+                    "zero. Set node-config budget-scope back, or declare a new scope only "
+                    "for data about other people.")
+
     def register(self, dataset: str, *, source: str, rows: int, scope: str = SITE_SCOPE,
                  fingerprint: str = "") -> dict[str, Any] | None:
         """Record the first use of a dataset in a scope; says which budget it draws on."""
         check_scope(scope)
         with self.lock():
             entries = self.entries()
+            self._check_one_scope(entries, dataset, scope)
             if any(e.get("kind") == "dataset_registered" and e.get("dataset") == dataset
                    and entry_scope(e) == scope for e in entries):
                 return None
@@ -345,8 +360,10 @@ class PrivacyLedger:
         if scope == SITE_SCOPE:
             return None
         with self.lock():
+            entries = self.entries()
+            self._check_one_scope(entries, dataset, scope)
             if any(e.get("kind") == "scope_declared" and e.get("scope") == scope
-                   and e.get("dataset") == dataset for e in self.entries()):
+                   and e.get("dataset") == dataset for e in entries):
                 return None
             return self._append(
                 "scope_declared", scope=scope, dataset=dataset, declared_by=declared_by,

@@ -291,8 +291,14 @@ def test_re_exporting_the_data_does_not_reset_the_budget(tmp_path: Path) -> None
         r = app(_msg("train", _global("tabular"), server_round=2 + i),
                 _ctx(_real(tmp_path, q, **{"max-epsilon": 3.0}), run))
         assert "privacy budget" in _refusal(r)["reason"]
-    # a data owner who declares a dataset disjoint gives it its own budget, on the record
-    q = save_table(fewer, tmp_path / "cohort-b.csv", label_column="y")
+    # ... nor does moving the same data to a newly declared scope
+    r = app(_msg("train", _global("tabular"), server_round=8),
+            _ctx(_real(tmp_path, p, **{"max-epsilon": 3.0, "budget-scope": "fresh"}), run))
+    assert "already draws on budget scope 'site'" in _refusal(r)["reason"]
+    # a data owner who declares other people's data disjoint gives it its own budget,
+    # on the record
+    other = get_task("tabular").embedded().subset(np.arange(300, 500))
+    q = save_table(other, tmp_path / "cohort-b.csv", label_column="y")
     r = app(_msg("train", _global("tabular"), server_round=9),
             _ctx(_real(tmp_path, q, **{"max-epsilon": 3.0, "budget-scope": "cohort-b"}), run))
     assert "refusal" not in r.content.config_records

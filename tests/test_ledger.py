@@ -88,6 +88,22 @@ def test_a_declared_disjoint_scope_is_recorded(tmp_path: Path) -> None:
         led.declare_scope("../etc", dataset="d9", declared_by="x")
 
 
+def test_a_dataset_cannot_leave_its_budget_scope(tmp_path: Path) -> None:
+    # the same records moved to a new scope would start again from zero
+    led = PrivacyLedger(tmp_path / "ledger.jsonl")
+    led.register("ds", source="a.csv", rows=100)
+    led.reserve("site", [_ev()], run_id="r", server_round=1, delta=1e-5, limit=100,
+                dataset="ds")
+    with pytest.raises(PrivacyRefused, match="already draws on budget scope 'site'"):
+        led.declare_scope("other", dataset="ds", declared_by="x")
+    with pytest.raises(PrivacyRefused, match="already draws on budget scope 'site'"):
+        led.register("ds", scope="other", source="a.csv", rows=100)
+    led.declare_scope("cohort", dataset="d2", declared_by="x")
+    led.register("d2", scope="cohort", source="b.csv", rows=100)
+    with pytest.raises(PrivacyRefused, match="already draws on budget scope 'cohort'"):
+        led.register("d2", source="b.csv", rows=100)  # and not back to the site scope
+
+
 @pytest.mark.parametrize("tamper", ["edit", "delete", "reorder"])
 def test_budget_verify_names_the_first_bad_entry(tmp_path: Path, tamper: str) -> None:
     led = _ledger(tmp_path)
