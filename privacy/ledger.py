@@ -201,26 +201,26 @@ class PrivacyLedger:
         existed = self.path.exists() and self.path.stat().st_size > 0
         if site_secret:
             found = SiteSecret.load(secret_file)
-            if found is not None and not existed and int(found.anchor.get("entries", 0)) > 0:
-                raise IntegrityError(_missing_message(self.path, found, 0))
+            if found is not None and not existed:
+                self._raise_if_unanchored(found)  # a ledger moved away that had entries
             self.secret = found or SiteSecret.load_or_create(secret_file, created=utc_now())
         with self.lock():
             if existed:
                 report = verify_chain(self.path)
                 if not report.ok and "torn last line" not in report.reason:
                     raise IntegrityError(f"privacy ledger is broken: {report.describe()}")
-                self._check_anchor()
+                if self.secret is not None:
+                    self._raise_if_unanchored(self.secret)
                 if not report.ok:
                     self._repair()
             else:
                 HashChainLog(self.path, mode=LEDGER_MODE)
             os.chmod(self.path, LEDGER_MODE)
 
-    def _check_anchor(self) -> None:
-        if self.secret is not None:
-            problem = anchor_problem(self.path, self.secret)
-            if problem:
-                raise IntegrityError(problem)
+    def _raise_if_unanchored(self, secret: SiteSecret) -> None:
+        problem = anchor_problem(self.path, secret)
+        if problem:
+            raise IntegrityError(problem)
 
     def _repair(self) -> None:
         data = self.path.read_bytes()
@@ -457,7 +457,8 @@ class PrivacyLedger:
         if recovered_any and not accts:
             accts[SITE_SCOPE] = ScopeAccount(scope=SITE_SCOPE)
         for a in accts.values():
-            a.delta = a.delta or 1e-5 if recovered_any else a.delta
+            if a.delta is None and recovered_any:
+                a.delta = 1e-5  # recovered spends carry no delta: the sites' default
             if a.delta is not None:
                 a.epsilon_spent = self.accountant.epsilon(self.history(a.scope, entries),
                                                           delta=a.delta)

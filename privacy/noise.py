@@ -50,11 +50,6 @@ def secure_gaussian_like(reference: torch.Tensor, std: float) -> torch.Tensor:
     return torch.from_numpy(noise).to(dtype=reference.dtype, device=reference.device)
 
 
-def secure_uniform(n: int) -> np.ndarray:
-    """``n`` uniforms in (0, 1] from the OS CSPRNG (53 random bits each)."""
-    return _uniform_open(n)
-
-
 class UniformSource(Protocol):
     """Anything with numpy ``Generator.random``'s signature."""
 
