@@ -14,161 +14,15 @@ problem in one line.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import math
-from pathlib import Path
 
 import numpy as np
 
-from fedvault.errors import DataError
+from fedvault.tables import load_table, save_table
 from fedvault.tasks import Table
 
 #: Fraction of a site's data kept for federated evaluation.
 VALIDATION_FRACTION = 0.2
-
-
-def load_table(path: str | Path, *, label_column: str) -> Table:
-    """Load a CSV, Parquet or NPZ file into a :class:`Table`."""
-    p = Path(path).expanduser()
-    if not str(path):
-        raise DataError("data-path is empty: set it in the SuperNode node config.")
-    if not p.exists():
-        raise DataError(f"data-path {str(p)!r} does not exist.")
-    if not p.is_file():
-        raise DataError(f"data-path {str(p)!r} is not a file.")
-    suffix = p.suffix.lower()
-    if suffix == ".csv":
-        table = _load_csv(p, label_column)
-    elif suffix == ".parquet":
-        table = _load_parquet(p, label_column)
-    elif suffix == ".npz":
-        table = _load_npz(p)
-    else:
-        raise DataError(
-            f"data-path {str(p)!r} has unsupported format {suffix or '(none)'!r}: "
-            "use .csv, .parquet or .npz."
-        )
-    if len(table) == 0:
-        raise DataError(f"data-path {str(p)!r} holds no rows.")
-    if not np.isfinite(table.x).all():
-        raise DataError(f"data-path {str(p)!r} holds NaN or infinite feature values.")
-    return table
-
-
-def _labels(values: list[str] | np.ndarray, p: Path, label_column: str) -> np.ndarray:
-    out = np.empty(len(values), dtype=np.int64)
-    for i, v in enumerate(values):
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            raise DataError(
-                f"{p}: label column {label_column!r} must hold integers; row {i + 1} has {v!r}."
-            ) from None
-        if not math.isfinite(f) or f != int(f):
-            raise DataError(
-                f"{p}: label column {label_column!r} must hold integers; row {i + 1} has {v!r}."
-            )
-        out[i] = int(f)
-    return out
-
-
-def _load_csv(p: Path, label_column: str) -> Table:
-    try:
-        with p.open(newline="", encoding="utf-8") as fh:
-            reader = csv.reader(fh)
-            try:
-                header = [h.strip() for h in next(reader)]
-            except StopIteration:
-                raise DataError(f"{p}: the CSV file is empty (no header row).") from None
-            if label_column not in header:
-                raise DataError(
-                    f"{p}: no label column {label_column!r}; columns are "
-                    f"{', '.join(header[:12])}{', ...' if len(header) > 12 else ''} "
-                    "(set label-column)."
-                )
-            li = header.index(label_column)
-            rows = [r for r in reader if r]
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{p}: not a UTF-8 CSV file ({exc.reason}).") from exc
-    feature_idx = [i for i in range(len(header)) if i != li]
-    if not feature_idx:
-        raise DataError(f"{p}: no feature columns besides the label column {label_column!r}.")
-    x = np.empty((len(rows), len(feature_idx)), dtype=np.float32)
-    for r, row in enumerate(rows):
-        if len(row) != len(header):
-            raise DataError(
-                f"{p}: row {r + 1} has {len(row)} fields; the header has {len(header)}."
-            )
-        for c, i in enumerate(feature_idx):
-            try:
-                x[r, c] = float(row[i])
-            except ValueError:
-                raise DataError(
-                    f"{p}: column {header[i]!r}, row {r + 1}: {row[i]!r} is not a number."
-                ) from None
-    y = _labels([row[li] for row in rows], p, label_column)
-    return Table(x=x, y=y)
-
-
-def _load_parquet(p: Path, label_column: str) -> Table:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise DataError(
-            f"{p}: reading Parquet needs pyarrow: pip install 'fedvault[parquet]'."
-        ) from exc
-    try:
-        tbl = pq.read_table(p)
-    except Exception as exc:  # pyarrow raises many types for a bad file
-        raise DataError(f"{p}: not a readable Parquet file ({exc}).") from exc
-    names = list(tbl.column_names)
-    if label_column not in names:
-        raise DataError(
-            f"{p}: no label column {label_column!r}; columns are {', '.join(names[:12])} "
-            "(set label-column)."
-        )
-    feats = [n for n in names if n != label_column]
-    try:
-        x = np.column_stack([tbl.column(n).to_numpy().astype(np.float32) for n in feats])
-    except (ValueError, TypeError) as exc:
-        raise DataError(f"{p}: every feature column must be numeric ({exc}).") from exc
-    y = _labels(tbl.column(label_column).to_numpy(), p, label_column)
-    return Table(x=x, y=y)
-
-
-def _load_npz(p: Path) -> Table:
-    try:
-        with np.load(p, allow_pickle=False) as npz:
-            if "x" not in npz or "y" not in npz:
-                raise DataError(f"{p}: an .npz file needs arrays 'x' and 'y'; found {npz.files}.")
-            x = np.asarray(npz["x"], dtype=np.float32)
-            y_raw = np.asarray(npz["y"])
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{p}: not a readable .npz file ({exc}).") from exc
-    if x.ndim != 2 or y_raw.ndim != 1 or len(x) != len(y_raw):
-        raise DataError(
-            f"{p}: 'x' must be (rows, features) and 'y' one label per row; "
-            f"found shapes {x.shape} and {y_raw.shape}."
-        )
-    return Table(x=x, y=_labels(y_raw, p, "y"))
-
-
-def save_table(table: Table, path: str | Path, *, label_column: str = "label") -> Path:
-    """Write ``table`` as CSV or NPZ (by suffix); used to lay out rehearsal sites' data."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    if p.suffix == ".npz":
-        np.savez(p, x=table.x, y=table.y)
-        return p
-    if p.suffix != ".csv":
-        raise DataError(f"save_table writes .csv or .npz. Found {p.suffix!r}.")
-    with p.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow([f"f{i}" for i in range(table.num_features)] + [label_column])
-        for xi, yi in zip(table.x, table.y, strict=True):
-            w.writerow([repr(float(v)) for v in xi] + [int(yi)])
-    return p
 
 
 def fingerprint(table: Table) -> str:
@@ -220,3 +74,6 @@ def split_site(table: Table, *, key: bytes) -> tuple[Table, Table]:
     if to_val.all() or not to_val.any():
         return table, table
     return table.subset(np.flatnonzero(~to_val)), table.subset(np.flatnonzero(to_val))
+
+
+__all__ = ["fingerprint", "load_table", "record_keys", "save_table", "split_site"]

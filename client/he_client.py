@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context
 
 from fedvault.errors import ConfigError, HEError
-from fedvault.provision import load_context
+from fedvault.tasks import flatten, unflatten
+from privacy.federation import load_context
 from privacy.he import HEContext
 from privacy.noise import UniformSource
 from protocols.config import RunSettings
@@ -41,22 +41,6 @@ def site_context(settings: RunSettings, node_config: Mapping[str, Any]) -> HECon
     if not site:
         raise ConfigError("encrypted aggregation needs node-config site-name.")
     return _context(federation, site, str(node_config.get("he-passphrase-env", "")))
-
-
-def flatten(state: Mapping[str, torch.Tensor]) -> np.ndarray:
-    return np.concatenate([t.detach().cpu().numpy().astype(np.float64).ravel()
-                           for t in state.values()])
-
-
-def unflatten(flat: np.ndarray, template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out, i = {}, 0
-    for k, t in template.items():
-        n = t.numel()
-        out[k] = torch.from_numpy(flat[i:i + n].reshape(tuple(t.shape))).to(t.dtype)
-        i += n
-    if i != len(flat):
-        raise HEError(f"the decrypted model has {len(flat)} values; the task's has {i}.")
-    return out
 
 
 def load_encrypted_global(model: torch.nn.Module, record: ConfigRecord, he: HEContext) -> None:

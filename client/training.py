@@ -1,16 +1,15 @@
-"""Local training and evaluation at a site (plain PyTorch; DP-SGD wraps this)."""
+"""Local training at a site (plain PyTorch; DP-SGD wraps this). Evaluation is shared
+with the server and lives in :mod:`fedvault.tasks`."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from fedvault.tasks import Table
+from fedvault.tasks import Table, evaluate, to_loader
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -18,13 +17,6 @@ class TrainResult:
     loss: float
     steps: int
     num_examples: int
-
-
-def to_loader(table: Table, *, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    ds = TensorDataset(torch.from_numpy(np.ascontiguousarray(table.x)),
-                       torch.from_numpy(np.ascontiguousarray(table.y)))
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen)
 
 
 def train_local(
@@ -65,15 +57,4 @@ def train_local(
     return TrainResult(loss=last, steps=steps, num_examples=len(table))
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, table: Table, *, batch_size: int = 256) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy) of ``model`` on ``table``."""
-    model.eval()
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    total, correct = 0.0, 0
-    for xb, yb in to_loader(table, batch_size=batch_size, shuffle=False, seed=0):
-        out = model(xb)
-        total += float(loss_fn(out, yb).item())
-        correct += int((out.argmax(dim=1) == yb).sum().item())
-    n = max(len(table), 1)
-    return total / n, correct / n
+__all__ = ["TrainResult", "evaluate", "to_loader", "train_local"]

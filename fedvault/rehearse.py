@@ -40,13 +40,13 @@ from typing import IO, Any
 
 import tomli_w
 
-from client.data import save_table
-from client.site import pool_bounds, pooled_table
+from fedvault.datasets import pool_bounds, pooled_table
 from fedvault.errors import ConfigError, DeploymentError
+from fedvault.partition import partition_indices
 from fedvault.rundir import RunDirectory
+from fedvault.tables import save_table
 from fedvault.tasks import get_task
 from protocols.config import RunSettings
-from simulations.partition import partition_indices
 from simulations.runner import check_run, ensure_federation, tail_events
 
 STARTUP_TIMEOUT = 60.0

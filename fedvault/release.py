@@ -18,11 +18,10 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from client.he_client import unflatten
 from fedvault.errors import ConfigError, HEError
-from fedvault.provision import load_context
 from fedvault.rundir import RunDirectory
-from fedvault.tasks import get_task
+from fedvault.tasks import get_task, unflatten
+from privacy.federation import load_context
 from protocols.config import RunSettings
 from protocols.hashchain import HashChainLog
 from protocols.he_update import ciphertexts_of, is_encrypted

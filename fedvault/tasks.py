@@ -12,12 +12,13 @@ issue can wrap any built-in task with ``PrivacyEngine.make_private``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from fedvault.errors import TaskError
 
@@ -304,3 +305,41 @@ def embedded_split(task: Task, *, seed: int) -> tuple[Table, Table]:
     evaluation never sees a record any site trains on.
     """
     return split_train_test(task.embedded(), test_fraction=TEST_FRACTION, seed=seed)
+
+
+# -- parameters as one vector, and evaluation (shared by sites, server and tools) --
+def flatten(state: Mapping[str, torch.Tensor]) -> np.ndarray:
+    return np.concatenate([t.detach().cpu().numpy().astype(np.float64).ravel()
+                           for t in state.values()])
+
+
+def unflatten(flat: np.ndarray, template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out, i = {}, 0
+    for k, t in template.items():
+        n = t.numel()
+        out[k] = torch.from_numpy(flat[i:i + n].reshape(tuple(t.shape))).to(t.dtype)
+        i += n
+    if i != len(flat):
+        raise TaskError(f"the decrypted model has {len(flat)} values; the task's has {i}.")
+    return out
+
+
+def to_loader(table: Table, *, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    ds = TensorDataset(torch.from_numpy(np.ascontiguousarray(table.x)),
+                       torch.from_numpy(np.ascontiguousarray(table.y)))
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, table: Table, *, batch_size: int = 256) -> tuple[float, float]:
+    """(mean cross-entropy loss, accuracy) of ``model`` on ``table``."""
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    total, correct = 0.0, 0
+    for xb, yb in to_loader(table, batch_size=batch_size, shuffle=False, seed=0):
+        out = model(xb)
+        total += float(loss_fn(out, yb).item())
+        correct += int((out.argmax(dim=1) == yb).sum().item())
+    n = max(len(table), 1)
+    return total / n, correct / n

@@ -16,12 +16,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from client.site import pooled_table, site_bounds
-from client.training import evaluate
+from fedvault.datasets import central_test_table
 from fedvault.errors import ConfigError, FedvaultError
-from fedvault.provision import load_context
 from fedvault.rundir import RunDirectory, default_run_dir
-from fedvault.tasks import Table, Task, get_task
+from fedvault.tasks import Table, Task, evaluate, get_task
+from privacy.federation import load_context
 from privacy.ledger import PrivacyLedger
 from protocols.config import RunSettings
 from protocols.he_update import is_encrypted
@@ -31,16 +30,6 @@ from server.recorder import RunRecorder
 from server.strategy import FedVaultFedAvg
 
 logger = logging.getLogger("fedvault.server")
-
-
-def central_test_table(task: Task, settings: RunSettings) -> Table | None:
-    """The held-out central test split, preprocessed; ``None`` when disabled."""
-    if not settings.central_eval:
-        return None
-    _, test = pooled_table(task, settings)
-    # scaled like the simulated sites' data: declared bounds, never test-set statistics
-    bounds = site_bounds(settings, {}, task, test.num_features)
-    return Table(x=task.preprocess(test.x, bounds), y=test.y)
 
 
 def make_central_evaluator(

@@ -14,11 +14,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 
+from fedvault.datasets import central_test_table
 from fedvault.errors import ConfigError
 from fedvault.rundir import RunDirectory
+from fedvault.tasks import get_task
 from privacy.ledger import last_reservation
 from protocols.config import RunSettings
+from simulations.behaviour import add_trigger, trigger_value
 from simulations.scenario import Scenario
 
 #: columns of rounds.csv, in order
@@ -130,12 +134,6 @@ def backdoor_success(summary: dict[str, Any], scenario: Scenario, settings: RunS
                if g.behaviour in ("backdoor", "model-replacement")}
     if not targets or not settings.central_eval:
         return None
-    import torch
-
-    from fedvault.tasks import get_task
-    from server.app import central_test_table
-    from simulations.behaviour import add_trigger, trigger_value
-
     released = summary.get("released_model", {}).get("path")
     final = run_dir.model_path(int(summary.get("rounds_completed", 0)))
     path = Path(released) if released else final

@@ -24,17 +24,22 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from client.app import build_client_app
-from client.site import pooled_table
+from fedvault.datasets import central_test_table, pooled_table
 from fedvault.errors import ConfigError, FedvaultError
+from fedvault.partition import partition_indices
+from fedvault.provision import provision
+from fedvault.release import decrypt_model
 from fedvault.rundir import RunDirectory, write_json_atomic
-from fedvault.tasks import get_task
+from fedvault.tasks import evaluate, get_task
+from privacy.he import bfv_params_for
 from protocols.config import RunSettings
 from protocols.hashchain import follow_chain
-from server.app import build_server_app, central_test_table
+from server.app import build_server_app
 from server.recorder import RunRecorder
-from simulations.behaviour import SITE_QUERY
-from simulations.partition import partition_indices
-from simulations.scenario import Scenario, load_compiled, save_compiled
+from simulations.behaviour import SITE_QUERY, ScenarioBehaviour, answer_site_query, simulation_mod
+from simulations.network import SimulatedGrid
+from simulations.report import scenario_outputs
+from simulations.scenario import Scenario, informative_features, load_compiled, save_compiled
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
@@ -96,8 +101,6 @@ def ensure_federation(settings: RunSettings, sites: int, root: Path) -> RunSetti
     """With ``he`` on and no federation given, provision one under ``root``."""
     if not settings.he or settings.he_federation:
         return settings
-    from fedvault.provision import provision
-    from privacy.he import bfv_params_for
 
     fed = root / "federation"
     provision(fed, sites=sites, params=bfv_params_for(sites))
@@ -191,7 +194,6 @@ def simulate(
         summary["released_model"] = evaluate_release(settings, run_dir)
     summary["simulation_wall_seconds"] = round(time.monotonic() - t0, 3)
     if scenario is not None:
-        from simulations.report import scenario_outputs
 
         scenario_outputs(summary, scenario, settings, run_dir)
     write_json_atomic(run_dir.summary, summary)
@@ -217,8 +219,6 @@ def ray_backend_config(*, cpus_per_site: float, verbose: bool, ray_address: str 
 
 def _scenario_apps(scenario: Scenario, settings: RunSettings, overrides: dict[str, Any]
                    ) -> tuple[ServerApp, ClientApp]:
-    from simulations.behaviour import ScenarioBehaviour, answer_site_query, simulation_mod
-    from simulations.network import SimulatedGrid
 
     def wrap(grid: Grid, recorder: RunRecorder) -> Grid:
         return SimulatedGrid(grid, scenario, recorder)
@@ -258,7 +258,6 @@ def generate_table(path: Path, rows: int, features: int, classes: int, *, seed: 
     import numpy as np
     from sklearn.datasets import make_classification
 
-    from simulations.scenario import informative_features
 
     informative = informative_features(features)
     x, y = make_classification(n_samples=rows, n_features=features, n_informative=informative,
@@ -283,8 +282,6 @@ def evaluate_release(settings: RunSettings, run_dir: RunDirectory) -> dict[str, 
     not do. A real federation does this with ``fedvault model decrypt``."""
     import torch
 
-    from client.training import evaluate
-    from fedvault.release import decrypt_model
 
     out = run_dir.root / "released-model.pt"
     entry = decrypt_model(run_dir.root, federation=settings.he_federation, site="site-0",

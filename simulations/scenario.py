@@ -68,7 +68,10 @@ from typing import Any
 
 import numpy as np
 
-from fedvault.errors import ConfigError
+from fedvault.errors import ConfigError, TaskError
+from fedvault.partition import PartitionError, PartitionPlan
+from fedvault.rundir import write_json_atomic
+from fedvault.tasks import get_task
 from protocols.config import RunSettings, config_key
 
 #: What a site may do.
@@ -179,30 +182,24 @@ class Scenario:
         except ConfigError as exc:
             raise ConfigError(f"{self.source or self.name}: [run] {exc}") from None
 
+    def partition_plan(self) -> PartitionPlan:
+        """How the sites share the pool, one entry per site (what the apps read)."""
+        return PartitionPlan(
+            kinds=tuple(g.partition or self.data.partition for g in self.groups
+                        for _ in range(g.count)),
+            alphas=tuple(float(g.alpha or self.data.alpha) for g in self.groups
+                         for _ in range(g.count)),
+            quantities=tuple(float(g.quantity) for g in self.groups for _ in range(g.count)),
+            allowed=tuple(g.labels for g in self.groups for _ in range(g.count)),
+            groups=tuple(g.group for g in self.groups for _ in range(g.count)),
+            quantity_skew=self.data.quantity_skew)
+
     def owners(self, labels: np.ndarray, *, seed: int) -> np.ndarray:
         """Owner site of every sample of the federated pool (see ``site_partition``)."""
-        from simulations.partition import site_partition
-
-        counts = [g.count for g in self.groups]
-        rep = lambda vals: np.repeat(np.asarray(vals), counts)  # noqa: E731
-        quantities = rep([g.quantity for g in self.groups]).astype(float)
-        if self.data.quantity_skew > 0:
-            rng = np.random.default_rng([seed, 0x5157])
-            quantities = quantities * rng.lognormal(0.0, self.data.quantity_skew,
-                                                    size=len(quantities))
-        kinds = [g.partition or self.data.partition for g in self.groups for _ in range(g.count)]
-        alphas = rep([g.alpha or self.data.alpha for g in self.groups]).astype(float)
-        allowed = [g.labels for g in self.groups for _ in range(g.count)]
         try:
-            return site_partition(labels, kinds=kinds, alphas=alphas, quantities=quantities,
-                                  allowed=allowed, seed=seed)
-        except ValueError as exc:
-            msg = str(exc)
-            if msg.startswith("site "):
-                k = int(msg.split()[1])
-                msg = f"site-{k} of group {self.site(k).group!r}{msg[len(f'site {k}'):]}"
-            raise ConfigError(f"{self.source or self.name}: cannot partition the data: "
-                              f"{msg}") from None
+            return self.partition_plan().owners(labels, seed=seed)
+        except PartitionError as exc:
+            raise ConfigError(f"{self.source or self.name}: {exc}") from None
 
     def with_run(self, overrides: Mapping[str, Any]) -> Scenario:
         """This scenario with some [run] keys overridden (the command line's run
@@ -369,9 +366,6 @@ def parse_scenario(doc: Mapping[str, Any], *, source: str = "") -> Scenario:
     if data.generate and data.task != "tabular":
         raise ConfigError(f"{src} [data]: 'generate' makes a table for task 'tabular'. "
                           f"Found task {data.task!r}.")
-    from fedvault.errors import TaskError
-    from fedvault.tasks import get_task
-
     try:
         task = get_task(data.task)
     except TaskError as exc:
@@ -483,9 +477,8 @@ def builtin_path(name: str) -> Path:
 
 def save_compiled(scenario: Scenario, path: Path) -> None:
     """Write the validated scenario as JSON (what the apps read during the run)."""
-    from fedvault.rundir import write_json_atomic
-
-    write_json_atomic(path, scenario.to_json())
+    write_json_atomic(path, {**scenario.to_json(),
+                             "partition": scenario.partition_plan().to_json()})
 
 
 def load_compiled(path: str) -> Scenario:

@@ -98,9 +98,8 @@ def test_encrypted_aggregation_end_to_end(tmp_path: Path) -> None:
     assert rel.returncode == 0, rel.stderr
     import torch
 
-    from client.site import pooled_table
-    from client.training import evaluate
-    from fedvault.tasks import Table, get_task
+    from fedvault.datasets import pooled_table
+    from fedvault.tasks import Table, evaluate, get_task
     from protocols.config import RunSettings
 
     task = get_task("digits")

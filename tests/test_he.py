@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedvault.errors import ConfigError, HEError
-from fedvault.provision import load_context, provision, read_manifest
+from fedvault.provision import provision
+from privacy.federation import load_context, read_manifest
 from privacy.he import (
     HEContext,
     HEParams,

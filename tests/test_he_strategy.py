@@ -10,8 +10,9 @@ import pytest
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedvault.errors import HEError
-from fedvault.provision import load_context, provision
+from fedvault.provision import provision
 from fedvault.rundir import RunDirectory
+from privacy.federation import load_context
 from privacy.he import HEContext, HEParams
 from protocols.config import RunSettings
 from protocols.hashchain import read_chain

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedvault.partition import dirichlet_partition, iid_partition, label_skew, partition_indices
 from fedvault.tasks import get_task
-from simulations.partition import dirichlet_partition, iid_partition, label_skew, partition_indices
 
 
 @settings(max_examples=40, deadline=None)

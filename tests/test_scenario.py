@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from client.app import build_client_app
 from fedvault.errors import ConfigError
+from fedvault.partition import label_skew, site_partition
 from fedvault.tasks import Table, get_task
 from protocols.config import RunSettings
 from simulations.behaviour import (
@@ -29,7 +30,6 @@ from simulations.behaviour import (
     tamper_state,
 )
 from simulations.clock import Exchange, Link, phase_seconds, site_seconds
-from simulations.partition import label_skew, site_partition
 from simulations.scenario import (
     builtin_path,
     builtin_scenarios,
@@ -202,7 +202,7 @@ def test_a_site_that_cannot_get_data_is_named() -> None:
 
 
 def test_restricted_sites_are_filled_before_the_unrestricted_ones() -> None:
-    from simulations.partition import _fill_small
+    from fedvault.partition import _fill_small
 
     # site 0 may hold anything, site 1 only label 1, and site 2 owns everything:
     # filling site 0 first could take the only label-1 sample site 1 can use

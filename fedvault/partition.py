@@ -1,4 +1,6 @@
-"""Partitioning one dataset across simulated sites.
+"""Partitioning one dataset across simulated sites (a base module: the simulated
+ClientApp, the runner, the rehearsal and the scenario compiler all partition the
+same way, so it sits below all of them).
 
 ``flwr-datasets`` has IID and Dirichlet partitioners, but they work on Hugging
 Face ``datasets`` objects and would pull that stack in for an 1,800-row array;
@@ -7,9 +9,27 @@ these are the same algorithms on NumPy label arrays, pure and seeded.
 
 from __future__ import annotations
 
+import heapq
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
+from fedvault.errors import ConfigError
+
 PARTITIONERS = ("iid", "dirichlet")
+
+
+class PartitionError(ConfigError):
+    """The data cannot be partitioned as asked; ``site`` is the index of the first
+    site left without data (``None`` when no single site is to blame)."""
+
+    def __init__(self, message: str, *, site: int | None = None) -> None:
+        super().__init__(message)
+        self.site = site
 
 
 def iid_partition(num_samples: int, num_partitions: int, *, seed: int) -> list[np.ndarray]:
@@ -136,7 +156,8 @@ def site_partition(
     for c in np.unique(labels):
         eligible = np.array([not a or int(c) in a for a in allowed_sets])
         if not eligible.any():
-            raise ValueError(f"no site may hold label {int(c)}: every sample needs an owner.")
+            raise PartitionError(f"no site may hold label {int(c)}: every sample needs an "
+                                 "owner.")
         idx = np.flatnonzero(labels == c)
         rng.shuffle(idx)
         g = np.ones(n_sites)
@@ -163,10 +184,8 @@ def _fill_small(owners: np.ndarray, labels: np.ndarray, allowed: list[set[int]],
     only ever shrinks and a filled site stops at exactly ``min_size``, so a sample
     once unusable stays unusable: one forward pointer per label serves all the
     restricted sites, and a heap of donor sizes the others. Total work is
-    O(samples log samples + moves log sites). Raises ``ValueError`` naming the first
+    O(samples log samples + moves log sites). Raises ``PartitionError`` naming the first
     site left without any sample."""
-    import heapq
-
     sizes = np.bincount(owners, minlength=n_sites)
     needy = [int(k) for k in np.flatnonzero(sizes < min_size)]
     if not needy:
@@ -226,5 +245,75 @@ def _fill_small(owners: np.ndarray, labels: np.ndarray, allowed: list[set[int]],
                 heapq.heappush(heap, (-int(sizes[d]), d))
     empty = np.flatnonzero(sizes == 0)
     if len(empty):
-        raise ValueError(f"site {int(empty[0])} (and {len(empty) - 1} more) would hold no "
-                         "data: too few samples of the labels it may hold")
+        raise PartitionError(f"site {int(empty[0])} (and {len(empty) - 1} more) would hold "
+                             "no data: too few samples of the labels it may hold",
+                             site=int(empty[0]))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PartitionPlan:
+    """How a scenario's sites share the federated pool, one entry per site: the
+    compiled form of a scenario's ``[data]`` and ``[[sites]]`` tables that the
+    simulated ClientApps read from ``RUN_DIR/scenario.json``."""
+
+    kinds: tuple[str, ...]
+    alphas: tuple[float, ...]
+    quantities: tuple[float, ...]
+    allowed: tuple[tuple[int, ...], ...]
+    groups: tuple[str, ...]
+    quantity_skew: float = 0.0
+
+    @property
+    def num_sites(self) -> int:
+        return len(self.kinds)
+
+    def owners(self, labels: np.ndarray, *, seed: int) -> np.ndarray:
+        """Owner site of every sample of the pool (see :func:`site_partition`)."""
+        quantities = np.asarray(self.quantities, dtype=float)
+        if self.quantity_skew > 0:
+            rng = np.random.default_rng([seed, 0x5157])
+            quantities = quantities * rng.lognormal(0.0, self.quantity_skew,
+                                                    size=len(quantities))
+        try:
+            return site_partition(labels, kinds=list(self.kinds),
+                                  alphas=np.asarray(self.alphas, dtype=float),
+                                  quantities=quantities, allowed=list(self.allowed), seed=seed)
+        except PartitionError as exc:
+            msg = str(exc)
+            if exc.site is not None:
+                k = exc.site
+                msg = f"site-{k} of group {self.groups[k]!r}{msg[len(f'site {k}'):]}"
+            raise PartitionError(f"cannot partition the data: {msg}", site=exc.site) from None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kinds": list(self.kinds), "alphas": list(self.alphas),
+                "quantities": list(self.quantities),
+                "allowed": [list(a) for a in self.allowed], "groups": list(self.groups),
+                "quantity_skew": self.quantity_skew}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PartitionPlan:
+        return cls(kinds=tuple(d["kinds"]), alphas=tuple(float(a) for a in d["alphas"]),
+                   quantities=tuple(float(q) for q in d["quantities"]),
+                   allowed=tuple(tuple(int(c) for c in a) for a in d["allowed"]),
+                   groups=tuple(d["groups"]), quantity_skew=float(d["quantity_skew"]))
+
+
+def load_plan(path: str) -> PartitionPlan:
+    """The partition plan of a compiled scenario (``RUN_DIR/scenario.json``), cached
+    per process for as long as the file is unchanged."""
+    try:
+        st = Path(path).stat()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the run's scenario {path!r}: {exc}") from exc
+    return _load_plan(path, st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=4)
+def _load_plan(path: str, mtime_ns: int, size: int) -> PartitionPlan:
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        return PartitionPlan.from_json(doc["partition"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"cannot read the partition plan of the run's scenario "
+                          f"{path!r}: {exc}") from exc
