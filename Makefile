@@ -10,7 +10,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedvault-installed
 
-.PHONY: demo test rehearse bench lint setup clean
+.PHONY: demo test test-fast rehearse bench lint setup clean
 
 setup: $(STAMP)
 
@@ -30,12 +30,18 @@ rehearse: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# the edit loop: unit and property tests only (no Ray simulations, no SuperLink)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not e2e and not loopback"
+
 bench: $(STAMP)
 	$(BIN)/python bench/footprint.py
+	$(BIN)/python bench/startup.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy .
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -18,8 +18,7 @@ import hashlib
 
 import numpy as np
 
-from fedvault.tables import load_table, save_table
-from fedvault.tasks import Table
+from fedvault.tables import Table, load_table, save_table
 
 #: Fraction of a site's data kept for federated evaluation.
 VALIDATION_FRACTION = 0.2

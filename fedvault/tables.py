@@ -1,16 +1,44 @@
-"""Reading and writing tables (CSV, Parquet, NPZ): a base module, since the server
-(central test split of a run's table), the sites and the tools all load tables."""
+"""Tables of features and labels, and reading and writing them (CSV, Parquet, NPZ): a
+base module without torch, since the server (central test split of a run's table),
+the sites and the tools all load tables."""
 
 from __future__ import annotations
 
 import csv
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fedvault.errors import DataError
-from fedvault.tasks import Table
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Table:
+    """Features and integer labels of one dataset, as loaded (before preprocessing)."""
+
+    x: np.ndarray  # float32, shape (n, num_features)
+    y: np.ndarray  # int64, shape (n,)
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 2:
+            raise ValueError(f"Table.x must be 2-D (rows, features). Found shape {self.x.shape}.")
+        if self.y.ndim != 1 or len(self.y) != len(self.x):
+            raise ValueError(
+                f"Table.y must be 1-D with one label per row. Found shape {self.y.shape} "
+                f"for {len(self.x)} rows."
+            )
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def num_features(self) -> int:
+        return int(self.x.shape[1])
+
+    def subset(self, indices: np.ndarray) -> Table:
+        return Table(x=self.x[indices], y=self.y[indices])
 
 
 def load_table(path: str | Path, *, label_column: str) -> Table:

@@ -21,36 +21,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedvault.errors import TaskError
+from fedvault.tables import Table
 
 #: Fraction of the embedded data held out as the central test split.
 TEST_FRACTION = 0.2
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Table:
-    """Features and integer labels of one dataset, as loaded (before preprocessing)."""
-
-    x: np.ndarray  # float32, shape (n, num_features)
-    y: np.ndarray  # int64, shape (n,)
-
-    def __post_init__(self) -> None:
-        if self.x.ndim != 2:
-            raise ValueError(f"Table.x must be 2-D (rows, features). Found shape {self.x.shape}.")
-        if self.y.ndim != 1 or len(self.y) != len(self.x):
-            raise ValueError(
-                f"Table.y must be 1-D with one label per row. Found shape {self.y.shape} "
-                f"for {len(self.x)} rows."
-            )
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    @property
-    def num_features(self) -> int:
-        return int(self.x.shape[1])
-
-    def subset(self, indices: np.ndarray) -> Table:
-        return Table(x=self.x[indices], y=self.y[indices])
 
 
 class DigitsCNN(nn.Module):

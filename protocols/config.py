@@ -11,12 +11,30 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fedvault.errors import ConfigError
 
 ConfigValue = bool | int | float | str
+
+
+def option(default: Any, flag: str, help: str, *, group: str = "run") -> Any:
+    """A run-config field that the command line also offers, as ``flag`` (one source:
+    the ``simulate``/``rehearse`` options are generated from this metadata)."""
+    return field(default=default, metadata={"flag": flag, "help": help, "group": group})
+
+
+def cli_options() -> list[tuple[str, str, type, str, str]]:
+    """(flag, field name, type, help, group) of every run-config field the command
+    line offers, in declaration order."""
+    types = {"int": int, "float": float, "str": str}
+    out = []
+    for f in fields(RunSettings):
+        if "flag" in f.metadata:
+            out.append((f.metadata["flag"], f.name, types[str(f.type)], f.metadata["help"],
+                        f.metadata["group"]))
+    return out
 
 
 def config_key(field_name: str) -> str:
@@ -28,48 +46,93 @@ def config_key(field_name: str) -> str:
 class RunSettings:
     """Validated run configuration (keys are the kebab-case field names)."""
 
-    task: str = "digits"
-    num_server_rounds: int = 5
-    fraction_train: float = 1.0
+    task: str = option("digits", "--task", "built-in task (see `fedvault tasks`)", group="run")
+    num_server_rounds: int = option(5, "--rounds", "federated rounds", group="run")
+    fraction_train: float = option(
+        1.0, "--fraction-train",
+        "fraction of sites sampled per round",
+        group="run")
     fraction_evaluate: float = 1.0
-    min_sites: int = 3
-    local_epochs: int = 8
-    batch_size: int = 256
-    learning_rate: float = 0.3
-    momentum: float = 0.9
-    seed: int = 0
+    min_sites: int = option(
+        3, "--min-sites",
+        "fewest valid updates that form an aggregate",
+        group="run")
+    local_epochs: int = option(8, "--local-epochs", "local epochs per round", group="run")
+    batch_size: int = option(256, "--batch-size", "local mini-batch size", group="run")
+    learning_rate: float = option(0.3, "--lr", "local SGD learning rate", group="run")
+    momentum: float = option(0.9, "--momentum", "local SGD momentum", group="run")
+    seed: int = option(0, "--seed", "seed of model init, splits and sampling", group="run")
     run_dir: str = ""
-    num_features: int = 0
-    num_classes: int = 0
-    label_column: str = ""
-    data_path: str = ""
-    partitioner: str = "dirichlet"
-    alpha: float = 0.5
+    num_features: int = option(
+        0, "--num-features",
+        "model input width (0 = task default)",
+        group="run")
+    num_classes: int = option(
+        0, "--num-classes",
+        "number of classes (0 = task default)",
+        group="run")
+    label_column: str = option("", "--label-column", "label column of --data-path", group="run")
+    data_path: str = option(
+        "", "--data-path",
+        "a CSV/Parquet/NPZ table to split across the sites (default: the task's embedded data)",
+        group="run")
+    partitioner: str = option(
+        "dirichlet", "--partition",
+        "how data is split across sites: iid | dirichlet",
+        group="run")
+    alpha: float = option(
+        0.5, "--alpha",
+        "Dirichlet concentration; smaller = more label skew",
+        group="run")
     central_eval: bool = True
-    round_timeout: float = 600.0
+    round_timeout: float = option(
+        600.0, "--round-timeout",
+        "seconds to wait for replies in a round",
+        group="run")
     # -- differential privacy (sample-level DP-SGD at every site) --
     dp: bool = True
-    noise_multiplier: float = 0.0
-    target_epsilon: float = 8.0
-    max_grad_norm: float = 1.0
-    dp_delta: float = 1e-5
-    accountant: str = "prv"
+    noise_multiplier: float = option(
+        0.0, "--noise-multiplier",
+        "fixed noise multiplier instead of --target-epsilon (0 = calibrate)",
+        group="dp")
+    target_epsilon: float = option(
+        8.0, "--target-epsilon",
+        "epsilon this run may spend at each site (noise is calibrated per site)",
+        group="dp")
+    max_grad_norm: float = option(1.0, "--max-grad-norm", "per-example clipping norm", group="dp")
+    dp_delta: float = option(1e-5, "--delta", "delta the run asks for", group="dp")
+    accountant: str = option("prv", "--accountant", "prv (tight) | rdp", group="dp")
     secure_mode: bool = True
     # -- client-level DP (DP-FedAvg at the server, accounted in a server-side ledger) --
     client_dp: bool = False
-    client_dp_noise_multiplier: float = 1.0
-    client_dp_clipping_norm: float = 1.0
+    client_dp_noise_multiplier: float = option(
+        1.0, "--client-dp-noise",
+        "client-level DP: noise multiplier per release",
+        group="dp")
+    client_dp_clipping_norm: float = option(
+        1.0, "--client-dp-clip",
+        "client-level DP: L2 bound of a site's model update",
+        group="dp")
     client_dp_delta: float = 1e-5
-    client_dp_max_epsilon: float = 10.0
+    client_dp_max_epsilon: float = option(
+        10.0, "--client-dp-max-epsilon",
+        "client-level DP: central epsilon budget of the server ledger",
+        group="dp")
     federation: str = "default"
     # -- encrypted aggregation (TenSEAL) --
     he: bool = False
     he_federation: str = ""
     he_weight_unit: int = 16
     # -- policy of *simulated* sites (a real site's own node config always wins) --
-    site_max_epsilon: float = 10.0
-    site_delta: float = 1e-5
-    site_min_noise_multiplier: float = 0.5
+    site_max_epsilon: float = option(
+        10.0, "--site-max-epsilon",
+        "each site's total epsilon budget (simulated sites / rehearsal node config)",
+        group="dp")
+    site_delta: float = option(1e-5, "--site-delta", "each site's delta", group="dp")
+    site_min_noise_multiplier: float = option(
+        0.5, "--site-min-noise",
+        "each site refuses rounds with less noise than this",
+        group="dp")
     site_release_eval_metrics: bool = True
     # -- simulation only: the bounds the simulated data owners declare for their features
     # ("LOW:HIGH" for every feature, or a JSON file with "low" and "high" lists)
@@ -84,6 +147,8 @@ class RunSettings:
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
                 raise ConfigError(f"{config_key(name)} must be in (0, 1]. Found {v}.")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0. Found {self.seed}.")
         if self.min_sites < 1:
             raise ConfigError(f"min-sites must be >= 1. Found {self.min_sites}.")
         if self.local_epochs < 1:

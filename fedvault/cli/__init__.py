@@ -1,0 +1,206 @@
+"""The ``fedvault`` command line: the parser, and ``main``.
+
+::
+
+    fedvault simulate            run a simulated federation (default: digits, 10 sites)
+    fedvault rehearse --sites 3  run on a real loopback SuperLink + SuperNodes
+    fedvault show RUN_DIR        print a finished run's table
+    fedvault verify PATH         verify a hash-chained log (a run's events.jsonl)
+    fedvault budget ...          verify and report a site's privacy ledger
+    fedvault provision ...       create a federation (HE contexts and a manifest)
+    fedvault model decrypt ...   release a model (key holders)
+    fedvault tasks               list the built-in tasks
+
+One module per command group (:mod:`.run`, :mod:`.budget`, :mod:`.federation`,
+:mod:`.model`),
+the shared run options (:mod:`.options`) and what is printed (:mod:`.render`).
+Any :class:`~fedvault.errors.FedvaultError` is printed as one line
+``error: ...`` with exit status 2; an unexpected exception too, with its
+traceback under ``--debug`` (or ``FEDVAULT_DEBUG=1``). Ctrl-C exits with 130
+after cleaning up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rich.markup import escape
+
+from fedvault import __version__
+from fedvault.cli.options import add_run_options
+from fedvault.cli.render import err_console
+from fedvault.errors import FedvaultError
+
+
+def _handler(module: str, name: str) -> tuple[str, str]:
+    return (f"fedvault.cli.{module}", name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedvault",
+        description="Privacy-preserving federated learning on Flower.",
+    )
+    p.add_argument("--version", action="version", version=f"fedvault {__version__}")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an unexpected error (or FEDVAULT_DEBUG=1)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("simulate", help="run a simulated federation on Flower's Simulation "
+                       "Engine (default: digits, 10 sites, Dirichlet alpha 0.5, 5 rounds), or "
+                       "a scenario file",
+                       description="Run fedvault's ServerApp and ClientApp with simulated "
+                       "sites on Flower's Simulation Engine (Ray). With SCENARIO (a TOML file "
+                       "or a built-in name, see --list), the sites get the scenario's data, "
+                       "links, failures and behaviours, and a simulated clock; run options "
+                       "given on the command line override its [run] table.")
+    s.add_argument("scenario", nargs="?", default=None, metavar="SCENARIO",
+                   help="a scenario TOML file or a built-in scenario name")
+    s.add_argument("--list", action="store_true", help="list the built-in scenarios")
+    s.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"), default=None,
+                   help="put two finished runs side by side (table and plot; --out names "
+                   "the plot, default B/compare.png)")
+    s.add_argument("--sites", type=int, default=None,
+                   help="number of simulated sites without a scenario (default: 10)")
+    s.add_argument("--cpus-per-site", type=float, default=1.0,
+                   help="CPUs Ray reserves per simulated site (default: 1)")
+    s.add_argument("--ray-address", default="", metavar="ADDR",
+                   help="run the simulated sites on an existing Ray cluster (e.g. 'auto' or "
+                   "HEAD:6379, from `ray start --head`); the run directory must be on a "
+                   "filesystem every Ray node shares")
+    s.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    add_run_options(s)
+    s.set_defaults(handler=_handler('run', 'cmd_simulate'))
+
+    r = sub.add_parser("rehearse", help="run on a real loopback deployment: flower-superlink "
+                       "+ N flower-supernode processes",
+                       description="Start a real SuperLink and N SuperNodes on 127.0.0.1, "
+                       "each site with its own data file, run, and stop them all.")
+    r.add_argument("--sites", type=int, default=3, help="number of SuperNodes (default: 3)")
+    r.add_argument("--timeout", type=float, default=3600.0,
+                   help="give up after this many seconds (default: 3600)")
+    add_run_options(r)
+    r.set_defaults(handler=_handler('run', 'cmd_rehearse'))
+
+    sh = sub.add_parser("show", help="print the table of a finished run",
+                        description="Print the per-round table of a finished run directory.")
+    sh.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    sh.add_argument("--json", action="store_true", help="print summary.json")
+    sh.set_defaults(handler=_handler('run', 'cmd_show'))
+
+    v = sub.add_parser("verify", help="verify a hash-chained log (a run's events.jsonl)",
+                       description="Check every entry's hash and link; exit 1 naming the "
+                       "first bad entry.")
+    v.add_argument("path", type=Path, metavar="PATH", help="a log file or a run directory")
+    v.set_defaults(handler=_handler('run', 'cmd_verify'))
+
+    b = sub.add_parser("budget", help="privacy ledgers: verify their integrity, report "
+                       "the budget spent", description="Compliance tools for a site's "
+                       "privacy ledger.")
+    bsub = b.add_subparsers(dest="budget_command", metavar="ACTION", required=True)
+    bv = bsub.add_parser("verify", help="verify a ledger's hash chain",
+                         description="Check every entry's hash, sequence number and link; "
+                         "exit 1 naming the first edited, deleted or reordered entry.")
+    bv.add_argument("ledger", type=Path, metavar="LEDGER")
+    bv.set_defaults(handler=_handler('budget', 'cmd_budget_verify'))
+    br = bsub.add_parser("report", help="per budget scope: epsilon spent, limit, remaining, ...",
+                         description="Report a verified ledger: per budget scope epsilon "
+                         "spent (recomputed from the stored mechanisms), limit, remaining, "
+                         "delta, accountant, neighbouring relation, runs, rounds, last use; "
+                         "rounds with insecure (seeded) noise make a scope's epsilon "
+                         "unbounded, shown in red.")
+    br.add_argument("ledger", type=Path, metavar="LEDGER")
+    br.add_argument("--format", choices=["table", "json", "csv", "html"], default="table",
+                    help="table (default, for a terminal), json, csv, or html (one "
+                    "self-contained file with a plot)")
+    br.add_argument("--out", type=Path, default=None, help="write to FILE instead of stdout")
+    br.add_argument("--accountant", choices=["prv", "rdp"], default=None,
+                    help="recompute with this accountant (default: the ledger's own)")
+    br.add_argument("--adjacency", choices=["add-remove-one", "replace-one"],
+                    default="add-remove-one",
+                    help="also give epsilon under replace-one adjacency (group privacy of "
+                    "two add/remove steps); spends are accounted add/remove-one")
+    br.set_defaults(handler=_handler('budget', 'cmd_budget_report'))
+    bn = bsub.add_parser("new-ledger", help="start a new ledger on the record",
+                         description="Where a site's ledger is missing or cut short and "
+                         "cannot be restored from a backup, start a new one: the old file "
+                         "is kept aside and the new ledger's first entry records your "
+                         "reason and the anchor it replaces. The site refuses to train "
+                         "until you restore the ledger or do this.")
+    bn.add_argument("ledger", type=Path, metavar="LEDGER")
+    bn.add_argument("--reason", required=True, help="why (recorded in the ledger)")
+    bn.set_defaults(handler=_handler('budget', 'cmd_budget_new_ledger'))
+
+    pv = sub.add_parser("provision", help="create a federation: HE contexts and a manifest",
+                        description="Create a federation directory: the server's public HE "
+                        "context (no secret key), each site's secret context (mode 0600), "
+                        "and a manifest with the parameters and their fingerprint.")
+    pv.add_argument("--sites", type=int, required=True, help="number of sites")
+    pv.add_argument("--out", type=Path, required=True, help="federation directory to create")
+    pv.add_argument("--scheme", choices=["bfv", "ckks"], default="bfv",
+                    help="bfv (default: quantised, exact sums, ~11-13 bytes/parameter) or ckks")
+    pv.add_argument("--passphrase-env", metavar="VAR", default=None,
+                    help="encrypt each site's secret context at rest with the passphrase in "
+                    "environment variable VAR")
+    pv.set_defaults(handler=_handler('federation', 'cmd_provision'))
+
+    mdl = sub.add_parser("model", help="release a model: decrypt an encrypted version",
+                         description="Model release tools for key holders.")
+    msub = mdl.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    md = msub.add_parser("decrypt", help="decrypt a stored encrypted global model (key holder)",
+                         description="Turn a stored encrypted version of the global model into "
+                         "a plaintext PyTorch state dict with a site's secret context; the "
+                         "release is recorded in the run's releases.jsonl.")
+    md.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    md.add_argument("--site", required=True, help="the key holder's site name (site-K)")
+    md.add_argument("--federation", type=Path, default=None,
+                    help="the provisioned federation (default: RUN_DIR/federation)")
+    md.add_argument("--round", type=int, default=None, help="round (default: the last one)")
+    md.add_argument("--out", type=Path, default=None, help="where to write the state dict")
+    md.add_argument("--passphrase-env", metavar="VAR", default=None,
+                    help="environment variable holding the secret context's passphrase")
+    md.set_defaults(handler=_handler('model', 'cmd_model_decrypt'))
+
+    t = sub.add_parser("tasks", help="list the built-in tasks",
+                       description="List the built-in tasks.")
+    t.set_defaults(handler=_handler('model', 'cmd_tasks'))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("FEDVAULT_DEBUG", "") not in ("", "0")
+    module, name = args.handler
+    try:
+        # Imported here, once per invocation, on purpose: each command group loads only
+        # what it needs, so `fedvault --help`, `provision` and `budget` never pay for
+        # torch, Opacus or Ray (bench/startup.py measures it).
+        func: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module), name)
+        return func(args)
+    except FedvaultError as exc:
+        if debug:
+            traceback.print_exc()
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted; every process was stopped.[/]")
+        return 130
+    except Exception as exc:  # a bug, or a library error fedvault did not map
+        if debug:
+            traceback.print_exc()
+            return 3
+        err_console.print(f"[red]error:[/] unexpected {type(exc).__name__}: "
+                          f"{escape(str(exc))} (run with --debug or FEDVAULT_DEBUG=1 for "
+                          "the traceback)", highlight=False, soft_wrap=True)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""``fedvault budget verify | report | new-ledger``: compliance tools for a site's
+privacy ledger."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.markup import escape
+
+from fedvault import reports
+from fedvault.cli.render import console, err_console, print_budget_table
+from fedvault.cli.run import verify_log
+from fedvault.errors import ConfigError
+from privacy.ledger import PrivacyLedger, anchor_problem
+
+
+def cmd_budget_verify(args: argparse.Namespace) -> int:
+    """The hash chain, and, where the site secret is beside the ledger, its anchor: a
+    chain cannot show that its tail was cut or that the whole file was replaced."""
+    if args.ledger.exists():
+        status = verify_log(args.ledger)
+        if status:
+            return status  # the first edited, deleted or reordered entry, named
+    problem = anchor_problem(args.ledger)
+    if problem:
+        err_console.print(f"[red]{escape(problem)}[/]", soft_wrap=True)
+        return 1
+    if not args.ledger.exists():
+        return verify_log(args.ledger)
+    return 0
+
+
+def cmd_budget_report(args: argparse.Namespace) -> int:
+    data = reports.ledger_report(args.ledger, accountant=args.accountant,
+                                 adjacency=args.adjacency)
+    if args.format == "table":
+        print_budget_table(data)
+        text = None
+    elif args.format == "json":
+        text = reports.to_json(data)
+    elif args.format == "csv":
+        text = reports.to_csv(data)
+    else:
+        text = reports.to_html(data)
+    if text is not None:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text, encoding="utf-8")
+            console.print(f"wrote {args.out}")
+        else:
+            sys.stdout.write(text)
+    elif args.out:
+        raise ConfigError("--out needs --format json, csv or html.")
+    return 0
+
+
+def cmd_budget_new_ledger(args: argparse.Namespace) -> int:
+    led = PrivacyLedger.start_new(args.ledger, reason=args.reason)
+    console.print(f"started a new privacy ledger at {led.path}; the decision is its first "
+                  "entry", soft_wrap=True, highlight=False)
+    return 0
