@@ -35,6 +35,7 @@ from client.site import resolve_site_data  # noqa: E402
 from client.training import train_local  # noqa: E402
 from fedvault.tasks import get_task  # noqa: E402
 from protocols.config import RunSettings  # noqa: E402
+from protocols.node_config import NodeConfig  # noqa: E402
 from simulations.runner import simulate  # noqa: E402
 
 CONFIGS: list[tuple[str, dict[str, object]]] = [
@@ -78,7 +79,8 @@ def utility(seeds: int, tmp: Path, he: bool) -> list[dict[str, object]]:
 def per_step(repeats: int = 5) -> list[dict[str, object]]:
     torch.set_num_threads(1)
     settings = RunSettings()
-    site = resolve_site_data(settings, {"partition-id": 0, "num-partitions": 10},
+    site = resolve_site_data(settings, NodeConfig.parse({"partition-id": 0, "num-partitions": 10},
+                                                         simulated=True),
                              key=b"bench-site-0")
     task = get_task("digits")
     plan = plan_round(num_examples=len(site.train), batch_size=32, epochs=5,

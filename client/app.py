@@ -42,6 +42,7 @@ from privacy.noise import SecureUniform
 from privacy.site_secret import SiteSecret, secret_path_for
 from protocols.config import RunSettings
 from protocols.hashchain import utc_now
+from protocols.node_config import NodeConfig
 
 logger = logging.getLogger("fedvault.client")
 
@@ -63,11 +64,11 @@ def _settings(context: Context, overrides: Mapping[str, Any] | None) -> RunSetti
     return RunSettings.from_config({**dict(context.run_config), **dict(overrides or {})})
 
 
-def _model_from(msg: Message, settings: RunSettings, context: Context) -> torch.nn.Module:
+def _model_from(msg: Message, settings: RunSettings, node: NodeConfig) -> torch.nn.Module:
     task = get_task(settings.task)
     model = task.build_model(num_features=settings.num_features, num_classes=settings.num_classes)
     if "he-global" in msg.content.config_records:
-        he = site_context(settings, context.node_config)
+        he = site_context(settings, node)
         load_encrypted_global(model, msg.content.config_records["he-global"], he)
         return model
     if "arrays" not in msg.content.array_records:
@@ -84,31 +85,32 @@ def _cfg(msg: Message) -> ConfigRecord:
     return msg.content.config_records.get("config", ConfigRecord())
 
 
-def _train_seed(settings: RunSettings, server_round: int, context: Context) -> int:
+def _train_seed(settings: RunSettings, server_round: int, node: NodeConfig,
+                context: Context) -> int:
     # Used only when secure mode is off (then the ledger marks the round insecure):
     # deterministic per (run seed, round, site); simulated sites are keyed by their
     # partition id, which, unlike Flower's node id, is the same in every run.
     # SeedSequence mixes the three without the collisions of a linear formula (with
     # 1,009+ sites, site k + 1009 in round r would share site k's stream in round r+1).
-    site_key = int(context.node_config.get("partition-id", context.node_id))
+    site_key = node.partition_id if node.partition_id is not None else int(context.node_id)
     state = np.random.SeedSequence([settings.seed, server_round, site_key]).generate_state(1)
     return int(state[0]) % (2**31)
 
 
 def _train_reply(msg: Message, model: torch.nn.Module, result: TrainResult,
-                 privacy: dict[str, Any] | None, *, settings: RunSettings, context: Context,
-                 server_round: int) -> Message:
+                 privacy: dict[str, Any] | None, *, settings: RunSettings, node: NodeConfig,
+                 context: Context, server_round: int) -> Message:
     records: dict[str, Any] = {
         "metrics": MetricRecord({"num-examples": result.num_examples,
                                  "steps": result.steps}),
     }
     if settings.he:
         # DP-SGD already happened; now quantise, pack and encrypt (never plaintext).
-        he = site_context(settings, context.node_config)
+        he = site_context(settings, node)
         # Stochastic rounding draws from the OS CSPRNG unless secure mode is off, when
         # it is seeded like the DP noise so that a run can be repeated exactly.
         rng = (SecureUniform() if settings.secure_mode else
-               np.random.default_rng(_train_seed(settings, server_round, context)))
+               np.random.default_rng(_train_seed(settings, server_round, node, context)))
         records["he-update"] = encrypt_update(model, he, context=context,
                                               server_round=server_round,
                                               num_examples=result.num_examples,
@@ -132,14 +134,14 @@ def _refusal(msg: Message, policy: SitePolicy, reason: str, spent: float | None 
     return Message(content=RecordDict({"refusal": ConfigRecord(record)}), reply_to=msg)
 
 
-def _site_key(policy: SitePolicy, settings: RunSettings, context: Context) -> bytes:
+def _site_key(policy: SitePolicy, settings: RunSettings, node: NodeConfig,
+              context: Context) -> bytes:
     """The site's secret key (beside its ledger; created at first use from the OS
     CSPRNG). A *simulated* site in a run that exists to be repeated exactly (no DP,
     or ``--insecure-noise``) derives it from the run seed and its partition instead."""
     seeded = None
-    if (not settings.secure_mode or not settings.dp) and not context.node_config.get(
-            "data-path"):
-        pid = context.node_config.get("partition-id", context.node_id)
+    if (not settings.secure_mode or not settings.dp) and node.simulated:
+        pid = node.partition_id if node.partition_id is not None else context.node_id
         seeded = hashlib.sha256(f"fedvault-simulated-site/{settings.seed}/{pid}".encode()
                                 ).digest()
     return SiteSecret.load_or_create(secret_path_for(policy.ledger_path), created=utc_now(),
@@ -163,27 +165,31 @@ def _register(ledger: PrivacyLedger, policy: SitePolicy, site: SiteData) -> str:
 
 def build_client_app(overrides: Mapping[str, Any] | None = None, *,
                      mods: Sequence[Mod] = (),
-                     behaviour: SiteBehaviour | None = None) -> ClientApp:
+                     behaviour: SiteBehaviour | None = None,
+                     simulated: bool = False) -> ClientApp:
     """The ClientApp; ``overrides`` win over the run config, ``mods`` wrap every
-    handler and ``behaviour`` plays a scenario's hostile sites (all three are used by
-    simulations only)."""
+    handler, ``behaviour`` plays a scenario's hostile sites and ``simulated`` marks
+    its sites as played by the simulation (all four are used by simulations only:
+    the app Flower loads on a real SuperNode, ``client.app:app``, has none)."""
     app = ClientApp(mods=list(mods))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(1)
         settings = _settings(context, overrides)
-        policy = site_policy(settings, context.node_config)
-        site = resolve_site_data(settings, context.node_config,
-                                 key=_site_key(policy, settings, context))
-        model = _model_from(msg, settings, context)
+        node = NodeConfig.parse(context.node_config, simulated=simulated)
+        policy = site_policy(settings, node)
+        site = resolve_site_data(settings, node, key=_site_key(policy, settings, node, context))
+        model = _model_from(msg, settings, node)
+        if settings.he:  # a site without its secret context stops before spending epsilon
+            site_context(settings, node)
         cfg = _cfg(msg)
         server_round = int(cfg.get("server-round", 0))  # type: ignore[arg-type]
         epochs = int(cfg.get("local-epochs", settings.local_epochs))  # type: ignore[arg-type]
         batch_size = int(cfg.get("batch-size", settings.batch_size))  # type: ignore[arg-type]
         lr = float(cfg.get("learning-rate", settings.learning_rate))  # type: ignore[arg-type]
         momentum = float(cfg.get("momentum", settings.momentum))  # type: ignore[arg-type]
-        seed = _train_seed(settings, server_round, context)
+        seed = _train_seed(settings, server_round, node, context)
         run_id = str(context.run_id)
         train_table = site.train
         global_state: dict[str, torch.Tensor] = {}
@@ -200,7 +206,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
             # sends the global model back untrained, claiming its examples
             return _train_reply(msg, model, TrainResult(loss=float("nan"), steps=0,
                                                         num_examples=len(site.train)),
-                                privacy=None, settings=settings, context=context,
+                                privacy=None, settings=settings, node=node, context=context,
                                 server_round=server_round)
 
         try:
@@ -234,7 +240,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
                                           momentum=momentum, seed=seed,
                                           max_grad_norm=settings.max_grad_norm))
             return _train_reply(msg, model, result, privacy=None, settings=settings,
-                                context=context, server_round=server_round)
+                                node=node, context=context, server_round=server_round)
 
         plan = plan_round(num_examples=len(site.train), batch_size=batch_size, epochs=epochs,
                           noise_multiplier=1.0, max_grad_norm=settings.max_grad_norm)
@@ -273,13 +279,14 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
                    "noise-multiplier": sigma, "sample-rate": plan.sample_rate,
                    "steps": plan.steps}
         return _train_reply(msg, model, result, privacy=privacy, settings=settings,
-                            context=context, server_round=server_round)
+                            node=node, context=context, server_round=server_round)
 
     @app.evaluate()
     def evaluate_fn(msg: Message, context: Context) -> Message:
         torch.set_num_threads(1)
         settings = _settings(context, overrides)
-        policy = site_policy(settings, context.node_config)
+        node = NodeConfig.parse(context.node_config, simulated=simulated)
+        policy = site_policy(settings, node)
         cfg = _cfg(msg)
         server_round = int(cfg.get("server-round", 0))  # type: ignore[arg-type]
         if not policy.releases_eval_metrics(dp=settings.dp):
@@ -295,9 +302,8 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
             if refused:
                 return _declined(msg, "this site refused to train in this round, so it does "
                                  "not evaluate either (node-config evaluate-after-refusal)")
-        site = resolve_site_data(settings, context.node_config,
-                                 key=_site_key(policy, settings, context))
-        model = _model_from(msg, settings, context)
+        site = resolve_site_data(settings, node, key=_site_key(policy, settings, node, context))
+        model = _model_from(msg, settings, node)
         loss, acc = evaluate(model, site.validation)
         metrics = MetricRecord(
             {"eval-loss": loss, "eval-acc": acc, "num-examples": len(site.validation)}

@@ -23,17 +23,17 @@ The default ledger is ``~/.fedvault/privacy-ledger.jsonl`` of the user running
 the SuperNode; a relative ``ledger-path`` is made absolute against the directory
 the ClientApp runs in, once, and logged.
 
-A simulated site (no ``data-path`` in its node config: Flower's Simulation
-Engine sets only ``partition-id``) is played by the simulation, so its policy
-comes from the run config's ``site-*`` keys and its ledger lives in the run
-directory. A real site never takes its limits from the run config.
+A simulated site (marked so by the simulation itself, never by a key: see
+:class:`protocols.node_config.NodeConfig`) is played by the central team, so its
+policy comes from the run config's ``site-*`` keys and its ledger lives in the run
+directory. A real site never takes its limits from the run config, and an unknown
+or invalid node-config key stops it with an error naming the key.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -43,6 +43,7 @@ from fedvault.errors import ConfigError, PrivacyRefused
 from privacy.accountants import ACCOUNTANTS, get_accountant
 from privacy.ledger import SITE_SCOPE, check_scope
 from protocols.config import RunSettings
+from protocols.node_config import NodeConfig
 
 logger = logging.getLogger("fedvault.client")
 _LOGGED_LEDGERS: set[str] = set()
@@ -92,31 +93,11 @@ class SitePolicy:
         return (not dp) if self.release_eval_metrics is None else self.release_eval_metrics
 
 
-def _num(cfg: Mapping[str, Any], key: str, default: float) -> float:
-    if key not in cfg:
-        return default
-    try:
-        return float(cfg[key])
-    except (TypeError, ValueError):
-        raise ConfigError(f"node-config {key!r} must be a number. Found {cfg[key]!r}.") from None
-
-
-def _bool(cfg: Mapping[str, Any], key: str, default: bool) -> bool:
-    v = cfg.get(key, default)
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    raise ConfigError(f"node-config {key!r} must be true or false. Found {v!r}.")
-
-
-def site_policy(settings: RunSettings, node_config: Mapping[str, Any]) -> SitePolicy:
-    """The policy of this site: node config first; for simulated sites the run
-    config's ``site-*`` keys; for real sites the documented defaults."""
-    simulated = not node_config.get("data-path")
-    pid = node_config.get("partition-id")
-    name = str(node_config.get("site-name") or (f"site-{pid}" if pid is not None else ""))
-    if simulated:
+def site_policy(settings: RunSettings, node: NodeConfig) -> SitePolicy:
+    """The policy of this site: its node config first; for simulated sites the run
+    config's ``site-*`` keys; for real sites the documented defaults, never the run's."""
+    name = node.name
+    if node.simulated:
         ledger = (str(Path(settings.run_dir) / "ledgers" / f"{name or 'site'}.jsonl")
                   if settings.run_dir else DEFAULT_LEDGER)
         base = SitePolicy(max_epsilon=settings.site_max_epsilon, delta=settings.site_delta,
@@ -128,28 +109,26 @@ def site_policy(settings: RunSettings, node_config: Mapping[str, Any]) -> SitePo
                           allow_insecure_noise=True)
     else:
         base = SitePolicy(site_name=name)
-    release = node_config.get("release-eval-metrics")
-    ledger_path = str(Path(str(node_config.get("ledger-path", base.ledger_path)))
-                      .expanduser().absolute())
+    ledger_path = str(Path(node.ledger_path or base.ledger_path).expanduser().absolute())
     if ledger_path not in _LOGGED_LEDGERS:
         _LOGGED_LEDGERS.add(ledger_path)
         logger.info("site %s: privacy ledger %s", name or "(unnamed)", ledger_path)
+
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
     return SitePolicy(
-        max_epsilon=_num(node_config, "max-epsilon", base.max_epsilon),
-        delta=_num(node_config, "delta", base.delta),
-        min_noise_multiplier=_num(node_config, "min-noise-multiplier",
-                                  base.min_noise_multiplier),
-        accountant=str(node_config.get("accountant", base.accountant)),
+        max_epsilon=pick(node.max_epsilon, base.max_epsilon),
+        delta=pick(node.delta, base.delta),
+        min_noise_multiplier=pick(node.min_noise_multiplier, base.min_noise_multiplier),
+        accountant=pick(node.accountant, base.accountant),
         ledger_path=ledger_path,
-        require_dp=_bool(node_config, "require-dp", base.require_dp),
+        require_dp=pick(node.require_dp, base.require_dp),
         site_name=base.site_name,
-        budget_scope=str(node_config.get("budget-scope", base.budget_scope)),
-        release_eval_metrics=(base.release_eval_metrics if release is None
-                              else _bool(node_config, "release-eval-metrics", False)),
-        evaluate_after_refusal=_bool(node_config, "evaluate-after-refusal",
-                                     base.evaluate_after_refusal),
-        allow_insecure_noise=_bool(node_config, "allow-insecure-noise",
-                                   base.allow_insecure_noise),
+        budget_scope=pick(node.budget_scope, base.budget_scope),
+        release_eval_metrics=pick(node.release_eval_metrics, base.release_eval_metrics),
+        evaluate_after_refusal=pick(node.evaluate_after_refusal, base.evaluate_after_refusal),
+        allow_insecure_noise=pick(node.allow_insecure_noise, base.allow_insecure_noise),
     )
 
 

@@ -9,9 +9,7 @@ uses the run config's ``he-federation`` and its name ``site-<partition-id>``.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context
@@ -23,6 +21,7 @@ from privacy.he import HEContext
 from privacy.noise import UniformSource
 from protocols.config import RunSettings
 from protocols.he_update import EncryptedGlobal, EncryptedUpdate
+from protocols.node_config import NodeConfig
 
 
 @lru_cache(maxsize=8)
@@ -31,16 +30,18 @@ def _context(federation: str, site: str, passphrase_env: str) -> HEContext:
     return load_context(federation, site=site, passphrase=passphrase)
 
 
-def site_context(settings: RunSettings, node_config: Mapping[str, Any]) -> HEContext:
-    federation = str(node_config.get("he-federation") or settings.he_federation)
+def site_context(settings: RunSettings, node: NodeConfig) -> HEContext:
+    """The site's secret context: its own ``he-federation``; a simulated site may use
+    the run's (the simulation provisioned it)."""
+    federation = node.he_federation or (settings.he_federation if node.simulated else "")
     if not federation:
-        raise ConfigError("encrypted aggregation needs the site's he-federation "
-                          "(node config) or the run's he-federation (simulation).")
-    pid = node_config.get("partition-id")
-    site = str(node_config.get("site-name") or (f"site-{pid}" if pid is not None else ""))
-    if not site:
-        raise ConfigError("encrypted aggregation needs node-config site-name.")
-    return _context(federation, site, str(node_config.get("he-passphrase-env", "")))
+        raise ConfigError("encrypted aggregation needs node-config 'he-federation' (the "
+                          "federation directory this site was given)."
+                          if not node.simulated else
+                          "encrypted aggregation needs the run's he-federation.")
+    if not node.name:
+        raise ConfigError("encrypted aggregation needs node-config 'site-name'.")
+    return _context(federation, node.name, node.he_passphrase_env or "")
 
 
 def load_encrypted_global(model: torch.nn.Module, record: ConfigRecord, he: HEContext) -> None:

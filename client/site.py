@@ -20,15 +20,14 @@ neighbouring training sets.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from client.data import fingerprint, split_site
 from fedvault.datasets import central_bounds, file_table, parse_feature_bounds, partition_table
 from fedvault.errors import ConfigError, DataError
 from fedvault.tasks import FeatureBounds, Table, Task, get_task
 from protocols.config import RunSettings
+from protocols.node_config import NodeConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -41,25 +40,15 @@ class SiteData:
     fingerprint: str  # raw-data hash of the site's data as loaded: never leaves the site
 
 
-def _int(node_config: Mapping[str, Any], key: str) -> int:
-    try:
-        return int(node_config[key])
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"node-config {key!r} must be an integer. Found {node_config[key]!r}."
-        ) from None
-
-
-def site_bounds(settings: RunSettings, node_config: Mapping[str, Any], task: Task,
+def site_bounds(settings: RunSettings, node: NodeConfig, task: Task,
                 num_features: int) -> FeatureBounds | None:
     """The declared bounds this site scales its features with (``None``: the task
     scales its inputs by a fixed rule, or no bounds are declared)."""
     if task.fixed_scale is not None:
         return None
-    spec = str(node_config.get("feature-bounds", "") or "")
-    if spec:
-        return parse_feature_bounds(spec, num_features)
-    if not node_config.get("data-path"):  # simulated: the run's bounds, as the server's
+    if node.feature_bounds:
+        return parse_feature_bounds(node.feature_bounds, num_features)
+    if node.simulated and not node.data_path:  # the run's bounds, as the server's
         return central_bounds(settings, task, num_features)
     if task.embedded_bounds is not None and len(task.embedded_bounds) == num_features \
             and not settings.data_path:
@@ -67,25 +56,24 @@ def site_bounds(settings: RunSettings, node_config: Mapping[str, Any], task: Tas
     return None  # Task.preprocess then says what to declare
 
 
-def resolve_site_data(settings: RunSettings, node_config: Mapping[str, Any], *,
+def resolve_site_data(settings: RunSettings, node: NodeConfig, *,
                       key: bytes) -> SiteData:
     """The site's data for this run, split with the site's secret ``key``;
     ``DataError``/``ConfigError`` with a clear reason."""
     task = get_task(settings.task)
-    site_task = node_config.get("task")
+    site_task = node.task
     if site_task and site_task != settings.task:
         raise ConfigError(
             f"this site serves task {site_task!r} (node-config 'task'); "
             f"the run asks for task {settings.task!r}."
         )
-    data_path = str(node_config.get("data-path", "") or "")
+    data_path = node.data_path or ""
     if data_path:
-        label = str(node_config.get("label-column", "") or settings.label_column
-                    or task.default_label_column)
+        label = node.label_column or settings.label_column or task.default_label_column
         raw = file_table(data_path, label)
         source = data_path
-    elif "partition-id" in node_config and "num-partitions" in node_config:
-        pid, n = _int(node_config, "partition-id"), _int(node_config, "num-partitions")
+    elif node.simulated and node.partition_id is not None and node.num_partitions is not None:
+        pid, n = node.partition_id, node.num_partitions
         if not 0 <= pid < n:
             raise ConfigError(f"partition-id must be in [0, {n - 1}]. Found {pid}.")
         raw = partition_table(settings, pid, n)
@@ -100,7 +88,7 @@ def resolve_site_data(settings: RunSettings, node_config: Mapping[str, Any], *,
     fp = fingerprint(raw)
     # split the records as loaded (the key hashes each raw record), then scale each
     train_raw, val_raw = split_site(raw, key=key)
-    bounds = site_bounds(settings, node_config, task, raw.num_features)
+    bounds = site_bounds(settings, node, task, raw.num_features)
     train = Table(x=task.preprocess(train_raw.x, bounds), y=train_raw.y)
     val = Table(x=task.preprocess(val_raw.x, bounds), y=val_raw.y)
     return SiteData(train=train, validation=val, source=source, fingerprint=fp)

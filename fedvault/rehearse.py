@@ -47,6 +47,7 @@ from fedvault.rundir import RunDirectory
 from fedvault.tables import save_table
 from fedvault.tasks import get_task
 from protocols.config import RunSettings
+from protocols.node_config import NodeConfig
 from simulations.runner import check_run, ensure_federation, tail_events
 
 STARTUP_TIMEOUT = 60.0
@@ -310,6 +311,26 @@ def write_declared_bounds(settings: RunSettings, root: Path) -> str | None:
     return str(p)
 
 
+def site_node_config(settings: RunSettings, k: int, *, data: Path, label: str,
+                     bounds: str | None) -> NodeConfig:
+    """The node config the rehearsal's data owner ``site-k`` sets on its SuperNode."""
+    home = data.parent
+    return NodeConfig(
+        data_path=str(data), label_column=label, task=settings.task,
+        partition_id=k, site_name=f"site-{k}",
+        ledger_path=str(home / "privacy-ledger.jsonl"),
+        max_epsilon=settings.site_max_epsilon, delta=settings.site_delta,
+        min_noise_multiplier=settings.site_min_noise_multiplier,
+        accountant=settings.accountant, require_dp=settings.dp,
+        # the rehearsal's data owners are played on public data: they let the central
+        # team see exact evaluation metrics (and seeded noise when the run asks for it);
+        # a real site's defaults are off
+        release_eval_metrics=settings.site_release_eval_metrics,
+        allow_insecure_noise=True if not settings.secure_mode else None,
+        feature_bounds=bounds,
+        he_federation=settings.he_federation if settings.he else None)
+
+
 def rehearse(
     settings: RunSettings,
     *,
@@ -364,28 +385,15 @@ def rehearse(
 
             for k, path in enumerate(data_files):
                 home = path.parent
-                node_config = (
-                    f'data-path="{path}" label-column="{label}" task="{settings.task}" '
-                    f'partition-id={k} num-partitions={sites} site-name="site-{k}" '
-                    f'ledger-path="{home / "privacy-ledger.jsonl"}" '
-                    f"max-epsilon={settings.site_max_epsilon!r} delta={settings.site_delta!r} "
-                    f"min-noise-multiplier={settings.site_min_noise_multiplier!r} "
-                    f'accountant="{settings.accountant}" '
-                    f"require-dp={'true' if settings.dp else 'false'} "
-                    # the rehearsal's data owners are played on public data: they let
-                    # the central team see exact evaluation metrics (and seeded noise
-                    # when the run asks for it); a real site's defaults are off
-                    "release-eval-metrics="
-                    f"{'true' if settings.site_release_eval_metrics else 'false'}"
-                    + ("" if settings.secure_mode else " allow-insecure-noise=true")
-                    + (f' feature-bounds="{bounds_file}"' if bounds_file else "")
-                    + (f' he-federation="{settings.he_federation}"' if settings.he else ""))
+                node_config = site_node_config(settings, k, data=path, label=label,
+                                               bounds=bounds_file).write_toml(
+                                                   home / "node-config.toml")
                 status(f"starting flower-supernode site-{k}")
                 node = dep.spawn(
                     f"site-{k}",
                     [_bin("flower-supernode"), "--insecure", "--superlink",
                      f"127.0.0.1:{link_port}", "--port", str(free_port()),
-                     "--node-config", node_config],
+                     "--node-config", str(node_config)],
                     env={**base_env, "FLWR_HOME": str(home)},
                 )
                 wait_for_log(node, "SuperNode ID")

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from fedvault.errors import IntegrityError
+from protocols.hashchain import follow_chain
 
 SECRET_MODE = 0o600
 SECRET_VERSION = 1
@@ -115,3 +116,33 @@ class SiteSecret:
             return  # never move the anchor backwards
         self.anchor = {"entries": entries, "hash": last_hash}
         self.save()
+
+
+def missing_message(path: Path, secret: SiteSecret, found: int) -> str:
+    want = int(secret.anchor.get("entries", 0))
+    what = "is missing" if found == 0 else f"has {found} complete entries"
+    return (f"privacy ledger {path} {what}, but this site's secret ({secret.path}) "
+            f"records {want}: the ledger was moved, replaced or cut short, and training on "
+            "it would start the budget from zero. Restore the ledger from a backup, or "
+            f"start a new one on the record with `fedvault budget new-ledger {path} "
+            "--reason TEXT`.")
+
+
+def anchor_problem(path: str | Path, secret: SiteSecret | None = None) -> str | None:
+    """What is wrong with the ledger at ``path`` against its site secret's anchor
+    (``None``: nothing, or no secret to check against)."""
+    p = Path(path).expanduser().absolute()
+    secret = secret or SiteSecret.load(secret_path_for(p))
+    if secret is None:
+        return None
+    want = int(secret.anchor.get("entries", 0))
+    if want == 0:
+        return None
+    complete = follow_chain(p, 0)[0] if p.exists() else []
+    if len(complete) < want:
+        return missing_message(p, secret, len(complete))
+    if complete[want - 1].get("hash") != secret.anchor.get("hash"):
+        return (f"privacy ledger {p}: entry {want - 1} is not the one this site's secret "
+                "anchored: the ledger was replaced or rewritten. Restore it from a backup, "
+                f"or start a new one with `fedvault budget new-ledger {p} --reason TEXT`.")
+    return None

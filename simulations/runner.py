@@ -151,7 +151,7 @@ def simulate(
     scenario = load_compiled(settings.scenario) if settings.scenario else None
     if scenario is None:
         server_app = build_server_app(overrides, mode="simulation")
-        client_app = build_client_app(overrides)
+        client_app = build_client_app(overrides, simulated=True)
     else:
         server_app, client_app = _scenario_apps(scenario, settings, overrides)
     backend_config = ray_backend_config(cpus_per_site=cpus_per_site, verbose=verbose,
@@ -228,7 +228,7 @@ def _scenario_apps(scenario: Scenario, settings: RunSettings, overrides: dict[st
                  else None)
     client_app = build_client_app(overrides, mods=[simulation_mod(settings.scenario,
                                                                   settings.seed)],
-                                  behaviour=behaviour)
+                                  behaviour=behaviour, simulated=True)
     client_app.query(SITE_QUERY.split(".")[1])(answer_site_query)
     return server_app, client_app
 

@@ -30,7 +30,7 @@ def _round(app: object, tmp_path: Path, r: int, **settings: object) -> Message:
 
 
 def test_site_stops_exactly_when_the_next_round_would_exceed(tmp_path: Path) -> None:
-    app = build_client_app()
+    app = build_client_app(simulated=True)
     # Round 1 tells this site's per-round mechanism (its split is its own keyed hash);
     # then the limit is set half-way between the epsilon after 3 and after 4 rounds
     # (by the PLD oracle).

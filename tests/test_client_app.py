@@ -52,7 +52,7 @@ def _site_csv(tmp_path: Path, rows: int = 120) -> Path:
 
 
 def test_dp_train_and_evaluate_on_a_partition(tmp_path: Path) -> None:
-    app = build_client_app()
+    app = build_client_app(simulated=True)
     g = _global()
     reply = app(_msg("train", g), _ctx(SIM, _run(tmp_path)))
     assert not reply.has_error() and "refusal" not in reply.content.config_records
@@ -75,7 +75,7 @@ def test_dp_train_and_evaluate_on_a_partition(tmp_path: Path) -> None:
 
 
 def test_training_is_deterministic_without_secure_mode(tmp_path: Path) -> None:
-    app = build_client_app()
+    app = build_client_app(simulated=True)
     outs = []
     for _ in ("a", "b"):  # one site (one secret, so one split), trained twice
         r = app(_msg("train", _global()), _ctx(SIM, _run(tmp_path, secure_mode=False)))
@@ -87,7 +87,7 @@ def test_training_is_deterministic_without_secure_mode(tmp_path: Path) -> None:
 
 
 def test_secure_mode_noise_is_not_reproducible(tmp_path: Path) -> None:
-    app = build_client_app()
+    app = build_client_app(simulated=True)
     outs = []
     for name in ("a", "b"):
         r = app(_msg("train", _global()), _ctx(SIM, _run(tmp_path / name)))
@@ -127,7 +127,7 @@ def _refusal(reply: Message) -> dict[str, Any]:
 
 
 def test_weaker_noise_than_the_site_minimum_is_refused(tmp_path: Path) -> None:
-    app = build_client_app()
+    app = build_client_app(simulated=True)
     ctx = _ctx({**SIM, "min-noise-multiplier": 0.8}, _run(tmp_path, noise_multiplier=0.5))
     r = _refusal(app(_msg("train", _global()), ctx))
     assert "noise multiplier 0.5 is below this site's minimum 0.8" in r["reason"]
@@ -136,7 +136,7 @@ def test_weaker_noise_than_the_site_minimum_is_refused(tmp_path: Path) -> None:
 
 
 def test_larger_delta_than_the_site_allows_is_refused(tmp_path: Path) -> None:
-    app = build_client_app()
+    app = build_client_app(simulated=True)
     ctx = _ctx({**SIM, "delta": 1e-6}, _run(tmp_path, dp_delta=1e-5))
     assert "above this site's delta" in _refusal(app(_msg("train", _global()), ctx))["reason"]
 
@@ -150,7 +150,7 @@ def test_no_dp_is_refused_by_a_real_site(tmp_path: Path) -> None:
 
 
 def test_no_dp_simulation_trains_plainly(tmp_path: Path) -> None:
-    app = build_client_app()
+    app = build_client_app(simulated=True)
     reply = app(_msg("train", _global()), _ctx(SIM, _run(tmp_path, dp=False)))
     assert "privacy" not in reply.content.config_records
     kinds = [e["kind"] for e in read_chain(tmp_path / "run" / "ledgers" / "site-0.jsonl")]
@@ -165,13 +165,13 @@ def test_bad_data_path_raises_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_model_of_another_shape_is_refused(tmp_path: Path) -> None:
-    app = build_client_app()
+    app = build_client_app(simulated=True)
     with pytest.raises(ConfigError, match="does not fit task 'digits'"):
         app(_msg("train", _global("tabular")), _ctx(SIM, _run(tmp_path)))
 
 
 def test_ledger_spend_matches_reply(tmp_path: Path) -> None:
-    app = build_client_app()
+    app = build_client_app(simulated=True)
     reply = app(_msg("train", _global()), _ctx(SIM, _run(tmp_path)))
     led = PrivacyLedger(tmp_path / "run" / "ledgers" / "site-0.jsonl")
     eps = float(reply.content.config_records["privacy"]["epsilon"])  # type: ignore[arg-type]
@@ -237,7 +237,7 @@ def test_a_site_may_allow_its_evaluation_metrics(tmp_path: Path) -> None:
 
 
 def test_a_site_that_refused_to_train_does_not_evaluate_that_round(tmp_path: Path) -> None:
-    app = build_client_app()
+    app = build_client_app(simulated=True)
     ctx = _ctx({**SIM, "min-noise-multiplier": 0.8}, _run(tmp_path, noise_multiplier=0.5))
     _refusal(app(_msg("train", _global()), ctx))
     ev = app(_msg("evaluate", _global()), ctx)

@@ -11,6 +11,7 @@ from client.site import resolve_site_data
 from fedvault.errors import ConfigError, DataError, TaskError
 from fedvault.tasks import Table, get_task
 from protocols.config import RunSettings
+from protocols.node_config import NodeConfig
 
 
 def _write(p: Path, text: str) -> Path:
@@ -103,6 +104,10 @@ def test_fingerprint_follows_content_not_path(tmp_path: Path) -> None:
     assert fingerprint(load_table(b, label_column="label")) != fa
 
 
+def _node(config: dict[str, object], sim: bool = False) -> NodeConfig:
+    return NodeConfig.parse(config, simulated=sim)
+
+
 KEY = b"k" * 32
 
 
@@ -132,7 +137,7 @@ def test_one_record_changes_no_other_records_features_or_split(tmp_path: Path,
     sites = []
     for i, t in enumerate((full, removed, replaced)):
         p = save_table(t, tmp_path / f"t{i}.npz")
-        sites.append(resolve_site_data(settings, {"data-path": str(p)}, key=KEY))
+        sites.append(resolve_site_data(settings, _node({"data-path": str(p)}), key=KEY))
     base_tr, base_va = _rows(sites[0].train), _rows(sites[0].validation)
     for other in sites[1:]:
         tr, va = _rows(other.train), _rows(other.validation)
@@ -153,8 +158,8 @@ def test_site_data_from_node_config(tmp_path: Path) -> None:
     settings = RunSettings(task="tabular")
     t = get_task("tabular").embedded().subset(np.arange(100))
     p = save_table(t, tmp_path / "site.csv", label_column="diagnosis")
-    site = resolve_site_data(settings, {"data-path": str(p), "label-column": "diagnosis"},
-                             key=KEY)
+    site = resolve_site_data(settings, _node({"data-path": str(p),
+                                                  "label-column": "diagnosis"}), key=KEY)
     assert len(site.train) + len(site.validation) == 100
     # scaled to the declared (documented) bounds, never the table's own statistics
     assert float(site.train.x.min()) >= -1.0 and float(site.train.x.max()) <= 1.0
@@ -166,14 +171,15 @@ def test_tabular_site_without_declared_bounds_is_told_to_declare_them(tmp_path: 
     p = save_table(t, tmp_path / "site.npz")
     settings = RunSettings(task="tabular", num_features=4)
     with pytest.raises(TaskError, match="feature-bounds"):
-        resolve_site_data(settings, {"data-path": str(p)}, key=KEY)
-    site = resolve_site_data(settings, {"data-path": str(p), "feature-bounds": "-3:3"},
-                             key=KEY)
+        resolve_site_data(settings, _node({"data-path": str(p)}), key=KEY)
+    site = resolve_site_data(settings, _node({"data-path": str(p),
+                                                  "feature-bounds": "-3:3"}), key=KEY)
     assert float(np.abs(site.train.x).max()) <= 1.0
     bad = tmp_path / "b.json"
     bad.write_text('{"low": [0, 0], "high": [1, 1]}')
     with pytest.raises(ConfigError, match="declares 2 features"):
-        resolve_site_data(settings, {"data-path": str(p), "feature-bounds": str(bad)}, key=KEY)
+        resolve_site_data(settings, _node({"data-path": str(p), "feature-bounds": str(bad)}),
+                          key=KEY)
 
 
 def test_fingerprint_ignores_row_and_column_order() -> None:
@@ -189,20 +195,22 @@ def test_fingerprint_ignores_row_and_column_order() -> None:
 
 
 def test_site_without_data_is_told_how_to_fix_it() -> None:
-    with pytest.raises(DataError, match="set data-path in the SuperNode's node config"):
-        resolve_site_data(RunSettings(), {}, key=KEY)
+    with pytest.raises(ConfigError, match="node-config 'data-path' is missing"):
+        NodeConfig.parse({})
 
 
 def test_site_refuses_another_task(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="serves task 'tabular'"):
-        resolve_site_data(RunSettings(task="digits"), {"task": "tabular", "data-path": "x"},
-                          key=KEY)
+        resolve_site_data(RunSettings(task="digits"),
+                          _node({"task": "tabular", "data-path": "x"}), key=KEY)
 
 
 def test_site_partition_of_embedded_data() -> None:
     s = RunSettings(partitioner="iid")
-    sizes = [len(resolve_site_data(s, {"partition-id": i, "num-partitions": 4}, key=KEY).train)
+    sizes = [len(resolve_site_data(s, _node({"partition-id": i, "num-partitions": 4}, sim=True),
+                                   key=KEY).train)
              for i in range(4)]
     assert min(sizes) > 250
     with pytest.raises(ConfigError, match=r"partition-id must be in \[0, 3\]"):
-        resolve_site_data(s, {"partition-id": 4, "num-partitions": 4}, key=KEY)
+        resolve_site_data(s, _node({"partition-id": 4, "num-partitions": 4}, sim=True),
+                          key=KEY)

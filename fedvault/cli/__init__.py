@@ -11,8 +11,8 @@
     fedvault model decrypt ...   release a model (key holders)
     fedvault tasks               list the built-in tasks
 
-One module per command group (:mod:`.run`, :mod:`.budget`, :mod:`.federation`,
-:mod:`.model`),
+One module per command group (:mod:`.run`, :mod:`.records`, :mod:`.budget`,
+:mod:`.federation`, :mod:`.model`),
 the shared run options (:mod:`.options`) and what is printed (:mod:`.render`).
 Any :class:`~fedvault.errors.FedvaultError` is printed as one line
 ``error: ...`` with exit status 2; an unexpected exception too, with its
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "filesystem every Ray node shares")
     s.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     add_run_options(s)
-    s.set_defaults(handler=_handler('run', 'cmd_simulate'))
+    s.set_defaults(handler=_handler("run", "cmd_simulate"))
 
     r = sub.add_parser("rehearse", help="run on a real loopback deployment: flower-superlink "
                        "+ N flower-supernode processes",
@@ -86,19 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=3600.0,
                    help="give up after this many seconds (default: 3600)")
     add_run_options(r)
-    r.set_defaults(handler=_handler('run', 'cmd_rehearse'))
+    r.set_defaults(handler=_handler("run", "cmd_rehearse"))
 
     sh = sub.add_parser("show", help="print the table of a finished run",
                         description="Print the per-round table of a finished run directory.")
     sh.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     sh.add_argument("--json", action="store_true", help="print summary.json")
-    sh.set_defaults(handler=_handler('run', 'cmd_show'))
+    sh.set_defaults(handler=_handler("records", "cmd_show"))
 
     v = sub.add_parser("verify", help="verify a hash-chained log (a run's events.jsonl)",
                        description="Check every entry's hash and link; exit 1 naming the "
                        "first bad entry.")
     v.add_argument("path", type=Path, metavar="PATH", help="a log file or a run directory")
-    v.set_defaults(handler=_handler('run', 'cmd_verify'))
+    v.set_defaults(handler=_handler("records", "cmd_verify"))
 
     b = sub.add_parser("budget", help="privacy ledgers: verify their integrity, report "
                        "the budget spent", description="Compliance tools for a site's "
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Check every entry's hash, sequence number and link; "
                          "exit 1 naming the first edited, deleted or reordered entry.")
     bv.add_argument("ledger", type=Path, metavar="LEDGER")
-    bv.set_defaults(handler=_handler('budget', 'cmd_budget_verify'))
+    bv.set_defaults(handler=_handler("records", "cmd_budget_verify"))
     br = bsub.add_parser("report", help="per budget scope: epsilon spent, limit, remaining, ...",
                          description="Report a verified ledger: per budget scope epsilon "
                          "spent (recomputed from the stored mechanisms), limit, remaining, "
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                     default="add-remove-one",
                     help="also give epsilon under replace-one adjacency (group privacy of "
                     "two add/remove steps); spends are accounted add/remove-one")
-    br.set_defaults(handler=_handler('budget', 'cmd_budget_report'))
+    br.set_defaults(handler=_handler("budget", "cmd_budget_report"))
     bn = bsub.add_parser("new-ledger", help="start a new ledger on the record",
                          description="Where a site's ledger is missing or cut short and "
                          "cannot be restored from a backup, start a new one: the old file "
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "until you restore the ledger or do this.")
     bn.add_argument("ledger", type=Path, metavar="LEDGER")
     bn.add_argument("--reason", required=True, help="why (recorded in the ledger)")
-    bn.set_defaults(handler=_handler('budget', 'cmd_budget_new_ledger'))
+    bn.set_defaults(handler=_handler("budget", "cmd_budget_new_ledger"))
 
     pv = sub.add_parser("provision", help="create a federation: HE contexts and a manifest",
                         description="Create a federation directory: the server's public HE "
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--passphrase-env", metavar="VAR", default=None,
                     help="encrypt each site's secret context at rest with the passphrase in "
                     "environment variable VAR")
-    pv.set_defaults(handler=_handler('federation', 'cmd_provision'))
+    pv.set_defaults(handler=_handler("federation", "cmd_provision"))
 
     mdl = sub.add_parser("model", help="release a model: decrypt an encrypted version",
                          description="Model release tools for key holders.")
@@ -165,11 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--out", type=Path, default=None, help="where to write the state dict")
     md.add_argument("--passphrase-env", metavar="VAR", default=None,
                     help="environment variable holding the secret context's passphrase")
-    md.set_defaults(handler=_handler('model', 'cmd_model_decrypt'))
+    md.set_defaults(handler=_handler("model", "cmd_model_decrypt"))
 
     t = sub.add_parser("tasks", help="list the built-in tasks",
                        description="List the built-in tasks.")
-    t.set_defaults(handler=_handler('model', 'cmd_tasks'))
+    t.set_defaults(handler=_handler("model", "cmd_tasks"))
     return p
 
 

@@ -6,29 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rich.markup import escape
-
 from fedvault import reports
-from fedvault.cli.render import console, err_console, print_budget_table
-from fedvault.cli.run import verify_log
+from fedvault.cli.render import console, print_budget_table
 from fedvault.errors import ConfigError
-from privacy.ledger import PrivacyLedger, anchor_problem
-
-
-def cmd_budget_verify(args: argparse.Namespace) -> int:
-    """The hash chain, and, where the site secret is beside the ledger, its anchor: a
-    chain cannot show that its tail was cut or that the whole file was replaced."""
-    if args.ledger.exists():
-        status = verify_log(args.ledger)
-        if status:
-            return status  # the first edited, deleted or reordered entry, named
-    problem = anchor_problem(args.ledger)
-    if problem:
-        err_console.print(f"[red]{escape(problem)}[/]", soft_wrap=True)
-        return 1
-    if not args.ledger.exists():
-        return verify_log(args.ledger)
-    return 0
+from privacy.ledger import PrivacyLedger
 
 
 def cmd_budget_report(args: argparse.Namespace) -> int:

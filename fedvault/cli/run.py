@@ -8,23 +8,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rich.markup import escape
 from rich.table import Table as RichTable
 
 from fedvault.cli.options import default_out, explicit, settings_from
 from fedvault.cli.render import (
     RoundProgress,
     console,
-    err_console,
     finish,
     print_scenario,
     warn_insecure,
 )
 from fedvault.errors import ConfigError
 from fedvault.rehearse import rehearse
-from fedvault.rundir import RunDirectory
 from protocols.config import RunSettings, config_key
-from protocols.hashchain import verify_chain
 from simulations.report import compare_runs
 from simulations.runner import check_run, simulate, simulate_scenario
 from simulations.scenario import builtin_path, builtin_scenarios, load_scenario
@@ -126,26 +122,3 @@ def cmd_rehearse(args: argparse.Namespace) -> int:
     return code
 
 
-def cmd_show(args: argparse.Namespace) -> int:
-    run_dir = RunDirectory(args.run_dir)
-    summary = run_dir.read_summary()
-    code = finish(args, summary, args.run_dir)
-    if not args.json and "simulation" in summary:
-        print_scenario(summary, args.run_dir)
-    return code
-
-
-def verify_log(path: Path) -> int:
-    """Verify any hash-chained log (events, ledger, releases): 0 if intact, else 1
-    with the first bad entry named."""
-    report = verify_chain(path)
-    if report.ok:
-        console.print(f"[green]{escape(report.describe())}[/]", soft_wrap=True)
-        return 0
-    err_console.print(f"[red]{escape(report.describe())}[/]", soft_wrap=True)
-    return 1
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    path: Path = args.path
-    return verify_log(path / "events.jsonl" if path.is_dir() else path)
