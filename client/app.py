@@ -224,11 +224,10 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
             return _refusal(msg, policy, str(exc))
 
         def refuse(reason: str) -> Message:
-            ledger.refuse(policy.budget_scope, run_id=run_id, server_round=server_round,
-                          reason=reason, delta=policy.delta, limit=policy.max_epsilon,
-                          dataset=dataset)
-            return _refusal(msg, policy, reason,
-                            spent=ledger.spent(policy.budget_scope, delta=policy.delta))
+            entry = ledger.refuse(policy.budget_scope, run_id=run_id,
+                                  server_round=server_round, reason=reason,
+                                  delta=policy.delta, limit=policy.max_epsilon, dataset=dataset)
+            return _refusal(msg, policy, reason, spent=float(entry["epsilon_spent"]))
 
         if not settings.dp:
             try:
@@ -257,9 +256,8 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
                                          server_round=server_round, delta=policy.delta,
                                          limit=policy.max_epsilon, dataset=dataset,
                                          insecure=not settings.secure_mode)
-        except PrivacyRefused as exc:
-            return _refusal(msg, policy, str(exc),
-                            spent=ledger.spent(policy.budget_scope, delta=policy.delta))
+        except PrivacyRefused as exc:  # the ledger recorded it; its values fill the reply
+            return _refusal(msg, policy, exc.reason, spent=exc.epsilon_spent)
         except IntegrityError as exc:  # e.g. another process left a torn line meanwhile
             return _refusal(msg, policy, f"privacy ledger: {exc}")
         if not settings.secure_mode:

@@ -206,8 +206,9 @@ class PrivacyLedger:
         with self.lock():
             if existed:
                 report = verify_chain(self.path)
-                if not report.ok and "torn last line" not in report.reason:
-                    raise IntegrityError(f"privacy ledger is broken: {report.describe()}")
+                if report.defect == "tampered":
+                    raise IntegrityError(f"privacy ledger is broken: {report.describe()}",
+                                         path=str(self.path), defect="tampered")
                 if self.secret is not None:
                     self._raise_if_unanchored(self.secret)
                 if not report.ok:
@@ -219,7 +220,7 @@ class PrivacyLedger:
     def _raise_if_unanchored(self, secret: SiteSecret) -> None:
         problem = anchor_problem(self.path, secret)
         if problem:
-            raise IntegrityError(problem)
+            raise IntegrityError(problem, path=str(self.path), defect="unanchored")
 
     def _repair(self) -> None:
         data = self.path.read_bytes()
@@ -390,7 +391,10 @@ class PrivacyLedger:
                              epsilon_spent=chk.epsilon_before,
                              epsilon_requested=chk.epsilon_after, epsilon_limit=limit,
                              delta=delta)
-                raise PrivacyRefused(reason)
+                raise PrivacyRefused(reason, scope=scope, dataset=dataset or None,
+                                     epsilon_spent=chk.epsilon_before,
+                                     epsilon_requested=chk.epsilon_after, limit=limit,
+                                     delta=delta)
             return self._append(
                 "reservation", run_id=run_id, round=server_round, scope=scope,
                 dataset=dataset, events=[e.to_dict() for e in planned],

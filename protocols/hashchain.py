@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedvault.errors import IntegrityError
+from fedvault.errors import Defect, IntegrityError
 
 GENESIS_HASH = "0" * 64
 RESERVED_KEYS = frozenset({"seq", "time", "prev_hash", "hash"})
@@ -64,6 +64,9 @@ class ChainReport:
     first_bad_line: int | None = None  # 1-based line number of the first bad entry
     reason: str = ""
     last_hash: str = GENESIS_HASH
+    #: ``None`` when intact; ``"torn"`` when the only defect is a last line cut by a
+    #: crash while writing it (repairable); ``"tampered"`` for anything else
+    defect: Defect | None = None
 
     def describe(self) -> str:
         if self.ok:
@@ -86,18 +89,19 @@ def verify_chain(path: str | Path) -> ChainReport:
 def _scan(p: Path) -> tuple[ChainReport, list[dict[str, Any]]]:
     """One pass over the file: the verification report and the entries that verified."""
     if not p.exists():
-        raise IntegrityError(f"{p}: no such log file.")
+        raise IntegrityError(f"{p}: no such log file.", path=str(p))
     prev = GENESIS_HASH
     count = 0
     entries: list[dict[str, Any]] = []
     for lineno, raw, complete in _iter_lines(p):
-        def bad(reason: str, lineno: int = lineno, count: int = count, prev: str = prev
-                ) -> tuple[ChainReport, list[dict[str, Any]]]:
+        def bad(reason: str, lineno: int = lineno, count: int = count, prev: str = prev,
+                defect: Defect = "tampered") -> tuple[ChainReport, list[dict[str, Any]]]:
             return ChainReport(path=str(p), entries=count, ok=False, first_bad_line=lineno,
-                               reason=reason, last_hash=prev), entries
+                               reason=reason, last_hash=prev, defect=defect), entries
 
         if not complete:
-            return bad("torn last line (the process was interrupted while writing it)")
+            return bad("torn last line (the process was interrupted while writing it)",
+                       defect="torn")
         try:
             entry = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -124,7 +128,7 @@ def read_chain(path: str | Path, *, verify: bool = True) -> list[dict[str, Any]]
     if verify:
         report, entries = _scan(p)
         if not report.ok:
-            raise IntegrityError(report.describe())
+            raise IntegrityError(report.describe(), path=str(p), defect=report.defect)
         return entries
     return follow_chain(p, 0)[0]
 
@@ -158,8 +162,9 @@ def repair_torn_tail(path: str | Path) -> bytes | None:
     report = verify_chain(p)
     if report.ok:
         return None
-    if "torn last line" not in report.reason:
-        raise IntegrityError(f"cannot repair: {report.describe()}")
+    if report.defect != "torn":
+        raise IntegrityError(f"cannot repair: {report.describe()}", path=str(p),
+                             defect=report.defect)
     data = p.read_bytes()
     cut = data.rfind(b"\n") + 1  # keep every complete line
     fragment = data[cut:]

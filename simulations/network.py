@@ -27,7 +27,7 @@ from typing import Any
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedvault.errors import FedvaultError
+from fedvault.errors import SimulationError
 from server.recorder import RunRecorder
 from simulations.behaviour import (
     OFFLINE,
@@ -81,7 +81,7 @@ class SimulatedGrid(Grid):
         return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_nodes(self) -> Any:  # pragma: no cover - not used by Message-API strategies
-        raise FedvaultError("the simulated grid exposes node ids only (get_node_ids).")
+        raise SimulationError("the simulated grid exposes node ids only (get_node_ids).")
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.inner.push_messages([self._to_real(m) for m in messages])
@@ -100,25 +100,25 @@ class SimulatedGrid(Grid):
         deadline = time.monotonic() + wait
         while len(nodes := list(self.inner.get_node_ids())) < n:
             if time.monotonic() > deadline:
-                raise FedvaultError(f"only {len(nodes)} of the scenario's {n} sites joined "
+                raise SimulationError(f"only {len(nodes)} of the scenario's {n} sites joined "
                                     f"within {wait:.0f} s.")
             time.sleep(0.2)
         if len(nodes) != n:
-            raise FedvaultError(f"the Simulation Engine started {len(nodes)} nodes; the "
+            raise SimulationError(f"the Simulation Engine started {len(nodes)} nodes; the "
                                 f"scenario has {n} sites.")
         queries = [self.inner.create_message(RecordDict(), SITE_QUERY, nid, "discovery")
                    for nid in nodes]
         replies = list(self.inner.send_and_receive(queries, timeout=self.timeout))
         for r in replies:
             if r.has_error():
-                raise FedvaultError(f"node {r.metadata.src_node_id} did not say which site "
+                raise SimulationError(f"node {r.metadata.src_node_id} did not say which site "
                                     f"it is: {r.error.reason}")
             k = int(r.content.config_records["simulation"]["site"])  # type: ignore[arg-type]
             self._real[k + 1] = r.metadata.src_node_id
             self._virtual[r.metadata.src_node_id] = k + 1
             self.recorder.name_site(k + 1, f"site-{k}")
         if len(self._real) != n:
-            raise FedvaultError(f"only {len(self._real)} of {n} simulated sites answered.")
+            raise SimulationError(f"only {len(self._real)} of {n} simulated sites answered.")
 
     def _sampling_round(self) -> int:
         # Flower's loop samples training of round r+1 after evaluating round r, and

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from client.app import build_client_app
 from fedvault.datasets import central_test_table, pooled_table
-from fedvault.errors import ConfigError, FedvaultError
+from fedvault.errors import ConfigError, FedvaultError, SimulationError
 from fedvault.partition import partition_indices
 from fedvault.provision import provision
 from fedvault.release import decrypt_model
@@ -180,14 +180,14 @@ def simulate(
         if run_dir.summary.exists():
             summ = run_dir.read_summary()
             if summ.get("error"):
-                raise FedvaultError(f"simulation failed: {summ['error']}") from exc
-        raise FedvaultError(f"simulation failed: {type(exc).__name__}: {exc}") from exc
+                raise SimulationError(f"simulation failed: {summ['error']}") from exc
+        raise SimulationError(f"simulation failed: {type(exc).__name__}: {exc}") from exc
     finally:
         stop.set()
         if tail is not None:
             tail.join(timeout=5)
     if not run_dir.summary.exists():
-        raise FedvaultError("simulation ended without a summary: the ServerApp did not run "
+        raise SimulationError("simulation ended without a summary: the ServerApp did not run "
                             "(see --verbose for Flower's log).")
     summary = run_dir.read_summary()
     if settings.he and settings.central_eval and summary.get("status") == "completed":

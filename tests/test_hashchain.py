@@ -90,7 +90,7 @@ def test_torn_last_line_is_reported_and_not_extended(tmp_path: Path) -> None:
     with p.open("ab") as fh:
         fh.write(b'{"seq": 5, "ti')
     r = verify_chain(p)
-    assert not r.ok and r.first_bad_line == 6 and "torn" in r.reason
+    assert not r.ok and r.first_bad_line == 6 and r.defect == "torn" and "torn" in r.reason
     with pytest.raises(IntegrityError, match="refusing to extend a broken log"):
         HashChainLog(p)
     with pytest.raises(IntegrityError):

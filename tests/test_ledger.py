@@ -54,11 +54,17 @@ def test_entries_carry_what_a_regulator_needs(tmp_path: Path) -> None:
 def test_refuses_before_writing_a_spend(tmp_path: Path) -> None:
     led = _ledger(tmp_path, rounds=1)
     spent = led.spent(FP, delta=1e-5)
-    with pytest.raises(PrivacyRefused, match="would bring it to"):
+    with pytest.raises(PrivacyRefused, match="would bring it to") as info:
         led.reserve(FP, [_ev(1000)], run_id="run-2", server_round=1, delta=1e-5,
                     limit=spent + 0.01)
     assert led.spent(FP, delta=1e-5) == spent
-    assert led.entries()[-1]["kind"] == "refusal"
+    refusal = led.entries()[-1]
+    assert refusal["kind"] == "refusal"
+    # the exception carries what the refusal reply needs: no second accountant run
+    exc = info.value
+    assert (exc.scope, exc.limit, exc.delta) == (FP, spent + 0.01, 1e-5)
+    assert exc.epsilon_spent == refusal["epsilon_spent"] == pytest.approx(spent)
+    assert exc.epsilon_requested == refusal["epsilon_requested"] > exc.limit
 
 
 def test_persists_across_instances(tmp_path: Path) -> None:
@@ -123,8 +129,9 @@ def test_budget_verify_names_the_first_bad_entry(tmp_path: Path, tamper: str) ->
     r = run_cli("budget", "verify", str(led.path))
     assert r.returncode == 1
     assert f"line {bad}" in r.stdout + r.stderr
-    with pytest.raises(IntegrityError, match="privacy ledger is broken"):
+    with pytest.raises(IntegrityError, match="privacy ledger is broken") as info:
         PrivacyLedger(led.path)
+    assert info.value.defect == "tampered" and verify_chain(led.path).defect == "tampered"
 
 
 def test_budget_verify_ok(tmp_path: Path) -> None:
@@ -181,8 +188,9 @@ def test_a_ledger_moved_away_or_truncated_is_refused(tmp_path: Path) -> None:
     # truncated to its first line: the chain still verifies, the anchor does not
     led.path.write_bytes(lines[0])
     assert verify_chain(led.path).ok
-    with pytest.raises(IntegrityError, match="records"):
+    with pytest.raises(IntegrityError, match="records") as info:
         PrivacyLedger(led.path)
+    assert info.value.defect == "unanchored" and info.value.path == str(led.path)
     r = run_cli("budget", "verify", str(led.path))  # the compliance check sees it too
     assert r.returncode == 1 and "cut short" in r.stderr
     # moved away entirely
@@ -257,7 +265,7 @@ KILL_SCRIPT = textwrap.dedent("""
     ctx = Context(run_id=7, node_id=3, node_config={"partition-id": 0, "num-partitions": 2},
                   state=RecordDict(), run_config=RunSettings(run_dir=sys.argv[1],
                   noise_multiplier=5.0, site_max_epsilon=1000.0).to_config())
-    build_client_app()(msg, ctx)
+    build_client_app(simulated=True)(msg, ctx)
 """)
 
 

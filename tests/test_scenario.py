@@ -310,7 +310,8 @@ def _train_site0(tmp_path: Path, scenario: str, g: ArrayRecord) -> tuple[Message
         "run-dir": str(tmp_path / "run"), "dp": False, "scenario": scenario,
         "num-server-rounds": 2}
     app = build_client_app(mods=[simulation_mod(scenario, 0)],
-                           behaviour=ScenarioBehaviour(RunSettings.from_config(run)))
+                           behaviour=ScenarioBehaviour(RunSettings.from_config(run)),
+                           simulated=True)
     msg = Message(content=RecordDict({"arrays": g, "config": ConfigRecord(
         {"server-round": 1, "local-epochs": 1, "batch-size": 64, "learning-rate": 0.1,
          "momentum": 0.0})}), dst_node_id=11, message_type="train")
