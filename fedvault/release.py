@@ -24,7 +24,7 @@ from fedvault.tasks import get_task, unflatten
 from privacy.federation import load_context
 from protocols.config import RunSettings
 from protocols.hashchain import HashChainLog
-from protocols.he_update import ciphertexts_of, is_encrypted
+from protocols.he_update import ciphertexts_of, is_encrypted, sites_of
 
 RELEASES = "releases.jsonl"
 
@@ -58,6 +58,7 @@ def decrypt_model(run_dir: str | Path, *, federation: str | Path, site: str,
     if not he.has_secret_key:
         raise HEError(f"{site}'s context holds no secret key.")
     cts, count, _ = ciphertexts_of(stored)
+    sites = sites_of(stored)
     task = get_task(settings.task)
     model = task.build_model(num_features=settings.num_features, num_classes=settings.num_classes)
     template = model.state_dict()
@@ -71,6 +72,6 @@ def decrypt_model(run_dir: str | Path, *, federation: str | Path, site: str,
     target.write_bytes(buf.getvalue())
     entry = HashChainLog(run.root / RELEASES).append(
         "model_decrypted", round=rnd, site=site, he_fingerprint=he.fingerprint,
-        sites_in_aggregate=count, output=str(target.resolve()),
+        sites_in_aggregate=sites, total_weight=count, output=str(target.resolve()),
         output_sha256=hashlib.sha256(buf.getvalue()).hexdigest(), by=getpass.getuser())
     return entry

@@ -151,11 +151,14 @@ class EncryptedGlobal:
 
 # The encrypted global model between rounds at the server (and as stored in the run
 # directory): an ArrayRecord of the ciphertext bytes (ct-NNNN, uint8) plus the total
-# weight summed (he-count) and the round that formed it (he-round).
-def encrypted_arrays(ciphertexts: list[bytes], *, count: int, server_round: int) -> ArrayRecord:
+# weight summed (he-count), the number of sites summed (he-sites) and the round that
+# formed it (he-round).
+def encrypted_arrays(ciphertexts: list[bytes], *, count: int, server_round: int,
+                     sites: int) -> ArrayRecord:
     d = {f"ct-{i:04d}": Array(np.frombuffer(c, dtype=np.uint8).copy())
          for i, c in enumerate(ciphertexts)}
     d["he-count"] = Array(np.array([count], dtype=np.int64))
+    d["he-sites"] = Array(np.array([sites], dtype=np.int64))
     d["he-round"] = Array(np.array([server_round], dtype=np.int64))
     return ArrayRecord(d)
 
@@ -168,3 +171,9 @@ def ciphertexts_of(arrays: ArrayRecord) -> tuple[list[bytes], int, int]:
     """(ciphertexts, total weight, round) of an ``encrypted_arrays`` record."""
     cts = [arrays[k].numpy().tobytes() for k in sorted(arrays.keys()) if k.startswith("ct-")]
     return cts, int(arrays["he-count"].numpy()[0]), int(arrays["he-round"].numpy()[0])
+
+
+def sites_of(arrays: ArrayRecord) -> int | None:
+    """The number of sites summed in an ``encrypted_arrays`` record (``None``: a record
+    written before it was stored)."""
+    return int(arrays["he-sites"].numpy()[0]) if "he-sites" in arrays else None

@@ -118,4 +118,5 @@ class EncryptedFedAvg(FedVaultFedAvg):
         metrics = self.train_metrics_aggr_fn([m.content for m, _ in valid], self.weighted_by_key)
         self.recorder.note_trained(server_round, nodes, aggregated=True, metrics=_floats(metrics))
         total = sum(u.weight for _, u in valid)
-        return encrypted_arrays(summed, count=total, server_round=server_round), metrics
+        return encrypted_arrays(summed, count=total, server_round=server_round,
+                                sites=len(valid)), metrics

@@ -144,3 +144,34 @@ def test_fewer_than_min_sites_form_no_aggregate(tmp_path: Path, fed: Path) -> No
                                             _reply(2, _update(site, np.zeros(N), 2))])
     assert arrays is None and metrics is None
     assert "aggregate_refused" in [e["kind"] for e in read_chain(s.recorder.dir.events)]
+
+
+def test_release_record_counts_sites_not_weights(tmp_path: Path, fed: Path) -> None:
+    """`fedvault model decrypt` once recorded the sum of the encryption weights as the
+    number of sites in the aggregate (73 for the 10-site demo)."""
+    import torch
+
+    from fedvault.release import RELEASES, decrypt_model
+    from fedvault.tasks import flatten, get_task
+
+    model = get_task("digits").build_model()
+    x = flatten(model.state_dict())
+    n = len(x)
+    run = RunDirectory(tmp_path / "run")
+    rec = RunRecorder(run, settings=RunSettings(he=True), run_id=RUN, mode="test")
+    rec.start(num_sites=2, num_parameters=n)
+    s = EncryptedFedAvg(he=load_context(fed, site=None), num_values=n, run_id=RUN,
+                        recorder=rec, min_sites=2)
+    site = load_context(fed, site="site-0")
+    ups = [replace(_update(site, x, k), num_values=n, weight=w,
+                   ciphertexts=tuple(site.encrypt(x, weight=w))) for k, w in ((1, 12), (2, 4))]
+    arrays, _ = s.aggregate_train(1, [_reply(1, ups[0]), _reply(2, ups[1])])
+    assert arrays is not None
+    rec.end_round(1, arrays, None)
+    entry = decrypt_model(run.root, federation=fed, site="site-1", server_round=1)
+    released = read_chain(run.root / RELEASES)
+    assert released[-1]["sites_in_aggregate"] == entry["sites_in_aggregate"] == 2
+    assert released[-1]["total_weight"] == 16
+    out = torch.load(entry["output"], weights_only=True)
+    for k, v in model.state_dict().items():
+        assert torch.allclose(out[k], v, atol=1e-3)

@@ -17,8 +17,10 @@ def cmd_model_decrypt(args: argparse.Namespace) -> int:
     federation = args.federation or (args.run_dir / "federation")
     e = decrypt_model(args.run_dir, federation=federation, site=args.site,
                       server_round=args.round, out=args.out, passphrase=passphrase)
-    console.print(f"decrypted round {e['round']} (mean of {e['sites_in_aggregate']} sites) "
-                  f"with {e['site']}'s key -> {e['output']}", soft_wrap=True)
+    sites = e["sites_in_aggregate"] or "an unknown number of"
+    console.print(f"decrypted round {e['round']} (mean of {sites} sites, total weight "
+                  f"{e['total_weight']}) with {e['site']}'s key -> {e['output']}",
+                  soft_wrap=True)
     console.print(f"recorded in {args.run_dir / 'releases.jsonl'} (sha256 "
                   f"{e['output_sha256'][:16]}…)", soft_wrap=True)
     return 0
