@@ -58,8 +58,8 @@ def utility(seeds: int, tmp: Path, he: bool) -> list[dict[str, object]]:
             walls.append(time.monotonic() - t0)
             # Under HE the server cannot evaluate: score the released model (decrypted by
             # a simulated key holder) on the same central test split.
-            accs.append(float(s["released_model"]["central_accuracy"] if he
-                              else s["final_accuracy"]))
+            acc = s["released_model"]["central_accuracy"] if he else s["final_accuracy"]
+            accs.append(float("nan") if acc is None else float(acc))
             site_eps = [x["epsilon"] for x in s["privacy"]["sites"] if x["epsilon"] is not None]
             eps.append(max(site_eps) if site_eps else 0.0)
             print(f"  {label} seed {seed}: accuracy {accs[-1]:.4f}, max site ε {eps[-1]:.3f}",

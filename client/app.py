@@ -20,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -163,6 +164,142 @@ def _register(ledger: PrivacyLedger, policy: SitePolicy, site: SiteData) -> str:
     return dataset
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoundRequest:
+    """What the server asks of this round (its ``config`` record, run-config defaults)."""
+
+    server_round: int
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    momentum: float
+
+
+def train_round(msg: Message, context: Context, settings: RunSettings, node: NodeConfig,
+                behaviour: SiteBehaviour | None = None) -> Message:
+    """One training round at the site, start to end: load and register the data, then
+    (with DP) plan → check → reserve → train → complete, or refuse and record why."""
+    policy = site_policy(settings, node)
+    site = resolve_site_data(settings, node, key=_site_key(policy, settings, node, context))
+    model = _model_from(msg, settings, node)
+    if settings.he:  # a site without its secret context stops before spending epsilon
+        site_context(settings, node)
+    cfg = _cfg(msg)
+    server_round = int(cfg.get("server-round", 0))  # type: ignore[arg-type]
+    epochs = int(cfg.get("local-epochs", settings.local_epochs))  # type: ignore[arg-type]
+    batch_size = int(cfg.get("batch-size", settings.batch_size))  # type: ignore[arg-type]
+    lr = float(cfg.get("learning-rate", settings.learning_rate))  # type: ignore[arg-type]
+    momentum = float(cfg.get("momentum", settings.momentum))  # type: ignore[arg-type]
+    seed = _train_seed(settings, server_round, node, context)
+    run_id = str(context.run_id)
+    train_table = site.train
+    global_state: dict[str, torch.Tensor] = {}
+    if behaviour is not None:
+        train_table = behaviour.training_data(site.train, context, server_round)
+        global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def tampered(result: TrainResult) -> TrainResult:
+        if behaviour is not None:
+            behaviour.tamper(global_state, model, context, server_round)
+        return result
+
+    if behaviour is not None and behaviour.free_rides(context, server_round):
+        # sends the global model back untrained, claiming its examples
+        return _train_reply(msg, model, TrainResult(loss=float("nan"), steps=0,
+                                                    num_examples=len(site.train)),
+                            privacy=None, settings=settings, node=node, context=context,
+                            server_round=server_round)
+
+    try:
+        ledger = _open_ledger(policy)
+    except IntegrityError as exc:
+        # a ledger that cannot be trusted: train nothing, say why (nothing to record in)
+        return _refusal(msg, policy, f"privacy ledger: {exc}")
+    try:
+        dataset = _register(ledger, policy, site)
+    except IntegrityError as exc:
+        return _refusal(msg, policy, f"privacy ledger: {exc}")
+    except PrivacyRefused as exc:  # the data already draws on another budget scope
+        ledger.refuse(policy.budget_scope, run_id=run_id, server_round=server_round,
+                      reason=str(exc), delta=policy.delta, limit=policy.max_epsilon)
+        return _refusal(msg, policy, str(exc))
+
+    def refuse(reason: str) -> Message:
+        entry = ledger.refuse(policy.budget_scope, run_id=run_id,
+                              server_round=server_round, reason=reason,
+                              delta=policy.delta, limit=policy.max_epsilon, dataset=dataset)
+        return _refusal(msg, policy, reason, spent=float(entry["epsilon_spent"]))
+
+    if not settings.dp:
+        try:
+            check_request(settings, policy, 0.0)
+        except PrivacyRefused as exc:
+            return refuse(str(exc))
+        result = tampered(train_local(model, train_table, epochs=epochs,
+                                      batch_size=batch_size, learning_rate=lr,
+                                      momentum=momentum, seed=seed,
+                                      max_grad_norm=settings.max_grad_norm))
+        return _train_reply(msg, model, result, privacy=None, settings=settings,
+                            node=node, context=context, server_round=server_round)
+
+    request = RoundRequest(server_round=server_round, epochs=epochs, batch_size=batch_size,
+                           learning_rate=lr, momentum=momentum)
+    return _dp_round(msg, context, settings, node, policy, ledger, dataset,
+                     model=model, table=train_table, num_examples=len(site.train),
+                     request=request, seed=seed, run_id=run_id, refuse=refuse,
+                     tampered=tampered)
+
+
+def _dp_round(msg: Message, context: Context, settings: RunSettings, node: NodeConfig,
+              policy: SitePolicy, ledger: PrivacyLedger, dataset: str, *,
+              model: torch.nn.Module, table: Table, num_examples: int,
+              request: RoundRequest, seed: int, run_id: str,
+              refuse: Callable[[str], Message],
+              tampered: Callable[[TrainResult], TrainResult]) -> Message:
+    """DP-SGD for one round: plan (noise calibrated to the run's target) → check (the
+    site's policy) → reserve (durably, in the ledger, before the first step) → train →
+    complete."""
+    server_round, lr, momentum = request.server_round, request.learning_rate, request.momentum
+    plan = plan_round(num_examples=num_examples, batch_size=request.batch_size,
+                      epochs=request.epochs,
+                      noise_multiplier=1.0, max_grad_norm=settings.max_grad_norm)
+    sigma = noise_multiplier_for_run(settings, policy, sample_rate=plan.sample_rate,
+                                     steps_per_round=plan.steps)
+    plan = dataclasses.replace(plan, noise_multiplier=sigma)
+    try:
+        check_request(settings, policy, sigma)
+    except PrivacyRefused as exc:
+        return refuse(str(exc))
+    try:
+        # Durable (fsync-ed) before the first step: a crash mid-round still counts.
+        reservation = ledger.reserve(policy.budget_scope, [plan.event()], run_id=run_id,
+                                     server_round=server_round, delta=policy.delta,
+                                     limit=policy.max_epsilon, dataset=dataset,
+                                     insecure=not settings.secure_mode)
+    except PrivacyRefused as exc:  # the ledger recorded it; its values fill the reply
+        return _refusal(msg, policy, exc.reason, spent=exc.epsilon_spent)
+    except IntegrityError as exc:  # e.g. another process left a torn line meanwhile
+        return _refusal(msg, policy, f"privacy ledger: {exc}")
+    if not settings.secure_mode:
+        logger.warning("secure-mode is off: DP noise and batch sampling come from "
+                       "seeded PRNGs, not a CSPRNG; the ledger marks this round "
+                       "insecure. Use this only for experiments.")
+    result = tampered(train_dp(model, table, plan, learning_rate=lr,
+                               momentum=momentum, secure_mode=settings.secure_mode,
+                               seed=seed, task_name=settings.task))
+    ledger.complete(reservation, steps_taken=result.steps)
+    logger.info("site %s round %s: trained %d DP-SGD steps; epsilon %.4f of %g "
+                "(scope %s, delta %g)", policy.site_name, server_round, result.steps,
+                reservation["epsilon_after"], policy.max_epsilon, policy.budget_scope,
+                policy.delta)
+    privacy = {"site": policy.site_name, "epsilon": float(reservation["epsilon_after"]),
+               "delta": policy.delta, "accountant": policy.accountant,
+               "noise-multiplier": sigma, "sample-rate": plan.sample_rate,
+               "steps": plan.steps}
+    return _train_reply(msg, model, result, privacy=privacy, settings=settings,
+                        node=node, context=context, server_round=server_round)
+
+
 def build_client_app(overrides: Mapping[str, Any] | None = None, *,
                      mods: Sequence[Mod] = (),
                      behaviour: SiteBehaviour | None = None,
@@ -178,106 +315,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
         torch.set_num_threads(1)
         settings = _settings(context, overrides)
         node = NodeConfig.parse(context.node_config, simulated=simulated)
-        policy = site_policy(settings, node)
-        site = resolve_site_data(settings, node, key=_site_key(policy, settings, node, context))
-        model = _model_from(msg, settings, node)
-        if settings.he:  # a site without its secret context stops before spending epsilon
-            site_context(settings, node)
-        cfg = _cfg(msg)
-        server_round = int(cfg.get("server-round", 0))  # type: ignore[arg-type]
-        epochs = int(cfg.get("local-epochs", settings.local_epochs))  # type: ignore[arg-type]
-        batch_size = int(cfg.get("batch-size", settings.batch_size))  # type: ignore[arg-type]
-        lr = float(cfg.get("learning-rate", settings.learning_rate))  # type: ignore[arg-type]
-        momentum = float(cfg.get("momentum", settings.momentum))  # type: ignore[arg-type]
-        seed = _train_seed(settings, server_round, node, context)
-        run_id = str(context.run_id)
-        train_table = site.train
-        global_state: dict[str, torch.Tensor] = {}
-        if behaviour is not None:
-            train_table = behaviour.training_data(site.train, context, server_round)
-            global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-        def tampered(result: TrainResult) -> TrainResult:
-            if behaviour is not None:
-                behaviour.tamper(global_state, model, context, server_round)
-            return result
-
-        if behaviour is not None and behaviour.free_rides(context, server_round):
-            # sends the global model back untrained, claiming its examples
-            return _train_reply(msg, model, TrainResult(loss=float("nan"), steps=0,
-                                                        num_examples=len(site.train)),
-                                privacy=None, settings=settings, node=node, context=context,
-                                server_round=server_round)
-
-        try:
-            ledger = _open_ledger(policy)
-        except IntegrityError as exc:
-            # a ledger that cannot be trusted: train nothing, say why (nothing to record in)
-            return _refusal(msg, policy, f"privacy ledger: {exc}")
-        try:
-            dataset = _register(ledger, policy, site)
-        except IntegrityError as exc:
-            return _refusal(msg, policy, f"privacy ledger: {exc}")
-        except PrivacyRefused as exc:  # the data already draws on another budget scope
-            ledger.refuse(policy.budget_scope, run_id=run_id, server_round=server_round,
-                          reason=str(exc), delta=policy.delta, limit=policy.max_epsilon)
-            return _refusal(msg, policy, str(exc))
-
-        def refuse(reason: str) -> Message:
-            entry = ledger.refuse(policy.budget_scope, run_id=run_id,
-                                  server_round=server_round, reason=reason,
-                                  delta=policy.delta, limit=policy.max_epsilon, dataset=dataset)
-            return _refusal(msg, policy, reason, spent=float(entry["epsilon_spent"]))
-
-        if not settings.dp:
-            try:
-                check_request(settings, policy, 0.0)
-            except PrivacyRefused as exc:
-                return refuse(str(exc))
-            result = tampered(train_local(model, train_table, epochs=epochs,
-                                          batch_size=batch_size, learning_rate=lr,
-                                          momentum=momentum, seed=seed,
-                                          max_grad_norm=settings.max_grad_norm))
-            return _train_reply(msg, model, result, privacy=None, settings=settings,
-                                node=node, context=context, server_round=server_round)
-
-        plan = plan_round(num_examples=len(site.train), batch_size=batch_size, epochs=epochs,
-                          noise_multiplier=1.0, max_grad_norm=settings.max_grad_norm)
-        sigma = noise_multiplier_for_run(settings, policy, sample_rate=plan.sample_rate,
-                                         steps_per_round=plan.steps)
-        plan = dataclasses.replace(plan, noise_multiplier=sigma)
-        try:
-            check_request(settings, policy, sigma)
-        except PrivacyRefused as exc:
-            return refuse(str(exc))
-        try:
-            # Durable (fsync-ed) before the first step: a crash mid-round still counts.
-            reservation = ledger.reserve(policy.budget_scope, [plan.event()], run_id=run_id,
-                                         server_round=server_round, delta=policy.delta,
-                                         limit=policy.max_epsilon, dataset=dataset,
-                                         insecure=not settings.secure_mode)
-        except PrivacyRefused as exc:  # the ledger recorded it; its values fill the reply
-            return _refusal(msg, policy, exc.reason, spent=exc.epsilon_spent)
-        except IntegrityError as exc:  # e.g. another process left a torn line meanwhile
-            return _refusal(msg, policy, f"privacy ledger: {exc}")
-        if not settings.secure_mode:
-            logger.warning("secure-mode is off: DP noise and batch sampling come from "
-                           "seeded PRNGs, not a CSPRNG; the ledger marks this round "
-                           "insecure. Use this only for experiments.")
-        result = tampered(train_dp(model, train_table, plan, learning_rate=lr,
-                                   momentum=momentum, secure_mode=settings.secure_mode,
-                                   seed=seed, task_name=settings.task))
-        ledger.complete(reservation, steps_taken=result.steps)
-        logger.info("site %s round %s: trained %d DP-SGD steps; epsilon %.4f of %g "
-                    "(scope %s, delta %g)", policy.site_name, server_round, result.steps,
-                    reservation["epsilon_after"], policy.max_epsilon, policy.budget_scope,
-                    policy.delta)
-        privacy = {"site": policy.site_name, "epsilon": float(reservation["epsilon_after"]),
-                   "delta": policy.delta, "accountant": policy.accountant,
-                   "noise-multiplier": sigma, "sample-rate": plan.sample_rate,
-                   "steps": plan.steps}
-        return _train_reply(msg, model, result, privacy=privacy, settings=settings,
-                            node=node, context=context, server_round=server_round)
+        return train_round(msg, context, settings, node, behaviour)
 
     @app.evaluate()
     def evaluate_fn(msg: Message, context: Context) -> Message:

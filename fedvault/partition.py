@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from fedvault.errors import ConfigError
+from fedvault.names import Partitioner, site_name, values
 
-PARTITIONERS = ("iid", "dirichlet")
+PARTITIONERS = values(Partitioner)
 
 
 class PartitionError(ConfigError):
@@ -88,9 +89,9 @@ def partition_indices(
     labels: np.ndarray, num_partitions: int, *, partitioner: str, alpha: float, seed: int
 ) -> list[np.ndarray]:
     """Dispatch to the named partitioner (``iid`` or ``dirichlet``)."""
-    if partitioner == "iid":
+    if partitioner == Partitioner.IID:
         return iid_partition(len(labels), num_partitions, seed=seed)
-    if partitioner == "dirichlet":
+    if partitioner == Partitioner.DIRICHLET:
         return dirichlet_partition(labels, num_partitions, alpha=alpha, seed=seed)
     raise ValueError(f"partitioner must be one of {PARTITIONERS}. Found {partitioner!r}.")
 
@@ -282,7 +283,7 @@ class PartitionPlan:
             msg = str(exc)
             if exc.site is not None:
                 k = exc.site
-                msg = f"site-{k} of group {self.groups[k]!r}{msg[len(f'site {k}'):]}"
+                msg = f"{site_name(k)} of group {self.groups[k]!r}{msg[len(f'site {k}'):]}"
             raise PartitionError(f"cannot partition the data: {msg}", site=exc.site) from None
 
     def to_json(self) -> dict[str, Any]:

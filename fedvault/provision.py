@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from fedvault.errors import ConfigError
-from fedvault.rundir import write_json_atomic
+from fedvault.names import site_name
+from fedvault.rundir import check_output_dir, write_json_atomic
 from privacy.federation import MANIFEST, PUBLIC_CTX, SECRET_CTX, SECRET_ENC, seal_secret
 from privacy.he import HEContext, HEParams, new_secret_context, public_bytes
 from protocols.hashchain import utc_now
@@ -46,8 +47,17 @@ def provision(out: str | Path, *, sites: int, params: HEParams,
     if sites > params.max_sites:
         raise ConfigError(f"{sites} sites exceed the HE parameters' headroom "
                           f"(max_sites {params.max_sites}): sums could wrap.")
+    check_output_dir(root, what="federation directory")  # before generating any key
     if (root / MANIFEST).exists():
         raise ConfigError(f"{root} already holds a federation (manifest.json).")
+    try:
+        return _provision(root, sites=sites, params=params, passphrase=passphrase)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the federation in {root}: {exc}") from None
+
+
+def _provision(root: Path, *, sites: int, params: HEParams, passphrase: str | None
+               ) -> dict[str, Any]:
     ctx = new_secret_context(params)
     pub = public_bytes(ctx)
     secret = ctx.serialize(save_public_key=True, save_secret_key=True,
@@ -57,12 +67,12 @@ def provision(out: str | Path, *, sites: int, params: HEParams,
     (root / "server" / PUBLIC_CTX).write_bytes(pub)
     names = []
     for k in range(sites):
-        site_dir = root / "sites" / f"site-{k}"
+        site_dir = root / "sites" / site_name(k)
         if passphrase:
             _write_secret(site_dir / SECRET_ENC, seal_secret(secret, passphrase))
         else:
             _write_secret(site_dir / SECRET_CTX, secret)
-        names.append(f"site-{k}")
+        names.append(site_name(k))
     manifest = {
         "format": "fedvault.federation/1",
         "created": utc_now(),

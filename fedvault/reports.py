@@ -11,19 +11,118 @@ import csv
 import html
 import io
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fedvault import __version__
-from fedvault.errors import IntegrityError
+from fedvault.errors import DataError, IntegrityError
+from fedvault.rundir import check_input_file
+from privacy.accountants import ACCOUNTANTS
 from privacy.analysis import replace_one_epsilon
 from privacy.events import ADD_REMOVE_ONE, SubsampledGaussianEvent
 from privacy.ledger import PrivacyLedger, entry_scope, recorded_accountant
-from protocols.hashchain import utc_now, verify_chain
+from protocols.hashchain import read_chain, utc_now, verify_chain
 
 FORMATS = ("table", "json", "csv", "html")
 REPLACE_ONE = "replace-one"
 ADJACENCY_CHOICES = (ADD_REMOVE_ONE, REPLACE_ONE)
+
+
+#: The kinds of entry a privacy ledger holds (see :mod:`privacy.ledger`).
+LEDGER_KINDS = frozenset({"dataset_registered", "scope_declared", "reservation", "completed",
+                          "refusal", "repaired", "ledger_started"})
+#: What other hash-chained logs hold, to say what a wrong file is.
+_OTHER_LOGS = {
+    "run events": frozenset({"run_started", "round_completed", "round_skipped",
+                             "aggregate_refused", "update_rejected", "site_error",
+                             "site_refused", "release_refused", "evaluation_declined",
+                             "run_finished"}),
+    "model releases": frozenset({"model_decrypted"}),
+}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "number": ("a finite number", _number),
+    "id": ("a string or an integer",
+           lambda v: isinstance(v, str | int) and not isinstance(v, bool)),
+    "accountant": (f"one of {', '.join(sorted(ACCOUNTANTS))}",
+                   lambda v: isinstance(v, str) and v in ACCOUNTANTS),
+}
+#: Per kind, the fields a report reads, and what each must be.
+_REQUIRED: dict[str, tuple[tuple[str, str], ...]] = {
+    "reservation": (("run_id", "id"), ("round", "int"), ("delta", "number"),
+                    ("epsilon_after", "number"), ("epsilon_limit", "number"),
+                    ("accountant", "accountant")),
+    "refusal": (("run_id", "id"), ("round", "int"), ("reason", "str"), ("delta", "number"),
+                ("epsilon_limit", "number")),
+}
+_EVENT_KEYS = ("noise_multiplier", "sample_rate", "steps")
+
+
+def _events_problem(events: Any) -> str | None:
+    if not isinstance(events, list):
+        return f"'events' is not a list (found {type(events).__name__})"
+    for i, ev in enumerate(events):
+        if not isinstance(ev, dict):
+            return f"event {i} is not an object (found {type(ev).__name__})"
+        missing = [k for k in _EVENT_KEYS if k not in ev]
+        if missing:
+            return f"event {i} has no {', '.join(repr(k) for k in missing)}"
+        try:
+            SubsampledGaussianEvent.from_dict(ev)
+        except (ValueError, TypeError) as exc:
+            return f"event {i}: {exc}"
+    return None
+
+
+def _entry_problem(e: dict[str, Any]) -> str | None:
+    kind = e.get("kind")
+    if not isinstance(e.get("time"), str):
+        return "'time' is missing or not a string"
+    if "scope" in e and not isinstance(e["scope"], str):
+        return "'scope' is not a string"
+    for key, rule in _REQUIRED.get(str(kind), ()):
+        what, ok = _RULES[rule]
+        if key not in e:
+            return f"{key!r} is missing"
+        if not ok(e[key]):
+            return f"{key!r} must be {what}, not {e[key]!r}"
+    if kind == "reservation" or (kind == "repaired" and "events" in e):
+        if "events" not in e:
+            return "'events' is missing"
+        return _events_problem(e["events"])
+    return None
+
+
+def check_ledger_entries(path: Path, entries: list[dict[str, Any]]) -> None:
+    """Refuse, with an ``IntegrityError``, what is not a privacy ledger a report can read:
+    an empty file, another hash-chained log (a run's events.jsonl), or an entry whose
+    fields a report reads are missing or malformed (named by its ``seq``). The chain
+    is verified first: these are the entries as written, not a tampered file."""
+    if not entries:
+        raise IntegrityError(f"{path} is empty: not a privacy ledger.")
+    kinds = [e.get("kind") for e in entries]
+    if not LEDGER_KINDS.intersection(k for k in kinds if isinstance(k, str)):
+        for name, known in _OTHER_LOGS.items():
+            if known.intersection(k for k in kinds if isinstance(k, str)):
+                raise IntegrityError(f"{path} is not a privacy ledger (its entries are "
+                                     f"{name}).")
+        found = ", ".join(sorted({repr(k) for k in kinds})[:5])
+        raise IntegrityError(f"{path} is not a privacy ledger (no entry is a ledger entry; "
+                             f"kinds found: {found}).")
+    for e in entries:
+        problem = _entry_problem(e)
+        if problem:
+            raise IntegrityError(f"{path}: malformed ledger entry seq {e.get('seq')} "
+                                 f"({e.get('kind')}): {problem}.")
 
 
 def ledger_report(path: str | Path, *, accountant: str | None = None,
@@ -35,11 +134,15 @@ def ledger_report(path: str | Path, *, accountant: str | None = None,
     replace-one as well (:func:`privacy.analysis.replace_one_epsilon`)."""
     if adjacency not in ADJACENCY_CHOICES:
         raise ValueError(f"adjacency must be one of {ADJACENCY_CHOICES}. Found {adjacency!r}.")
-    p = Path(path)
-    chain = verify_chain(p)
+    p = check_input_file(path, what="ledger file")
+    try:
+        chain = verify_chain(p)
+    except OSError as exc:
+        raise DataError(f"cannot read ledger {p}: {exc.strerror or exc}.") from None
     if not chain.ok:
         raise IntegrityError(f"no report for a broken ledger: {chain.describe()} "
                              f"(run `fedvault budget verify {p}`)")
+    check_ledger_entries(p, read_chain(p))
     acct = accountant or recorded_accountant(p)
     led = PrivacyLedger(p, accountant=acct, site_secret=False)
     entries = led.entries()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -51,6 +52,84 @@ def write_json_atomic(path: str | Path, obj: Any, *, mode: int = 0o644) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return p
+
+
+def _stat(p: Path) -> os.stat_result | None:
+    """``os.stat`` of ``p``, or ``None`` where nothing is there (or a file is in the way)."""
+    try:
+        return p.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot look at {p}: {exc.strerror or exc}") from None
+
+
+def _nearest_existing(p: Path) -> tuple[Path, os.stat_result]:
+    """The deepest of ``p`` and its parents that exists (``/`` at worst)."""
+    for q in (p, *p.parents):
+        st = _stat(q)
+        if st is not None:
+            return q, st
+    raise ConfigError(f"cannot look at {p}: none of its parents exists.")  # pragma: no cover
+
+
+def _check_creatable(p: Path, what: str, kind: str) -> None:
+    """Where ``p`` does not exist yet: its nearest existing parent must be a directory
+    we may create entries in (probed by creating and removing a temporary directory,
+    which also catches read-only and pseudo filesystems that permission bits do not)."""
+    base, st = _nearest_existing(p)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{what} {p}: {base} is a file, not a directory, so the {kind} "
+                          "cannot be created under it.")
+    try:
+        probe = tempfile.mkdtemp(prefix=".fedvault-probe-", dir=base)
+    except OSError as exc:
+        raise ConfigError(f"{what} {p}: cannot create the {kind}: {base} is not writable "
+                          f"({exc.strerror or exc}).") from None
+    os.rmdir(probe)
+
+
+def check_output_dir(path: str | Path, *, what: str = "--out") -> Path:
+    """Fail fast, before any expensive work, on an output directory that cannot be
+    created or written: an existing file, a path under a file, an unwritable place.
+    ``what`` names it in the error (the option, or e.g. "run directory")."""
+    p = Path(path).absolute()
+    st = _stat(p)
+    if st is None:
+        _check_creatable(p, what, "directory")
+    elif not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{what} {p}: is a file, not a directory.")
+    else:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".fedvault-probe-", dir=p))
+        except OSError as exc:
+            raise ConfigError(f"{what} {p}: cannot write in this directory "
+                              f"({exc.strerror or exc}).") from None
+    return p
+
+
+def check_output_file(path: str | Path, *, what: str = "--out") -> Path:
+    """Fail fast on an output file that cannot be written: an existing directory, a
+    path under a file, an unwritable place (its parents are created on writing)."""
+    p = Path(path).absolute()
+    st = _stat(p)
+    if st is None:
+        _check_creatable(p, what, "file")
+    elif stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{what} {p}: is a directory, not a file.")
+    elif not os.access(p, os.W_OK):
+        raise ConfigError(f"{what} {p}: the file is not writable.")
+    return p
+
+
+def check_input_file(path: str | Path, *, what: str = "file") -> Path:
+    """An existing regular file to read (a directory is named as such); a missing one
+    is left to the reader, whose message says what was expected there."""
+    p = Path(path)
+    st = _stat(p)
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{p} is a directory, not a {what}.")
     return p
 
 

@@ -37,6 +37,7 @@ from opacus.accountants.analysis.prv import Domain
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from scipy.fft import next_fast_len
 
+from fedvault.names import AccountantName
 from privacy.analysis import calibrate_noise_multiplier, gaussian_epsilon
 from privacy.events import SubsampledGaussianEvent, compress
 
@@ -239,7 +240,8 @@ def _cached_epsilon(accountant: Accountant, hist: tuple[SubsampledGaussianEvent,
         return float(accountant._epsilon(hist, delta))
 
 
-ACCOUNTANTS: dict[str, type[Accountant]] = {"prv": PRVAccountant, "rdp": RDPAccountant}
+ACCOUNTANTS: dict[str, type[Accountant]] = {AccountantName.PRV: PRVAccountant,
+                                             AccountantName.RDP: RDPAccountant}
 
 
 def get_accountant(name: str) -> Accountant:

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from fedvault.errors import ConfigError, HEError
+from fedvault.names import Scheme, values
 from privacy.noise import SecureUniform, UniformSource
 
 #: Max total coefficient-modulus bits for 128-bit classical security (HE standard, table 1).
@@ -100,7 +101,7 @@ class HEParams:
     ckks_scale_bits: int = 40
 
     def __post_init__(self) -> None:
-        if self.scheme not in ("bfv", "ckks"):
+        if self.scheme not in values(Scheme):
             raise ConfigError(f"HE scheme must be 'bfv' or 'ckks'. Found {self.scheme!r}.")
         if self.poly_modulus_degree not in MAX_COEFF_BITS_128:
             raise ConfigError(f"poly_modulus_degree must be one of "

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fedvault.errors import ConfigError
+from fedvault.names import AccountantName, Partitioner, values
 
 ConfigValue = bool | int | float | str
 
@@ -164,7 +165,7 @@ class RunSettings:
                 "num-features and num-classes must be >= 0 (0 = the task's default). "
                 f"Found {self.num_features} and {self.num_classes}."
             )
-        if self.partitioner not in ("iid", "dirichlet"):
+        if self.partitioner not in values(Partitioner):
             raise ConfigError(
                 f"partitioner must be 'iid' or 'dirichlet'. Found {self.partitioner!r}."
             )
@@ -196,7 +197,7 @@ class RunSettings:
                               "be combined with he = true (use sample-level DP with HE).")
         if self.he_weight_unit < 1:
             raise ConfigError(f"he-weight-unit must be >= 1. Found {self.he_weight_unit}.")
-        if self.accountant not in ("prv", "rdp"):
+        if self.accountant not in values(AccountantName):
             raise ConfigError(f"accountant must be 'prv' or 'rdp'. Found {self.accountant!r}.")
         if not self.site_min_noise_multiplier >= 0:
             raise ConfigError(f"site-min-noise-multiplier must be >= 0. "

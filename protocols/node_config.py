@@ -26,6 +26,7 @@ from typing import Any
 import tomli_w
 
 from fedvault.errors import ConfigError
+from fedvault.names import site_name
 
 #: keys Flower's Simulation Engine sets on every simulated node
 FLOWER_SIMULATION_KEYS = ("partition-id", "num-partitions")
@@ -114,7 +115,7 @@ class NodeConfig:
         """The site's name: ``site-name``, else ``site-<partition-id>``, else ``""``."""
         if self.site_name:
             return self.site_name
-        return f"site-{self.partition_id}" if self.partition_id is not None else ""
+        return site_name(self.partition_id) if self.partition_id is not None else ""
 
 
 def _unknown(key: str, known: list[str]) -> str:

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedvault.datasets import central_test_table
 from fedvault.errors import ConfigError, FedvaultError
+from fedvault.names import RunMode
 from fedvault.rundir import RunDirectory, default_run_dir
 from fedvault.tasks import Table, Task, evaluate, get_task
 from privacy.federation import load_context
@@ -56,6 +57,30 @@ def make_central_evaluator(
 GridWrapper = Callable[[Grid, RunRecorder], Grid]
 
 
+def build_strategy(settings: RunSettings, *, recorder: RunRecorder, run_id: int,
+                   num_values: int, sampling_seed: int | None) -> FedVaultFedAvg:
+    """The run's strategy, built once: encrypted FedAvg when ``he`` is on (it holds the
+    federation's public context only), else plaintext FedAvg; Flower's sampling
+    options from the run config either way."""
+    flower = {"fraction_train": settings.fraction_train,
+              "fraction_evaluate": settings.fraction_evaluate,
+              "min_train_nodes": settings.min_sites, "min_evaluate_nodes": 1,
+              "min_available_nodes": settings.min_sites}
+    if not settings.he:  # (RunSettings already refuses he together with client-dp)
+        return FedVaultFedAvg(recorder=recorder, min_sites=settings.min_sites,
+                              sampling_seed=sampling_seed, **flower)
+    if not settings.he_federation:
+        raise ConfigError("he = true needs he-federation: a directory made by "
+                          "`fedvault provision`.")
+    he = load_context(settings.he_federation, site=None)
+    recorder.he_params = {"scheme": he.params.scheme,
+                          "poly_modulus_degree": he.params.poly_modulus_degree,
+                          "fingerprint": he.fingerprint}
+    return EncryptedFedAvg(he=he, num_values=num_values, run_id=run_id, recorder=recorder,
+                           min_sites=settings.min_sites, sampling_seed=sampling_seed,
+                           **flower)
+
+
 def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str,
                wrap_grid: GridWrapper | None = None) -> None:
     """One federated run: the body of the ServerApp's main. ``wrap_grid`` puts a
@@ -77,16 +102,6 @@ def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str
             num_sites=getattr(grid, "num_sites", None) or len(list(grid.get_node_ids())),
             num_parameters=sum(p.numel() for p in model.parameters()),
         )
-        strategy = FedVaultFedAvg(
-            recorder=recorder,
-            min_sites=settings.min_sites,
-            sampling_seed=sampling_seed,
-            fraction_train=settings.fraction_train,
-            fraction_evaluate=settings.fraction_evaluate,
-            min_train_nodes=settings.min_sites,
-            min_evaluate_nodes=1,
-            min_available_nodes=settings.min_sites,
-        )
         train_config = ConfigRecord(
             {
                 "local-epochs": settings.local_epochs,
@@ -95,22 +110,10 @@ def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str
                 "momentum": settings.momentum,
             }
         )
-        if settings.he:  # (RunSettings already refuses he together with client-dp)
-            if not settings.he_federation:
-                raise ConfigError("he = true needs he-federation: a directory made by "
-                                  "`fedvault provision`.")
-            he = load_context(settings.he_federation, site=None)
-            recorder.he_params = {"scheme": he.params.scheme,
-                                  "poly_modulus_degree": he.params.poly_modulus_degree,
-                                  "fingerprint": he.fingerprint}
-            strategy = EncryptedFedAvg(
-                he=he, num_values=sum(int(v.numel()) for v in model.state_dict().values()),
-                run_id=context.run_id, recorder=recorder, min_sites=settings.min_sites,
-                sampling_seed=sampling_seed,
-                fraction_train=settings.fraction_train,
-                fraction_evaluate=settings.fraction_evaluate,
-                min_train_nodes=settings.min_sites, min_evaluate_nodes=1,
-                min_available_nodes=settings.min_sites)
+        strategy = build_strategy(settings, recorder=recorder, run_id=context.run_id,
+                                  num_values=sum(int(v.numel())
+                                                 for v in model.state_dict().values()),
+                                  sampling_seed=sampling_seed)
         runner: FedVaultFedAvg | ClientLevelDP = strategy
         if settings.client_dp:
             runner = ClientLevelDP(
@@ -138,7 +141,7 @@ def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str
 
 
 def build_server_app(
-    overrides: Mapping[str, Any] | None = None, *, mode: str = "deployment",
+    overrides: Mapping[str, Any] | None = None, *, mode: str = RunMode.DEPLOYMENT,
     wrap_grid: GridWrapper | None = None,
 ) -> ServerApp:
     """The ServerApp; ``overrides`` win over the run config and ``wrap_grid`` adds a

@@ -15,11 +15,9 @@ modulus; the server checks each weight and sums them in the clear.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from logging import WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore import log
 
 from fedvault.errors import HEError, UpdateRejected
 from privacy.he import HEContext
@@ -71,46 +69,32 @@ class EncryptedFedAvg(FedVaultFedAvg):
         return self._as_encrypted(super().configure_evaluate(server_round, arrays, config, grid),
                                   arrays, config)
 
+    def parse_update(self, server_round: int, msg: Message) -> EncryptedUpdate:
+        """The encrypted hook of the validation loop: the reply's "he-update", its
+        header checked and every ciphertext parsed under the federation's context."""
+        records = msg.content.config_records
+        if msg.content.array_records:
+            raise UpdateRejected("plaintext arrays in an encrypted round")
+        if "he-update" not in records:
+            raise UpdateRejected("reply has no 'he-update' record")
+        u = EncryptedUpdate.from_record(records["he-update"])
+        check_update(u, scheme=self.he.params.scheme, fingerprint=self.he.fingerprint,
+                     num_values=self.num_values, num_ciphertexts=self.num_ciphertexts,
+                     run_id=self.run_id, server_round=server_round,
+                     node_id=msg.metadata.src_node_id, max_weight=self.he.params.max_weight)
+        for c in u.ciphertexts:
+            self.he.parse(c)
+        if "metrics" not in msg.content.metric_records:
+            raise UpdateRejected("reply has no 'metrics' record")
+        return u
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid: list[tuple[Message, EncryptedUpdate]] = []
-        seen: set[int] = set()
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if not self.is_update(server_round, msg):
-                continue
-            records = msg.content.config_records
-            try:
-                if msg.content.array_records:
-                    raise UpdateRejected("plaintext arrays in an encrypted round")
-                if "he-update" not in records:
-                    raise UpdateRejected("reply has no 'he-update' record")
-                u = EncryptedUpdate.from_record(records["he-update"])
-                check_update(u, scheme=self.he.params.scheme, fingerprint=self.he.fingerprint,
-                             num_values=self.num_values, num_ciphertexts=self.num_ciphertexts,
-                             run_id=self.run_id, server_round=server_round, node_id=node,
-                             max_weight=self.he.params.max_weight)
-                if node in seen:
-                    raise UpdateRejected("a second update from this node in this round")
-                for c in u.ciphertexts:
-                    self.he.parse(c)
-                if "metrics" not in msg.content.metric_records:
-                    raise UpdateRejected("reply has no 'metrics' record")
-            except (UpdateRejected, HEError) as exc:
-                log(WARNING, "Round %s: rejected encrypted update from node %s: %s",
-                    server_round, node, exc)
-                self.recorder.note_rejected(server_round, node, str(exc))
-                continue
-            seen.add(node)
-            valid.append((msg, u))
-            if "privacy" in records:
-                self.recorder.note_privacy(node, dict(records["privacy"]))
-        nodes = [m.metadata.src_node_id for m, _ in valid]
-        if len(valid) < self.min_sites:
-            log(WARNING, "Round %s: %d valid encrypted updates < min-sites %d; no aggregate",
-                server_round, len(valid), self.min_sites)
-            self.recorder.note_trained(server_round, nodes, aggregated=False, metrics={})
+        parsed = self.parsed_train_replies(server_round, replies)
+        if parsed is None:
             return None, None
+        valid: list[tuple[Message, EncryptedUpdate]] = parsed
+        nodes = [m.metadata.src_node_id for m, _ in valid]
         summed = self.he.add([list(u.ciphertexts) for _, u in valid])
         up = sum(len(c) for _, u in valid for c in u.ciphertexts)
         self.recorder.note_he(server_round, bytes_up=up,

@@ -22,8 +22,10 @@ import torch
 from flwr.app import ArrayRecord
 
 import fedvault
+from fedvault import summary as run_summary
 from fedvault.plots import plot_accuracy
 from fedvault.rundir import RunDirectory, write_json_atomic
+from fedvault.summary import HEBlock, PrivacyBlock, RoundRow, RunSummary
 from protocols.config import RunSettings
 from protocols.hashchain import HashChainLog, utc_now
 from protocols.he_update import is_encrypted
@@ -73,7 +75,7 @@ class RunRecorder:
         self._round_t0 = self._t0
         self._rounds: dict[int, _RoundState] = defaultdict(_RoundState)
         self._sites: dict[int, _SiteStats] = defaultdict(_SiteStats)
-        self.history: list[dict[str, Any]] = []
+        self.history: list[RoundRow] = []
         self.num_sites = 0
         self.started = utc_now()
         self.central_privacy: dict[str, Any] = {}
@@ -107,15 +109,15 @@ class RunRecorder:
             num_parameters=num_parameters,
         )
 
-    def finish(self, *, status: str = "completed", error: str = "") -> dict[str, Any]:
+    def finish(self, *, status: str = "completed", error: str = "") -> RunSummary:
         wall = time.monotonic() - self._t0
         ev = self.events.append("run_finished", status=status, error=error,
                                 wall_seconds=round(wall, 3))
         summary = self.summary(status=status, wall_seconds=wall, error=error)
         summary["events_last_hash"] = ev["hash"]
-        write_json_atomic(self.dir.summary, summary)
+        run_summary.write(self.dir, summary)
         if self.history:
-            plot_accuracy(summary, self.dir.accuracy_png)
+            plot_accuracy(dict(summary), self.dir.accuracy_png)
         return summary
 
     # -- notes from the strategy -----------------------------------------------------
@@ -254,7 +256,7 @@ class RunRecorder:
 
     def end_round(
         self, server_round: int, arrays: ArrayRecord, central: tuple[float, float] | None
-    ) -> dict[str, Any]:
+    ) -> RoundRow:
         """Save the round's global model and append its row to the history."""
         buf = io.BytesIO()
         torch.save(arrays.to_torch_state_dict(), buf)
@@ -272,7 +274,7 @@ class RunRecorder:
             acc = fed.get("eval-acc", float("nan"))
         now = time.monotonic()
         net = self._network_row(st)
-        row: dict[str, Any] = {
+        row: RoundRow = {
             "round": server_round,
             "accuracy": _num(acc),
             "loss": _num(loss),
@@ -292,15 +294,15 @@ class RunRecorder:
             "model": str(path.relative_to(self.dir.root)),
             "encrypted": encrypted,
             "model_sha256": sha,
-            **net,
         }
+        row.update(net)
         self._round_t0 = now
         write_json_atomic(path.with_suffix(".json"), row)
         self.history.append(row)
-        self.events.append("round_completed", **row)
+        self.events.append("round_completed", **dict(row))
         return row
 
-    def _network_row(self, st: _RoundState) -> dict[str, Any]:
+    def _network_row(self, st: _RoundState) -> RoundRow:
         """The simulated network's columns of a round's row (empty outside simulations)."""
         net = st.network
         if "simulated_seconds" not in net:
@@ -321,7 +323,7 @@ class RunRecorder:
                                          if "slowest" in net else None)}
 
     # -- result ----------------------------------------------------------------------
-    def _he_summary(self) -> dict[str, Any]:
+    def _he_summary(self) -> HEBlock:
         if not self.settings.he:
             return {"enabled": False}
         rounds = list(self.he_rounds.values())
@@ -338,7 +340,7 @@ class RunRecorder:
             "ciphertext_vs_float32": round(per_update / (4 * n), 3) if per_update and n else None,
         }
 
-    def _privacy_summary(self) -> dict[str, Any]:
+    def _privacy_summary(self) -> PrivacyBlock:
         s = self.settings
         return {
             "dp": s.dp,
@@ -361,10 +363,10 @@ class RunRecorder:
             ],
         }
 
-    def summary(self, *, status: str, wall_seconds: float, error: str = "") -> dict[str, Any]:
-        final = self.history[-1] if self.history else {}
-        out = {
-            "format": "fedvault.summary/1",
+    def summary(self, *, status: str, wall_seconds: float, error: str = "") -> RunSummary:
+        final: RoundRow = self.history[-1] if self.history else {}
+        out: RunSummary = {
+            "format": run_summary.FORMAT,
             "run_id": self.run_id,
             "status": status,
             "error": error,
@@ -394,8 +396,10 @@ class RunRecorder:
         simulated = [h for h in self.history if "simulated_seconds" in h]
         if simulated:
             out["simulated_seconds"] = round(sum(h["simulated_seconds"] for h in simulated), 3)
-            for key in ("bytes_down", "bytes_up", "bytes_lost", "dropped"):
-                out[key] = sum(h[key] for h in simulated)
+            out["bytes_down"] = sum(h.get("bytes_down", 0) for h in simulated)
+            out["bytes_up"] = sum(h.get("bytes_up", 0) for h in simulated)
+            out["bytes_lost"] = sum(h.get("bytes_lost", 0) for h in simulated)
+            out["dropped"] = sum(h.get("dropped", 0) for h in simulated)
         return out
 
 

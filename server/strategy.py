@@ -12,6 +12,7 @@ import random
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from logging import WARNING
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -19,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore import log
 
-from fedvault.errors import UpdateRejected
+from fedvault.errors import HEError, UpdateRejected
 from server.recorder import RunRecorder
 from server.validation import check_train_reply, num_examples_of
 
@@ -98,35 +99,54 @@ class FedVaultFedAvg(FedAvg):
             return False
         return True
 
-    def valid_train_replies(self, server_round: int, replies: Iterable[Message]
-                            ) -> list[Message] | None:
-        """The replies that may enter the aggregate, each bad one recorded for its
-        site; ``None`` (and an ``aggregate_refused`` record) if fewer than
+    def parse_update(self, server_round: int, msg: Message) -> Any:
+        """The hook of :meth:`parsed_train_replies`: check one training reply and return
+        what aggregation uses, or raise ``UpdateRejected``. Plaintext FedAvg: the reply
+        itself, its arrays checked against the global model's. (``EncryptedFedAvg``
+        parses the ciphertexts instead.)"""
+        if self.global_arrays is None:
+            raise UpdateRejected("no global model was sent this round")
+        check_train_reply(msg, self.global_arrays, key=self.weighted_by_key)
+        return msg
+
+    def parsed_train_replies(self, server_round: int, replies: Iterable[Message]
+                             ) -> list[tuple[Message, Any]] | None:
+        """The one validation loop of every fedvault strategy: each reply that may
+        enter the aggregate with what :meth:`parse_update` made of it; each bad one
+        (an error, a refusal, a second reply from a node, a failed check) recorded for
+        its site. ``None`` (and an ``aggregate_refused`` record) if fewer than
         ``min_sites`` remain."""
-        valid: list[Message] = []
+        valid: list[tuple[Message, Any]] = []
+        seen: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
             if not self.is_update(server_round, msg):
                 continue
             try:
-                if self.global_arrays is None:
-                    raise UpdateRejected("no global model was sent this round")
-                check_train_reply(msg, self.global_arrays, key=self.weighted_by_key)
-            except UpdateRejected as exc:
+                parsed = self.parse_update(server_round, msg)
+                if node in seen:
+                    raise UpdateRejected("a second update from this node in this round")
+            except (UpdateRejected, HEError) as exc:
                 log(WARNING, "Round %s: rejected update from node %s: %s", server_round, node, exc)
                 self.recorder.note_rejected(server_round, node, str(exc))
                 continue
-            valid.append(msg)
+            seen.add(node)
+            valid.append((msg, parsed))
             if "privacy" in msg.content.config_records:
                 self.recorder.note_privacy(node, dict(msg.content.config_records["privacy"]))
-
         if len(valid) < self.min_sites:
             log(WARNING, "Round %s: %d valid updates < min-sites %d; no aggregate formed",
                 server_round, len(valid), self.min_sites)
-            self.recorder.note_trained(server_round, [m.metadata.src_node_id for m in valid],
+            self.recorder.note_trained(server_round, [m.metadata.src_node_id for m, _ in valid],
                                        aggregated=False, metrics={})
             return None
         return valid
+
+    def valid_train_replies(self, server_round: int, replies: Iterable[Message]
+                            ) -> list[Message] | None:
+        """The replies :meth:`parsed_train_replies` lets through (``None``: too few)."""
+        parsed = self.parsed_train_replies(server_round, replies)
+        return None if parsed is None else [m for m, _ in parsed]
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -31,8 +31,10 @@ Attacks (``w`` trained weights, ``g`` the global model the site received):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -40,13 +42,23 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.serde import recorddict_to_proto
 
+from fedvault.names import simulated_node_id, site_name
 from fedvault.tasks import Table, get_task
 from protocols.config import RunSettings
-from simulations.scenario import Scenario, SiteProfile, load_compiled
+from simulations.scenario import Behaviour, DropoutMode, Scenario, SiteProfile, load_compiled
 
-#: fates of a site in a round
+
+class Fate(StrEnum):
+    """What becomes of a simulated site in a round."""
+
+    ONLINE = "online"
+    OFFLINE = "offline"
+    DROPPED_BEFORE = "dropped-before-training"
+    DROPPED_MID_UPLOAD = "dropped-mid-upload"
+
+
 ONLINE, OFFLINE, DROPPED_BEFORE, DROPPED_MID_UPLOAD = (
-    "online", "offline", "dropped-before-training", "dropped-mid-upload")
+    Fate.ONLINE, Fate.OFFLINE, Fate.DROPPED_BEFORE, Fate.DROPPED_MID_UPLOAD)
 #: the query message type the simulated network sends once to learn which node is which site
 SITE_QUERY = "query.fedvault_site"
 #: fraction of a backdoor attacker's samples that carry the trigger
@@ -60,7 +72,7 @@ TRIGGER_VALUES = {"digits": 1.0}
 DEFAULT_TRIGGER_VALUE = 3.0
 
 
-def fate(profile: SiteProfile, *, seed: int, site: int, server_round: int) -> str:
+def fate(profile: SiteProfile, *, seed: int, site: int, server_round: int) -> Fate:
     """Whether site ``site`` is online in ``server_round`` and whether it drops out.
 
     A pure function of (seed, site, round): both phases of a round, every process
@@ -69,7 +81,8 @@ def fate(profile: SiteProfile, *, seed: int, site: int, server_round: int) -> st
     if u_avail >= profile.availability:
         return OFFLINE
     if u_drop < profile.dropout:
-        return DROPPED_BEFORE if profile.dropout_mode == "before-training" else DROPPED_MID_UPLOAD
+        return (DROPPED_BEFORE if profile.dropout_mode == DropoutMode.BEFORE_TRAINING
+                else DROPPED_MID_UPLOAD)
     return ONLINE
 
 
@@ -93,7 +106,7 @@ def _site(context: Context) -> int:
 
 def site_node_config(profile: SiteProfile, site: int) -> dict[str, Any]:
     """The node config a real site with this profile would set on its SuperNode."""
-    return {"site-name": f"site-{site}", "max-epsilon": profile.max_epsilon,
+    return {"site-name": site_name(site), "max-epsilon": profile.max_epsilon,
             "delta": profile.delta, "min-noise-multiplier": profile.min_noise_multiplier}
 
 
@@ -109,14 +122,14 @@ def simulation_mod(scenario_path: str, seed: int) -> Any:
         context.node_config.update(site_node_config(profile, k))
         r = server_round_of(msg)
         f = fate(profile, seed=seed, site=k, server_round=r)
-        record: dict[str, Any] = {"site": k, "fate": f}
+        record: dict[str, Any] = {"site": k, "fate": f.value}
         if f == DROPPED_BEFORE:
             return Message(content=RecordDict({"simulation": ConfigRecord(record)}),
                            reply_to=msg)
         # The server sees the site under its stable id (site index + 1, see
         # simulations.network); the site binds its encrypted updates to the same id.
         real_id = context.node_id
-        context.node_id = k + 1
+        context.node_id = simulated_node_id(k)
         try:
             reply = call_next(msg, context)
         finally:
@@ -180,17 +193,39 @@ def backdoor_table(table: Table, *, target: int, seed: int, value: float = 1.0) 
     return Table(x=x, y=y)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Attack:
+    """What an attacking site does, once its attack has started: poison the data it
+    trains on (``data``) and/or send ``g + s (w - g)`` for its trained weights ``w``
+    and the global model ``g`` (``update``: the factor ``s`` as a function of the
+    attack's scale; ``None`` sends ``w``)."""
+
+    data: Literal["clean", "flip-labels", "backdoor"] = "clean"
+    update: Callable[[float], float] | None = None
+    #: the default scale: a number, or "sampled" (the sites FedAvg samples per round)
+    default_scale: float | Literal["sampled"] = 1.0
+
+
+#: one registry of attacks, like ``fedvault.tasks.TASKS``
+ATTACKS: dict[Behaviour, Attack] = {
+    Behaviour.HONEST: Attack(),
+    Behaviour.LABEL_FLIP: Attack(data="flip-labels"),
+    Behaviour.BACKDOOR: Attack(data="backdoor"),
+    Behaviour.SIGN_FLIP: Attack(update=lambda scale: -scale),
+    Behaviour.SCALE: Attack(update=lambda scale: scale, default_scale=10.0),
+    Behaviour.MODEL_REPLACEMENT: Attack(data="backdoor", update=lambda scale: scale,
+                                        default_scale="sampled"),
+    Behaviour.FREE_RIDER: Attack(update=lambda scale: 0.0),
+}
+
+
 def tamper_state(global_state: Mapping[str, torch.Tensor], model: torch.nn.Module, *,
                  behaviour: str, scale: float) -> None:
-    """Replace ``model``'s weights ``w`` by ``g + s (w - g)`` (or ``g`` for a free rider)."""
-    if behaviour == "free-rider":
-        s = 0.0
-    elif behaviour == "sign-flip":
-        s = -scale
-    elif behaviour in ("scale", "model-replacement"):
-        s = scale
-    else:
+    """Replace ``model``'s weights ``w`` by ``g + s (w - g)`` (``g`` for a free rider)."""
+    update = ATTACKS[Behaviour(behaviour)].update
+    if update is None:
         return
+    s = update(scale)
     with torch.no_grad():
         for name, w in model.state_dict().items():
             g = global_state[name].to(w.dtype)
@@ -201,15 +236,14 @@ def tamper_state(global_state: Mapping[str, torch.Tensor], model: torch.nn.Modul
 
 def default_scale(profile: SiteProfile, scenario: Scenario, fraction_train: float,
                   min_sites: int = 1) -> float:
-    """``attack-scale`` if set, else 10 for ``scale``, the number of sites Flower's
-    FedAvg samples per round for ``model-replacement``, 1 otherwise."""
+    """``attack-scale`` if set, else the attack's default: 10 for ``scale``, the number
+    of sites Flower's FedAvg samples per round for ``model-replacement``, 1 otherwise."""
     if profile.attack_scale > 0:
         return profile.attack_scale
-    if profile.behaviour == "scale":
-        return 10.0
-    if profile.behaviour == "model-replacement":
+    default = ATTACKS[Behaviour(profile.behaviour)].default_scale
+    if default == "sampled":
         return float(max(1, min_sites, int(fraction_train * scenario.num_sites)))
-    return 1.0
+    return float(default)
 
 
 class ScenarioBehaviour:
@@ -229,9 +263,10 @@ class ScenarioBehaviour:
         p = self._profile(context)
         if not p.attacking(server_round):
             return table
-        if p.behaviour == "label-flip":
+        data = ATTACKS[Behaviour(p.behaviour)].data
+        if data == "flip-labels":
             return Table(x=table.x, y=flip_labels(table.y, self.num_classes))
-        if p.behaviour in ("backdoor", "model-replacement"):
+        if data == "backdoor":
             return backdoor_table(table, target=p.backdoor_target,
                                   seed=self.settings.seed * 1_000_003 + _site(context),
                                   value=trigger_value(self.settings.task))
@@ -248,4 +283,4 @@ class ScenarioBehaviour:
 
     def free_rides(self, context: Context, server_round: int) -> bool:
         p = self._profile(context)
-        return p.behaviour == "free-rider" and p.attacking(server_round)
+        return p.behaviour == Behaviour.FREE_RIDER and p.attacking(server_round)

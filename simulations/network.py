@@ -28,6 +28,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedvault.errors import SimulationError
+from fedvault.names import simulated_node_id, site_name
 from server.recorder import RunRecorder
 from simulations.behaviour import (
     OFFLINE,
@@ -114,9 +115,9 @@ class SimulatedGrid(Grid):
                 raise SimulationError(f"node {r.metadata.src_node_id} did not say which site "
                                     f"it is: {r.error.reason}")
             k = int(r.content.config_records["simulation"]["site"])  # type: ignore[arg-type]
-            self._real[k + 1] = r.metadata.src_node_id
-            self._virtual[r.metadata.src_node_id] = k + 1
-            self.recorder.name_site(k + 1, f"site-{k}")
+            self._real[simulated_node_id(k)] = r.metadata.src_node_id
+            self._virtual[r.metadata.src_node_id] = simulated_node_id(k)
+            self.recorder.name_site(simulated_node_id(k), site_name(k))
         if len(self._real) != n:
             raise SimulationError(f"only {len(self._real)} of {n} simulated sites answered.")
 

@@ -10,6 +10,7 @@ SuperLink's ServerApp process.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import threading
@@ -18,18 +19,21 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from client.app import build_client_app
+from fedvault import summary as run_summary
 from fedvault.datasets import central_test_table, pooled_table
 from fedvault.errors import ConfigError, FedvaultError, SimulationError
+from fedvault.names import RunMode
 from fedvault.partition import partition_indices
 from fedvault.provision import provision
 from fedvault.release import decrypt_model
-from fedvault.rundir import RunDirectory, write_json_atomic
+from fedvault.rundir import RunDirectory, check_output_dir
+from fedvault.summary import ReleasedModel, RunSummary
 from fedvault.tasks import evaluate, get_task
 from privacy.he import bfv_params_for
 from protocols.config import RunSettings
@@ -84,6 +88,7 @@ def check_run(settings: RunSettings, sites: int) -> None:
         )
     if not settings.run_dir:
         raise ConfigError("a run needs run-dir set.")
+    check_output_dir(settings.run_dir, what="run directory")
     task = get_task(settings.task)
     pool, _ = pooled_table(task, settings)  # loads data-path: DataError if bad
     task.check_table(pool, num_features=settings.num_features, num_classes=settings.num_classes)
@@ -133,7 +138,7 @@ def simulate(
     on_event: ProgressCallback | None = None,
     verbose: bool = False,
     ray_address: str = "",
-) -> dict[str, Any]:
+) -> RunSummary:
     """Run a simulated federation of ``sites`` sites; return its ``summary.json``.
 
     With a scenario (``settings.scenario``, see :func:`simulate_scenario`), the sites
@@ -142,6 +147,11 @@ def simulate(
     on an existing Ray cluster instead of a local one."""
     from flwr.simulation import run_simulation
 
+    if not (math.isfinite(cpus_per_site) and cpus_per_site > 0):
+        raise ConfigError(f"cpus-per-site must be > 0. Found {cpus_per_site:g}.")
+    if not ray_address and cpus_per_site > (os.cpu_count() or 1):
+        raise ConfigError(f"cpus-per-site {cpus_per_site:g} exceeds this machine's "
+                          f"{os.cpu_count() or 1} CPUs: Ray could not place a single site.")
     check_run(settings, sites)
     run_dir = RunDirectory(Path(settings.run_dir))
     if run_dir.events.exists():
@@ -150,7 +160,7 @@ def simulate(
     overrides = settings.to_config()
     scenario = load_compiled(settings.scenario) if settings.scenario else None
     if scenario is None:
-        server_app = build_server_app(overrides, mode="simulation")
+        server_app = build_server_app(overrides, mode=RunMode.SIMULATION)
         client_app = build_client_app(overrides, simulated=True)
     else:
         server_app, client_app = _scenario_apps(scenario, settings, overrides)
@@ -189,15 +199,14 @@ def simulate(
     if not run_dir.summary.exists():
         raise SimulationError("simulation ended without a summary: the ServerApp did not run "
                             "(see --verbose for Flower's log).")
-    summary = run_dir.read_summary()
-    if settings.he and settings.central_eval and summary.get("status") == "completed":
-        summary["released_model"] = evaluate_release(settings, run_dir)
-    summary["simulation_wall_seconds"] = round(time.monotonic() - t0, 3)
+    summary = run_summary.read(run_dir)
+    blocks: dict[str, Any] = {"simulation_wall_seconds": round(time.monotonic() - t0, 3)}
+    if settings.he and settings.central_eval and summary["status"] == "completed":
+        blocks["released_model"] = evaluate_release(settings, run_dir)
     if scenario is not None:
-
-        scenario_outputs(summary, scenario, settings, run_dir)
-    write_json_atomic(run_dir.summary, summary)
-    return summary
+        view = cast(RunSummary, {**summary, **blocks})
+        blocks.update(scenario_outputs(view, scenario, settings, run_dir))
+    return run_summary.amend(run_dir, summary, **blocks)
 
 
 def ray_backend_config(*, cpus_per_site: float, verbose: bool, ray_address: str = ""
@@ -223,7 +232,7 @@ def _scenario_apps(scenario: Scenario, settings: RunSettings, overrides: dict[st
     def wrap(grid: Grid, recorder: RunRecorder) -> Grid:
         return SimulatedGrid(grid, scenario, recorder)
 
-    server_app = build_server_app(overrides, mode="simulation", wrap_grid=wrap)
+    server_app = build_server_app(overrides, mode=RunMode.SIMULATION, wrap_grid=wrap)
     behaviour = (ScenarioBehaviour(settings) if any(g.is_attacker() for g in scenario.groups)
                  else None)
     client_app = build_client_app(overrides, mods=[simulation_mod(settings.scenario,
@@ -269,14 +278,14 @@ def generate_table(path: Path, rows: int, features: int, classes: int, *, seed: 
 
 def simulate_scenario(scenario: Scenario, *, out: Path, cpus_per_site: float = 1.0,
                       on_event: ProgressCallback | None = None, verbose: bool = False,
-                      ray_address: str = "") -> dict[str, Any]:
+                      ray_address: str = "") -> RunSummary:
     """Run a scenario in run directory ``out``; return its ``summary.json``."""
     settings = prepare_scenario(scenario, out)
     return simulate(settings, sites=scenario.num_sites, cpus_per_site=cpus_per_site,
                     on_event=on_event, verbose=verbose, ray_address=ray_address)
 
 
-def evaluate_release(settings: RunSettings, run_dir: RunDirectory) -> dict[str, Any]:
+def evaluate_release(settings: RunSettings, run_dir: RunDirectory) -> ReleasedModel:
     """Encrypted runs: play the key holder (site-0), release the final model (recorded in
     releases.jsonl) and evaluate it on the central test split, which the server could
     not do. A real federation does this with ``fedvault model decrypt``."""

@@ -61,6 +61,7 @@ import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -69,16 +70,36 @@ from typing import Any
 import numpy as np
 
 from fedvault.errors import ConfigError, TaskError
+from fedvault.names import Partitioner, values
 from fedvault.partition import PartitionError, PartitionPlan
 from fedvault.rundir import write_json_atomic
 from fedvault.tasks import get_task
 from protocols.config import RunSettings, config_key
 
+
+class Behaviour(StrEnum):
+    """What a simulated site does (the attacks: ``simulations.behaviour.ATTACKS``)."""
+
+    HONEST = "honest"
+    LABEL_FLIP = "label-flip"
+    SIGN_FLIP = "sign-flip"
+    SCALE = "scale"
+    MODEL_REPLACEMENT = "model-replacement"
+    BACKDOOR = "backdoor"
+    FREE_RIDER = "free-rider"
+
+
+class DropoutMode(StrEnum):
+    """When a dropping site drops: before training, or after (its upload is lost)."""
+
+    BEFORE_TRAINING = "before-training"
+    MID_UPLOAD = "mid-upload"
+
+
 #: What a site may do.
-BEHAVIOURS = ("honest", "label-flip", "sign-flip", "scale", "model-replacement", "backdoor",
-              "free-rider")
-DROPOUT_MODES = ("before-training", "mid-upload")
-PARTITIONS = ("iid", "dirichlet")
+BEHAVIOURS = values(Behaviour)
+DROPOUT_MODES = values(DropoutMode)
+PARTITIONS = values(Partitioner)
 #: Upper bound on the number of sites in one scenario (a sanity limit, not a design one).
 MAX_SITES = 100_000
 
@@ -118,7 +139,7 @@ class SiteProfile:
     count: int = 1
 
     def is_attacker(self) -> bool:
-        return self.behaviour != "honest"
+        return self.behaviour != Behaviour.HONEST
 
     def attacking(self, server_round: int) -> bool:
         return self.is_attacker() and server_round >= self.attack_start
@@ -453,8 +474,18 @@ def load_scenario(path_or_name: str | Path) -> Scenario:
     if not p.exists():
         raise ConfigError(f"no scenario file {str(path_or_name)!r} (built-in scenarios: "
                           f"{', '.join(builtin_scenarios())}).")
+    if p.is_dir():
+        raise ConfigError(f"scenario {str(p)!r} is a directory, not a scenario (TOML) file.")
     try:
-        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not a scenario (TOML) file: not UTF-8 text ({exc.reason} "
+                          f"at byte {exc.start}).") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read scenario file {str(p)!r}: "
+                          f"{exc.strerror or exc}.") from None
+    try:
+        doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
     return parse_scenario(doc, source=str(p))

@@ -177,14 +177,13 @@ def test_secure_noise_is_standard_normal() -> None:
 @pytest.mark.parametrize(("sigma", "steps"), [(1.5, 16), (100.0, 100_000), (3.0, 1)])
 def test_full_batch_history_is_one_gaussian_in_closed_form(sigma: float, steps: int) -> None:
     """q = 1: T steps at sigma are one Gaussian with mu = sqrt(T) / sigma; the exact
-    epsilon (Balle & Wang 2018) agrees with Google's PLD accountant, at any T, fast."""
-    import time
+    epsilon (Balle & Wang 2018) agrees with Google's PLD accountant, at any T, and is
+    the closed form itself (no PRV grid: its cost does not grow with T; the speed is
+    measured in bench/accounting.py, not asserted here)."""
+    from privacy.analysis import gaussian_delta, gaussian_epsilon
 
-    from privacy.analysis import gaussian_delta
-
-    t0 = time.perf_counter()
     ours = PRVAccountant().epsilon([_event(sigma, 1.0, steps)], delta=1e-5)
-    assert time.perf_counter() - t0 < 2.0
+    assert ours == gaussian_epsilon(mu=np.sqrt(steps) / sigma, delta=1e-5)
     ref = float(pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
                 .compose(dpa.GaussianDpEvent(sigma / np.sqrt(steps))).get_epsilon(1e-5))
     assert abs(ours - ref) <= 0.01 * ref + 1e-4, (ours, ref)

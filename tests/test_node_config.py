@@ -34,8 +34,8 @@ def _train(node_config: dict[str, Any], tmp_path: Path, **run: Any) -> Message:
          "momentum": 0.9})}), dst_node_id=11, message_type="train")
     settings = RunSettings(task="tabular", run_dir=str(tmp_path / "run"), **run)
     ctx = Context(run_id=7, node_id=11, node_config=node_config, state=RecordDict(),
-                  run_config=settings.to_config())  # type: ignore[arg-type]
-    return real_app(msg, ctx)  # type: ignore[operator]
+                  run_config=settings.to_config())
+    return real_app(msg, ctx)
 
 
 def _csv(tmp_path: Path) -> Path:

@@ -36,6 +36,7 @@ from fedvault import __version__
 from fedvault.cli.options import add_run_options
 from fedvault.cli.render import err_console
 from fedvault.errors import FedvaultError
+from fedvault.names import AccountantName, Scheme, values
 
 
 def _handler(module: str, name: str) -> tuple[str, str]:
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="table (default, for a terminal), json, csv, or html (one "
                     "self-contained file with a plot)")
     br.add_argument("--out", type=Path, default=None, help="write to FILE instead of stdout")
-    br.add_argument("--accountant", choices=["prv", "rdp"], default=None,
+    br.add_argument("--accountant", choices=values(AccountantName), default=None,
                     help="recompute with this accountant (default: the ledger's own)")
     br.add_argument("--adjacency", choices=["add-remove-one", "replace-one"],
                     default="add-remove-one",
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and a manifest with the parameters and their fingerprint.")
     pv.add_argument("--sites", type=int, required=True, help="number of sites")
     pv.add_argument("--out", type=Path, required=True, help="federation directory to create")
-    pv.add_argument("--scheme", choices=["bfv", "ckks"], default="bfv",
+    pv.add_argument("--scheme", choices=values(Scheme), default="bfv",
                     help="bfv (default: quantised, exact sums, ~11-13 bytes/parameter) or ckks")
     pv.add_argument("--passphrase-env", metavar="VAR", default=None,
                     help="encrypt each site's secret context at rest with the passphrase in "

@@ -8,10 +8,12 @@ import os
 from fedvault.cli.render import console
 from fedvault.errors import ConfigError
 from fedvault.provision import provision
+from fedvault.rundir import check_output_dir
 from privacy.he import bfv_params_for, ckks_params
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
+    check_output_dir(args.out)
     passphrase = None
     if args.passphrase_env:
         passphrase = os.environ.get(args.passphrase_env)

@@ -5,11 +5,14 @@ the flags, ``RunSettings``, ``pyproject.toml`` and the scenario keys agree)."""
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from fedvault.errors import ConfigError
+from fedvault.rundir import check_output_dir
 from protocols.config import RunSettings, cli_options
 
 
@@ -66,6 +69,20 @@ def explicit(args: argparse.Namespace) -> dict[str, Any]:
     return changes
 
 
+def check_cpus_per_site(cpus: float, *, ray_address: str = "") -> float:
+    """``--cpus-per-site``: a positive number, and on this machine's own Ray no more than
+    its CPUs (Ray could place no site: the run would hang)."""
+    if not (math.isfinite(cpus) and cpus > 0):
+        raise ConfigError(f"--cpus-per-site must be > 0 (CPUs Ray reserves per simulated "
+                          f"site). Found {cpus:g}.")
+    total = os.cpu_count() or 1
+    if not ray_address and cpus > total:
+        raise ConfigError(f"--cpus-per-site {cpus:g} exceeds this machine's {total} CPUs: "
+                          "Ray could not place a single site (give --ray-address for a "
+                          "cluster).")
+    return cpus
+
+
 def default_out(mode: str) -> Path:
     return Path("runs") / f"{mode}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
@@ -75,7 +92,7 @@ def settings_from(args: argparse.Namespace, mode: str, **fixed: Any) -> RunSetti
     # Encrypted aggregation is the default of the command line; client-level DP needs
     # plaintext updates at the server, so asking for it turns HE off unless --he is given.
     changes.setdefault("he", not changes.get("client_dp", False))
-    out = args.out or default_out(mode)
+    out = check_output_dir(args.out or default_out(mode))
     changes["run_dir"] = str(out.resolve())
     changes.update(fixed)
     try:

@@ -9,7 +9,8 @@ from pathlib import Path
 from rich.markup import escape
 
 from fedvault.cli.render import console, err_console, finish, print_scenario
-from fedvault.rundir import RunDirectory
+from fedvault.errors import IntegrityError
+from fedvault.rundir import RunDirectory, check_input_file
 from privacy.site_secret import anchor_problem
 from protocols.hashchain import verify_chain
 
@@ -42,6 +43,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_budget_verify(args: argparse.Namespace) -> int:
     """The hash chain, and, where the site secret is beside the ledger, its anchor: a
     chain cannot show that its tail was cut or that the whole file was replaced."""
+    check_input_file(args.ledger, what="ledger file")
+    if args.ledger.exists() and args.ledger.stat().st_size == 0:
+        raise IntegrityError(f"{args.ledger} is empty: not a privacy ledger.")
     if args.ledger.exists():
         status = verify_log(args.ledger)
         if status:

@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.table import Table as RichTable
 
-from fedvault.cli.options import default_out, explicit, settings_from
+from fedvault.cli.options import check_cpus_per_site, default_out, explicit, settings_from
 from fedvault.cli.render import (
     RoundProgress,
     console,
@@ -20,8 +20,10 @@ from fedvault.cli.render import (
 )
 from fedvault.errors import ConfigError
 from fedvault.rehearse import rehearse
+from fedvault.rundir import check_output_dir
+from fedvault.summary import RunSummary
 from protocols.config import RunSettings, config_key
-from simulations.report import compare_runs
+from simulations.compare import compare_runs
 from simulations.runner import check_run, simulate, simulate_scenario
 from simulations.scenario import builtin_path, builtin_scenarios, load_scenario
 
@@ -31,6 +33,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return _list_scenarios()
     if args.compare:
         return _compare(args)
+    check_cpus_per_site(args.cpus_per_site, ray_address=args.ray_address)
     if args.scenario:
         return _simulate_scenario(args)
     settings = settings_from(args, "simulation")
@@ -45,13 +48,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _with_progress(args: argparse.Namespace, settings: RunSettings, label: str,
-                   run: Callable[[Callable[[dict[str, Any]], None]], dict[str, Any]]
+                   run: Callable[[Callable[[dict[str, Any]], None]], RunSummary]
                    ) -> dict[str, Any]:
     """Run a simulation behind a progress bar fed by its event log."""
     warn_insecure(settings)
     with RoundProgress(settings.num_server_rounds, label, to_stderr=args.json) as bar:
         bar.status("starting the Simulation Engine (Ray)")
-        return run(bar.on_event)
+        return dict(run(bar.on_event))
 
 
 def _list_scenarios() -> int:
@@ -78,7 +81,7 @@ def _simulate_scenario(args: argparse.Namespace) -> int:
     changes = explicit(args)
     if changes:  # options of [data] or [defaults] are refused with a pointer to the table
         scenario = scenario.with_run({config_key(k): v for k, v in changes.items()})
-    out = (args.out or default_out(f"scenario-{scenario.name}")).resolve()
+    out = check_output_dir(args.out or default_out(f"scenario-{scenario.name}")).resolve()
     settings = scenario.settings(run_dir=str(out))
     summary = _with_progress(
         args, settings, f"scenario {scenario.name}: {scenario.num_sites} sites",
@@ -116,7 +119,7 @@ def cmd_rehearse(args: argparse.Namespace) -> int:
                        to_stderr=args.json) as bar:
         summary = rehearse(settings, sites=args.sites, on_event=bar.on_event,
                            on_status=bar.status, timeout=args.timeout)
-    code = finish(args, summary, Path(settings.run_dir))
+    code = finish(args, dict(summary), Path(settings.run_dir))
     if not args.json:
         console.print(f"logs:    {summary['deployment']['logs']}")
     return code

@@ -1,0 +1,240 @@
+"""Supervising local processes: start each as the leader of its own process group,
+log its output to a file, wait until it listens or logs a line, and stop the whole
+group (terminate, then kill), also on Ctrl-C or SIGTERM, reaping orphans as a
+subreaper where Linux allows it. Generic: nothing here knows Flower; the loopback
+rehearsal (:mod:`fedvault.rehearse`) orchestrates Flower's processes with it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from fedvault.errors import DeploymentError
+
+STARTUP_TIMEOUT = 60.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def find_executable(name: str) -> str:
+    cand = Path(sys.executable).parent / name
+    if cand.exists():
+        return str(cand)
+    found = shutil.which(name)
+    if not found:
+        raise DeploymentError(f"{name!r} not found: install flwr (pip install 'flwr[simulation]').")
+    return found
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    handle: IO[bytes]
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+
+@dataclass
+class Deployment:
+    """Processes of one loopback deployment; :meth:`stop` ends all of them."""
+
+    root: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None,
+              ) -> Proc:
+        log = self.root / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        fh = log.open("wb")
+        popen = subprocess.Popen(
+            argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            cwd=cwd, start_new_session=True,
+        )
+        proc = Proc(name=name, popen=popen, log=log, handle=fh)
+        self.procs.append(proc)
+        return proc
+
+    def check_alive(self, exclude: tuple[str, ...] = ()) -> None:
+        for p in self.procs:
+            if p.name in exclude:
+                continue
+            rc = p.popen.poll()
+            if rc is not None:
+                raise DeploymentError(
+                    f"{p.name} exited with status {rc} during the run; last lines of "
+                    f"{p.log}:\n{p.tail()}"
+                )
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM every process group, wait ``grace`` seconds, then SIGKILL every
+        process left of this deployment: the groups, their descendants, and any
+        process carrying a ``FLWR_HOME`` under this deployment (Flower's SuperExec
+        starts its own session, so a group kill alone would miss it)."""
+        for p in reversed(self.procs):
+            _signal_group(p.popen, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in reversed(self.procs):
+            try:
+                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for _ in range(3):  # a dying parent may still spawn; sweep until nothing is left
+            leftovers = deployment_processes(self.root, [p.popen.pid for p in self.procs])
+            for p in self.procs:
+                _signal_group(p.popen, signal.SIGKILL)
+            for pid in leftovers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            if not leftovers:
+                break
+            time.sleep(0.2)
+        for p in self.procs:
+            try:
+                p.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            p.handle.close()
+
+
+def become_subreaper() -> bool:
+    """Adopt orphaned descendants (Linux ``PR_SET_CHILD_SUBREAPER``), so the
+    ``flwr-serverapp``/``flwr-clientapp`` children that the SuperLink and SuperNodes
+    leave behind when they exit are reaped here instead of lingering as zombies
+    under an init that does not reap. Returns whether it took effect."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(36, 1, 0, 0, 0)) == 0  # 36 = PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def reap_orphans(timeout: float = 3.0) -> None:
+    """Collect the exit status of every adopted orphan (all were sent SIGKILL)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return  # no children left
+        if pid == 0:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+
+
+def deployment_processes(root: Path, roots: list[int]) -> list[int]:
+    """Live PIDs descending from ``roots`` or whose ``FLWR_HOME`` lies under ``root``
+    (Linux ``/proc``; elsewhere only the process groups are signalled)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    prefix = f"FLWR_HOME={root.resolve()}".encode()
+    children: dict[int, list[int]] = {}
+    found: set[int] = set()
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        pid = int(d.name)
+        try:
+            stat = (d / "stat").read_text()
+            state, ppid = stat.rsplit(") ", 1)[1].split()[:2]
+            if state == "Z":
+                continue
+            children.setdefault(int(ppid), []).append(pid)
+            env = (d / "environ").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if any(v.startswith(prefix) for v in env.split(b"\0")):
+            found.add(pid)
+    stack = list(roots)
+    while stack:
+        pid = stack.pop()
+        for c in children.get(pid, []):
+            if c not in found:
+                found.add(c)
+                stack.append(c)
+    found.update(r for r in roots if (proc / str(r)).exists())
+    found.discard(os.getpid())
+    return sorted(found)
+
+
+def _signal_group(popen: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(popen.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def wait_for_port(port: int, proc: Proc, timeout: float = STARTUP_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise DeploymentError(
+                f"{proc.name} exited with status {proc.popen.returncode} at start-up; "
+                f"last lines of {proc.log}:\n{proc.tail()}"
+            )
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise DeploymentError(f"{proc.name} did not listen on 127.0.0.1:{port} within {timeout:.0f} s.")
+
+
+def wait_for_log(proc: Proc, needle: str, timeout: float = STARTUP_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise DeploymentError(
+                f"{proc.name} exited with status {proc.popen.returncode} at start-up; "
+                f"last lines of {proc.log}:\n{proc.tail()}"
+            )
+        if needle in proc.log.read_text(encoding="utf-8", errors="replace"):
+            return
+        time.sleep(0.2)
+    raise DeploymentError(f"{proc.name} did not report {needle!r} within {timeout:.0f} s.")
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so cleanup runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
