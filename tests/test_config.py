@@ -39,7 +39,8 @@ def test_one_source_for_every_run_key() -> None:
 
     from fedvault.cli.options import add_run_options
     from protocols.config import cli_options, config_key
-    from simulations.scenario import _RUN_KEYS_ELSEWHERE, _SITE_FIELDS
+    from simulations.scenario.model import _RUN_KEYS_ELSEWHERE
+    from simulations.scenario.parse import _SITE_FIELDS
 
     keys = {config_key(f.name) for f in fields(RunSettings)}
     with (ROOT / "pyproject.toml").open("rb") as fh:
