@@ -3,11 +3,13 @@
 A task never touches the network: its embedded data ships inside an installed
 package (scikit-learn's bundled datasets), so a fresh machine with no internet
 can run the demo. A data owner's own data reaches a task as a table (CSV,
-Parquet or NPZ; see :mod:`client.data`) whose features and labels the task then
-preprocesses exactly as it does its embedded data.
+Parquet or NPZ; see :mod:`fedvault.tables`) whose features and labels the task
+then preprocesses exactly as it does its embedded data. Also here, since sites,
+server and tools share them: a model's parameters as one flat vector
+(:func:`flatten`, :func:`unflatten`) and :func:`evaluate`.
 
-Every model is Opacus-compatible (no BatchNorm: GroupNorm or none), so the DP
-issue can wrap any built-in task with ``PrivacyEngine.make_private``.
+Every model is Opacus-compatible (no BatchNorm: GroupNorm or none): Opacus's
+``GradSampleModule`` computes its per-example gradients (:mod:`client.dp`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """A hash-chained, append-only JSON-lines log.
 
-One format serves every tamper-evident record in fedvault: the run's event log
-today, the privacy ledger and the audit trail next. Each line is one JSON
-object::
+One format serves every tamper-evident record in fedvault: the run's event log,
+the sites' privacy ledgers and the release log. Each line is one JSON object::
 
     {"seq": 0, "time": "2026-11-27T05:30:00.123456Z", "kind": "...", ...,
      "prev_hash": "<64 hex>", "hash": "<64 hex>"}

@@ -1,9 +1,9 @@
 """Records a run into its run directory as it happens (server side).
 
-Every event goes into the hash-chained ``events.jsonl`` (the same format the
-privacy ledger and audit trail use), so progress is observable from outside
+Every event goes into the hash-chained ``events.jsonl`` (the same format as the
+privacy ledgers and the release log), so progress is observable from outside
 the ServerApp process (``fedvault rehearse`` tails it) and checkable afterwards
-(``fedvault verify-log``).
+(``fedvault verify RUN_DIR``). The summary's schema is :mod:`fedvault.summary`.
 """
 
 from __future__ import annotations
