@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -15,6 +17,33 @@ def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None
     env = {**os.environ, "COLUMNS": "120"}
     return subprocess.run([sys.executable, "-m", "fedvault", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=cwd or ROOT, env=env)
+
+
+def cli_in_process(*args: str, timeout: float = 0, cwd: Path | None = None
+                   ) -> subprocess.CompletedProcess[str]:
+    """The real command line (``fedvault.cli.main``) called in this process, its output
+    captured: for the many bad-input tests, which then pay neither an interpreter
+    start-up nor a torch import per call. ``run_cli`` runs the installed entry point
+    in a subprocess (the help, the end-to-end runs). ``timeout`` and ``cwd`` are
+    accepted for symmetry with ``run_cli`` and ignored: these calls fail early."""
+    from fedvault.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "120"
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse's own usage errors
+                code = exc.code if isinstance(exc.code, int) else 2
+    finally:
+        if old is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = old
+    return subprocess.CompletedProcess(["fedvault", *args], code, out.getvalue(),
+                                       err.getvalue())
 
 
 def processes_with_flwr_home_under(root: Path) -> list[int]:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import cli_in_process, run_cli
 
 COMMANDS = ["simulate", "rehearse", "show", "verify", "tasks", "budget", "provision", "model"]
 
@@ -35,30 +35,30 @@ def test_bad_data_path(tmp_path: Path) -> None:
 
 
 def test_unknown_task(tmp_path: Path) -> None:
-    _one_line_error(run_cli("simulate", "--task", "imagenet", "--out", str(tmp_path / "r")),
+    _one_line_error(cli_in_process("simulate", "--task", "imagenet", "--out", str(tmp_path / "r")),
                     "Unknown task 'imagenet'. Known tasks: digits, tabular.")
-    _one_line_error(run_cli("rehearse", "--task", "imagenet", "--out", str(tmp_path / "r")),
+    _one_line_error(cli_in_process("rehearse", "--task", "imagenet", "--out", str(tmp_path / "r")),
                     "Unknown task 'imagenet'")
 
 
 def test_csv_without_label_column(tmp_path: Path) -> None:
     p = tmp_path / "t.csv"
     p.write_text("a,b,c\n1,2,3\n4,5,6\n")
-    _one_line_error(run_cli("simulate", "--task", "tabular", "--data-path", str(p),
+    _one_line_error(cli_in_process("simulate", "--task", "tabular", "--data-path", str(p),
                             "--out", str(tmp_path / "r")),
                     "no label column 'label'; columns are a, b, c")
 
 
 def test_bad_option_values(tmp_path: Path) -> None:
-    _one_line_error(run_cli("simulate", "--alpha", "0", "--out", str(tmp_path / "r")),
+    _one_line_error(cli_in_process("simulate", "--alpha", "0", "--out", str(tmp_path / "r")),
                     "alpha must be > 0")
-    _one_line_error(run_cli("simulate", "--sites", "2", "--min-sites", "3",
+    _one_line_error(cli_in_process("simulate", "--sites", "2", "--min-sites", "3",
                             "--out", str(tmp_path / "r")), "min-sites (3) exceeds")
 
 
 def test_verify_and_show_of_missing_things(tmp_path: Path) -> None:
-    _one_line_error(run_cli("verify", str(tmp_path / "x.jsonl")), "no such log file")
-    _one_line_error(run_cli("show", str(tmp_path)), "has no summary.json")
+    _one_line_error(cli_in_process("verify", str(tmp_path / "x.jsonl")), "no such log file")
+    _one_line_error(cli_in_process("show", str(tmp_path)), "has no summary.json")
 
 
 def test_tasks() -> None:
@@ -96,9 +96,9 @@ def _ledger(path: Path, **reservation: object) -> Path:
 def test_out_that_is_a_file_or_under_a_file(tmp_path: Path, command: tuple[str, ...]) -> None:
     f = tmp_path / "a-file"
     f.write_text("not a directory\n")
-    _one_line_error(run_cli(*command, "--out", str(f), timeout=120),
+    _one_line_error(cli_in_process(*command, "--out", str(f), timeout=120),
                     f"--out {f}: is a file, not a directory")
-    _one_line_error(run_cli(*command, "--out", str(f / "sub"), timeout=120),
+    _one_line_error(cli_in_process(*command, "--out", str(f / "sub"), timeout=120),
                     f"{f} is a file, not a directory")
     assert f.read_text() == "not a directory\n"
 
@@ -106,7 +106,7 @@ def test_out_that_is_a_file_or_under_a_file(tmp_path: Path, command: tuple[str, 
 @pytest.mark.parametrize("command", [("simulate",), ("provision", "--sites", "3")])
 def test_out_in_an_unwritable_place(command: tuple[str, ...]) -> None:
     # /proc accepts no new directories, whoever asks (root included); HE is on by default
-    _one_line_error(run_cli(*command, "--out", "/proc/fedvault-x", timeout=120),
+    _one_line_error(cli_in_process(*command, "--out", "/proc/fedvault-x", timeout=120),
                     "--out /proc/fedvault-x: cannot create the directory: /proc is not writable")
 
 
@@ -119,38 +119,38 @@ def test_scenario_that_is_not_a_toml_file(tmp_path: Path, content: bytes, proble
                                           ) -> None:
     p = tmp_path / "scenario.toml"
     p.write_bytes(content)
-    r = run_cli("simulate", str(p), "--out", str(tmp_path / "r"), timeout=120)
+    r = cli_in_process("simulate", str(p), "--out", str(tmp_path / "r"), timeout=120)
     _one_line_error(r, f"{p}: not")
     assert problem in r.stderr
 
 
 def test_scenario_that_is_a_directory(tmp_path: Path) -> None:
-    _one_line_error(run_cli("simulate", str(tmp_path), timeout=120),
+    _one_line_error(cli_in_process("simulate", str(tmp_path), timeout=120),
                     f"scenario '{tmp_path}' is a directory, not a scenario (TOML) file")
 
 
 @pytest.mark.parametrize("action", ["verify", "report", "new-ledger"])
 def test_budget_commands_on_a_directory(tmp_path: Path, action: str) -> None:
     extra = ("--reason", "test") if action == "new-ledger" else ()
-    _one_line_error(run_cli("budget", action, str(tmp_path), *extra),
+    _one_line_error(cli_in_process("budget", action, str(tmp_path), *extra),
                     f"{tmp_path} is a directory, not a ledger file")
     assert tmp_path.is_dir() and not list(tmp_path.parent.glob(f"{tmp_path.name}.replaced-*"))
 
 
 def test_budget_report_out_that_is_a_directory_or_under_a_file(tmp_path: Path) -> None:
     ledger = _ledger(tmp_path / "ledger.jsonl")
-    _one_line_error(run_cli("budget", "report", str(ledger), "--format", "json",
+    _one_line_error(cli_in_process("budget", "report", str(ledger), "--format", "json",
                             "--out", str(tmp_path)), f"--out {tmp_path}: is a directory")
     f = tmp_path / "a-file"
     f.write_text("x")
-    _one_line_error(run_cli("budget", "report", str(ledger), "--format", "json",
+    _one_line_error(cli_in_process("budget", "report", str(ledger), "--format", "json",
                             "--out", str(f / "sub")), f"{f} is a file, not a directory")
 
 
 @pytest.mark.parametrize("cpus", ["0", "-1"])
 def test_cpus_per_site_must_be_positive(tmp_path: Path, cpus: str) -> None:
-    _one_line_error(run_cli("simulate", "--cpus-per-site", cpus, "--out", str(tmp_path / "r"),
-                            timeout=120), "--cpus-per-site must be > 0")
+    _one_line_error(cli_in_process("simulate", "--cpus-per-site", cpus, "--out",
+                                   str(tmp_path / "r")), "--cpus-per-site must be > 0")
     assert not (tmp_path / "r").exists()  # refused before anything started
 
 
@@ -173,8 +173,8 @@ def test_budget_report_of_a_ledger_with_a_malformed_entry(
     entry = {k: v for k, v in {**_RESERVATION, **fields}.items() if v is not _MISSING}
     _chain(ledger, ("dataset_registered", {"scope": "site", "dataset": "d" * 32}),
            ("reservation", entry))
-    assert run_cli("verify", str(ledger)).returncode == 0  # the chain itself is intact
-    _one_line_error(run_cli("budget", "report", str(ledger)),
+    assert cli_in_process("verify", str(ledger)).returncode == 0  # the chain itself is intact
+    _one_line_error(cli_in_process("budget", "report", str(ledger)),
                     f"malformed ledger entry seq 1 (reservation): {problem}")
 
 
@@ -188,17 +188,17 @@ def test_budget_report_of_a_well_formed_hand_written_ledger(tmp_path: Path) -> N
 def test_budget_report_refuses_what_is_not_a_ledger(tmp_path: Path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.touch()
-    _one_line_error(run_cli("budget", "report", str(empty)),
+    _one_line_error(cli_in_process("budget", "report", str(empty)),
                     f"{empty} is empty: not a privacy ledger")
-    _one_line_error(run_cli("budget", "verify", str(empty)),
+    _one_line_error(cli_in_process("budget", "verify", str(empty)),
                     f"{empty} is empty: not a privacy ledger")
     events = _chain(tmp_path / "events.jsonl",
                     ("run_started", {"run_id": "1", "mode": "simulation"}),
                     ("round_completed", {"round": 1, "accepted": 3}),
                     ("run_finished", {"status": "completed"}))
-    assert run_cli("verify", str(events)).returncode == 0
-    _one_line_error(run_cli("budget", "report", str(events)),
+    assert cli_in_process("verify", str(events)).returncode == 0
+    _one_line_error(cli_in_process("budget", "report", str(events)),
                     f"{events} is not a privacy ledger (its entries are run events)")
     other = _chain(tmp_path / "other.jsonl", ("note", {"text": "hello"}))
-    _one_line_error(run_cli("budget", "report", str(other)),
+    _one_line_error(cli_in_process("budget", "report", str(other)),
                     f"{other} is not a privacy ledger (no entry is a ledger entry")

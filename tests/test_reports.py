@@ -16,7 +16,7 @@ import pytest
 from fedvault.errors import PrivacyRefused
 from privacy.events import SubsampledGaussianEvent
 from privacy.ledger import PrivacyLedger
-from tests.helpers import run_cli
+from tests.helpers import cli_in_process, run_cli
 
 FP1, FP2 = "site", "cohort-b"  # the default scope and one the data owner declared
 
@@ -56,7 +56,7 @@ def test_insecure_rounds_make_a_scope_unbounded(ledger: Path) -> None:
     ev = SubsampledGaussianEvent(noise_multiplier=1.6, sample_rate=0.1, steps=5)
     led.reserve(FP2, [ev], run_id="run-4", server_round=1, delta=1e-5, limit=8.0,
                 insecure=True)
-    r = run_cli("budget", "report", str(ledger))
+    r = cli_in_process("budget", "report", str(ledger))
     assert r.returncode == 0 and "unbounded" in r.stdout and "insecure" in r.stdout
     data = ledger_report(ledger)
     by = {d["scope"]: d for d in data["scopes"]}
@@ -85,12 +85,12 @@ def test_replace_one_adjacency_on_request(ledger: Path) -> None:
         # the group-privacy conversion holds: (2 eps1, (1 + e^eps1) delta1) with delta1 fit
         assert (1 + np.exp(eps / 2)) * d1 <= 1e-5 * (1 + 1e-9)
         assert rep == pytest.approx(eps, rel=1e-6)
-    r = run_cli("budget", "report", str(ledger), "--adjacency", "replace-one")
+    r = cli_in_process("budget", "report", str(ledger), "--adjacency", "replace-one")
     assert "ε replace-one" in r.stdout
 
 
 def test_json_and_csv_agree_with_the_ledger(ledger: Path, tmp_path: Path) -> None:
-    r = run_cli("budget", "report", str(ledger), "--format", "json")
+    r = cli_in_process("budget", "report", str(ledger), "--format", "json")
     data = json.loads(r.stdout)
     by_fp = {d["scope"]: d for d in data["scopes"]}
     led = PrivacyLedger(ledger)
@@ -106,7 +106,7 @@ def test_json_and_csv_agree_with_the_ledger(ledger: Path, tmp_path: Path) -> Non
     assert by_fp[FP1]["refusals"] >= 1 and by_fp[FP1]["epsilon_spent"] <= 1.5
     assert by_fp[FP1]["runs"] == ["run-1", "run-2"]
     out = tmp_path / "r.csv"
-    assert run_cli("budget", "report", str(ledger), "--format", "csv", "--out",
+    assert cli_in_process("budget", "report", str(ledger), "--format", "csv", "--out",
                    str(out)).returncode == 0
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
     assert {r["scope"] for r in rows} == {FP1, FP2}
@@ -118,7 +118,7 @@ def test_no_report_for_a_tampered_ledger(ledger: Path) -> None:
     lines = ledger.read_text().splitlines(keepends=True)
     del lines[2]
     ledger.write_text("".join(lines))
-    r = run_cli("budget", "report", str(ledger))
+    r = cli_in_process("budget", "report", str(ledger))
     assert r.returncode == 2 and "no report for a broken ledger" in r.stderr
 
 
@@ -128,7 +128,7 @@ def _chromium() -> str | None:
 
 def test_html_is_self_contained_and_renders_in_chromium(ledger: Path, tmp_path: Path) -> None:
     out = tmp_path / "report.html"
-    r = run_cli("budget", "report", str(ledger), "--format", "html", "--out", str(out))
+    r = cli_in_process("budget", "report", str(ledger), "--format", "html", "--out", str(out))
     assert r.returncode == 0, r.stderr
     html = out.read_text()
     assert "data:image/png;base64," in html
