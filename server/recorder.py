@@ -14,6 +14,7 @@ import platform
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ import fedvault
 from fedvault import summary as run_summary
 from fedvault.plots import plot_accuracy
 from fedvault.rundir import RunDirectory, write_json_atomic
-from fedvault.summary import HEBlock, PrivacyBlock, RoundRow, RunSummary
+from fedvault.summary import HEBlock, Participant, PrivacyBlock, RoundRow, RunSummary
 from protocols.config import RunSettings
 from protocols.hashchain import HashChainLog, utc_now
 from protocols.he_update import is_encrypted
@@ -38,9 +39,6 @@ class _SiteStats:
     rejected: int = 0
     errors: int = 0
     refused: int = 0
-    dropped: int = 0
-    offline: int = 0
-    timed_out: int = 0
     last_reason: str = ""
     name: str = ""
     privacy: dict[str, Any] = field(default_factory=dict)
@@ -56,7 +54,6 @@ class _RoundState:
     aggregated: bool = False
     train: dict[str, float] = field(default_factory=dict)
     federated: dict[str, float] = field(default_factory=dict)
-    network: dict[str, Any] = field(default_factory=dict)  # simulations only
 
 
 class RunRecorder:
@@ -75,6 +72,8 @@ class RunRecorder:
         self._round_t0 = self._t0
         self._rounds: dict[int, _RoundState] = defaultdict(_RoundState)
         self._sites: dict[int, _SiteStats] = defaultdict(_SiteStats)
+        self._round_columns: list[Callable[[int], RoundRow]] = []
+        self._site_columns: list[Callable[[int], Mapping[str, int]]] = []
         self.history: list[RoundRow] = []
         self.num_sites = 0
         self.started = utc_now()
@@ -206,49 +205,11 @@ class RunRecorder:
         with self._lock:
             st = self._rounds[server_round]
             st.sampled = 0
-            st.network["skipped"] = True
             for n in node_ids:
                 self._sites[n].sampled -= 1
         self.events.append("round_skipped", round=server_round, online=online,
                            min_sites=self.settings.min_sites,
                            reason=f"{online} sites online < min-sites {self.settings.min_sites}")
-
-    def note_offline(self, server_round: int, node_ids: list[int]) -> None:
-        """Simulations: the sites that were offline when the round started."""
-        with self._lock:
-            self._rounds[server_round].network["offline"] = len(node_ids)
-            for n in node_ids:
-                self._sites[n].offline += 1
-
-    def note_network(self, server_round: int, phase: str, *, simulated_seconds: float,
-                     bytes_down: int, bytes_up: int, bytes_lost: int,
-                     fates: dict[int, str],
-                     slowest: tuple[int, float] | None = None) -> None:
-        """Simulations: one phase (train or evaluate) of a round on the simulated network;
-        ``fates``: sampled node id -> online | offline | dropped-* | timed-out | no-reply.
-        The round's and the sites' dropout counts come from the training phase; the
-        evaluation phase's are counted apart (``eval_missing``)."""
-        with self._lock:
-            net = self._rounds[server_round].network
-            net["simulated_seconds"] = net.get("simulated_seconds", 0.0) + simulated_seconds
-            net[f"{phase}_seconds"] = simulated_seconds
-            for key, v in (("bytes_down", bytes_down), ("bytes_up", bytes_up),
-                           ("bytes_lost", bytes_lost)):
-                net[key] = net.get(key, 0) + v
-            missing = [nid for nid, f in fates.items() if f != "online"]
-            if phase != "train":
-                net["eval_missing"] = net.get("eval_missing", 0) + len(missing)
-                return
-            if slowest is not None:
-                net["slowest"] = (self._sites[slowest[0]].name or f"node-{slowest[0]}",
-                                  slowest[1])
-            count = net.setdefault("count", {"dropped": 0, "timed_out": 0})
-            for nid in missing:
-                f = fates[nid]
-                key = "timed_out" if f == "timed-out" else "dropped" if f != "offline" else ""
-                if key:
-                    count[key] += 1
-                    setattr(self._sites[nid], key, getattr(self._sites[nid], key) + 1)
 
     def note_federated_eval(self, server_round: int, metrics: dict[str, float]) -> None:
         with self._lock:
@@ -273,7 +234,6 @@ class RunRecorder:
             loss = fed.get("eval-loss", float("nan"))
             acc = fed.get("eval-acc", float("nan"))
         now = time.monotonic()
-        net = self._network_row(st)
         row: RoundRow = {
             "round": server_round,
             "accuracy": _num(acc),
@@ -295,32 +255,40 @@ class RunRecorder:
             "encrypted": encrypted,
             "model_sha256": sha,
         }
-        row.update(net)
+        for columns in self._round_columns:  # e.g. the simulated network's
+            row.update(columns(server_round))
         self._round_t0 = now
         write_json_atomic(path.with_suffix(".json"), row)
         self.history.append(row)
         self.events.append("round_completed", **dict(row))
         return row
 
-    def _network_row(self, st: _RoundState) -> RoundRow:
-        """The simulated network's columns of a round's row (empty outside simulations)."""
-        net = st.network
-        if "simulated_seconds" not in net:
-            return {}
-        count = net.get("count", {})
-        return {"simulated_seconds": round(float(net["simulated_seconds"]), 3),
-                "train_seconds_simulated": round(float(net.get("train_seconds", 0.0)), 3),
-                "bytes_down": int(net.get("bytes_down", 0)),
-                "bytes_up": int(net.get("bytes_up", 0)),
-                "bytes_lost": int(net.get("bytes_lost", 0)),
-                "dropped": int(count.get("dropped", 0)),
-                "timed_out": int(count.get("timed_out", 0)),
-                "offline": int(net.get("offline", 0)),
-                "eval_missing": int(net.get("eval_missing", 0)),
-                "skipped": bool(net.get("skipped", False)),
-                "slowest_site": net["slowest"][0] if "slowest" in net else None,
-                "slowest_site_seconds": (round(float(net["slowest"][1]), 3)
-                                         if "slowest" in net else None)}
+    def add_columns(self, *, rounds: Callable[[int], RoundRow] | None = None,
+                    sites: Callable[[int], Mapping[str, int]] | None = None) -> None:
+        """Let a wrapper of the grid (the simulated network) add its own columns to
+        every round's row (``rounds(server_round)``) and participant
+        (``sites(node_id)``: its ``dropped``, ``offline`` and ``timed_out``)."""
+        if rounds is not None:
+            self._round_columns.append(rounds)
+        if sites is not None:
+            self._site_columns.append(sites)
+
+    def site_label(self, node_id: int) -> str:
+        """The site's name, else ``node-<id>``."""
+        with self._lock:
+            return self._sites[node_id].name or f"node-{node_id}"
+
+    def _participant(self, nid: int, s: _SiteStats) -> Participant:
+        p: Participant = {"node_id": nid, "site": s.name, "sampled": s.sampled,
+                          "trained": s.trained, "rejected": s.rejected, "errors": s.errors,
+                          "refused": s.refused, "dropped": 0, "offline": 0, "timed_out": 0,
+                          "last_reason": s.last_reason}
+        for columns in self._site_columns:
+            extra = columns(nid)
+            p["dropped"] = int(extra.get("dropped", 0))
+            p["offline"] = int(extra.get("offline", 0))
+            p["timed_out"] = int(extra.get("timed_out", 0))
+        return p
 
     # -- result ----------------------------------------------------------------------
     def _he_summary(self) -> HEBlock:
@@ -383,11 +351,7 @@ class RunRecorder:
             "wall_seconds": round(wall_seconds, 3),
             "history": self.history,
             "participants": [
-                {"node_id": nid, "site": s.name, "sampled": s.sampled, "trained": s.trained,
-                 "rejected": s.rejected, "errors": s.errors, "refused": s.refused,
-                 "dropped": s.dropped, "offline": s.offline, "timed_out": s.timed_out,
-                 "last_reason": s.last_reason}
-                for nid, s in sorted(self._sites.items())
+                self._participant(nid, s) for nid, s in sorted(self._sites.items())
             ],
             "privacy": self._privacy_summary(),
             "he": self._he_summary(),

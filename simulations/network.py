@@ -38,6 +38,7 @@ from simulations.behaviour import (
     wire_bytes,
 )
 from simulations.clock import Exchange, Link, phase_seconds, site_seconds
+from simulations.netstats import NetworkStats
 from simulations.scenario import Scenario, SiteProfile
 
 #: seconds the simulated nodes get to register (plus 1 s per 100 sites)
@@ -57,6 +58,7 @@ class SimulatedGrid(Grid):
         self.inner = grid
         self.scenario = scenario
         self.recorder = recorder
+        self.stats = NetworkStats(recorder)
         self.timeout = timeout
         self._real: dict[int, int] = {}  # virtual node id -> Flower node id
         self._virtual: dict[int, int] = {}  # Flower node id -> virtual node id
@@ -144,7 +146,7 @@ class SimulatedGrid(Grid):
                 f = fate(self.scenario.site(k), seed=seed, site=k, server_round=r)
                 (offline if f == OFFLINE else online).append(vid)
             self._online[r] = online
-            self.recorder.note_offline(r, offline)
+            self.stats.note_offline(r, offline)
         online = self._online[r]
         if len(online) < self.recorder.settings.min_sites:
             self._short.add(r)
@@ -170,7 +172,8 @@ class SimulatedGrid(Grid):
         if phase == "train":
             self.recorder.note_skipped(server_round, [m.metadata.dst_node_id for m in sent],
                                        online=len(self._online.get(server_round, [])))
-        self.recorder.note_network(
+            self.stats.note_skipped(server_round)
+        self.stats.note_network(
             server_round, phase,
             simulated_seconds=(float(self.recorder.settings.round_timeout)
                                if phase == "train" else 0.0),
@@ -225,7 +228,7 @@ class SimulatedGrid(Grid):
         # the site that set (or, if late, would have set) the pace of this phase
         slowest = max(((vid, site_seconds(x)) for vid, x in zip(vids, exchanges, strict=True)
                        if not x.dropped), key=lambda p: p[1], default=None)
-        self.recorder.note_network(
+        self.stats.note_network(
             server_round, phase, simulated_seconds=pt.seconds,
             bytes_down=sum(down.values()),
             bytes_up=sum(b for vid, b in up.items() if vid not in late),
