@@ -56,8 +56,15 @@ def plain_flower(scenario_name: str, rounds: int, work: Path) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     from client.data import load_table, split_site
-    from client.training import evaluate, train_local
-    from fedvault.tasks import TEST_FRACTION, FeatureBounds, Table, get_task, split_train_test
+    from client.training import train_local
+    from fedvault.tasks import (
+        TEST_FRACTION,
+        FeatureBounds,
+        Table,
+        evaluate,
+        get_task,
+        split_train_test,
+    )
     from simulations.behaviour import ONLINE, fate
     from simulations.runner import generate_table, quiet_flower
     from simulations.scenario import load_scenario

@@ -1,14 +1,12 @@
 """Client side: the ClientApp, site data and fingerprints, the budget guard, DP-SGD.
-
-The public names below are loaded on first use (module ``__getattr__``, as
-``flwr/__init__.py`` does): importing one module of this package never loads the
-others, so light commands and modules do not pay for torch or Opacus.
+Public names are imported on first use (:mod:`fedvault.lazy`).
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fedvault.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from client.app import build_client_app
@@ -16,14 +14,15 @@ if TYPE_CHECKING:
     from client.data import fingerprint, load_table, save_table
     from client.dp import DPPlan, plan_round, train_dp
     from client.site import SiteData, resolve_site_data
-    from client.training import evaluate, train_local
+    from client.training import train_local
+    from fedvault.tasks import evaluate
 
 _EXPORTS: dict[str, str] = {
     "DPPlan": "client.dp",
     "SiteData": "client.site",
     "SitePolicy": "client.budget",
     "build_client_app": "client.app",
-    "evaluate": "client.training",
+    "evaluate": "fedvault.tasks",
     "fingerprint": "client.data",
     "load_table": "client.data",
     "plan_round": "client.dp",
@@ -34,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "train_local": "client.training",
 }
 
+# (a literal list: linters and type checkers read it)
 __all__ = [
     "DPPlan",
     "SiteData",
@@ -51,14 +51,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

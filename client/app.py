@@ -35,9 +35,9 @@ from client.budget import SitePolicy, check_request, noise_multiplier_for_run, s
 from client.dp import plan_round, train_dp
 from client.he_client import encrypt_update, load_encrypted_global, site_context
 from client.site import SiteData, resolve_site_data
-from client.training import TrainResult, evaluate, train_local
+from client.training import TrainResult, train_local
 from fedvault.errors import ConfigError, IntegrityError, PrivacyRefused
-from fedvault.tasks import Table, get_task
+from fedvault.tasks import Table, evaluate, get_task
 from privacy.ledger import PrivacyLedger
 from privacy.noise import SecureUniform
 from privacy.site_secret import SiteSecret, secret_path_for

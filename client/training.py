@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedvault.tasks import Table, evaluate, to_loader
+from fedvault.tasks import Table, to_loader
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -56,5 +56,3 @@ def train_local(
         last = total / max(n, 1)
     return TrainResult(loss=last, steps=steps, num_examples=len(table))
 
-
-__all__ = ["TrainResult", "evaluate", "to_loader", "train_local"]

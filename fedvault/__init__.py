@@ -5,16 +5,14 @@ The distribution ships several top-level packages laid out as a Flower App
 ``privacy``, ``protocols`` and ``simulations``. This package holds what fits
 none of them: the built-in tasks, the run directory, the ``fedvault`` command
 line and the exception hierarchy.
-
-The public names below are loaded on first use (module ``__getattr__``, as
-``flwr/__init__.py`` does): importing one module of this package never loads the
-others, so light commands and modules do not pay for torch or Opacus.
+Public names are imported on first use (:mod:`fedvault.lazy`).
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fedvault.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from fedvault.errors import (
@@ -43,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "UpdateRejected": "fedvault.errors",
 }
 
+# (a literal list: linters and type checkers read it)
 __all__ = [
     "ConfigError",
     "DataError",
@@ -57,14 +56,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

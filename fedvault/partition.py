@@ -10,16 +10,14 @@ these are the same algorithms on NumPy label arrays, pure and seeded.
 from __future__ import annotations
 
 import heapq
-import json
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedvault.errors import ConfigError
 from fedvault.names import Partitioner, site_name, values
+from fedvault.rundir import load_json_cached
 
 PARTITIONERS = values(Partitioner)
 
@@ -28,8 +26,9 @@ class PartitionError(ConfigError):
     """The data cannot be partitioned as asked; ``site`` is the index of the first
     site left without data (``None`` when no single site is to blame)."""
 
-    def __init__(self, message: str, *, site: int | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, reason: str, *, site: int | None = None) -> None:
+        super().__init__(reason if site is None else f"site {site} {reason}")
+        self.reason = reason
         self.site = site
 
 
@@ -246,9 +245,8 @@ def _fill_small(owners: np.ndarray, labels: np.ndarray, allowed: list[set[int]],
                 heapq.heappush(heap, (-int(sizes[d]), d))
     empty = np.flatnonzero(sizes == 0)
     if len(empty):
-        raise PartitionError(f"site {int(empty[0])} (and {len(empty) - 1} more) would hold "
-                             "no data: too few samples of the labels it may hold",
-                             site=int(empty[0]))
+        raise PartitionError(f"(and {len(empty) - 1} more) would hold no data: too few "
+                             "samples of the labels it may hold", site=int(empty[0]))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -280,11 +278,11 @@ class PartitionPlan:
                                   alphas=np.asarray(self.alphas, dtype=float),
                                   quantities=quantities, allowed=list(self.allowed), seed=seed)
         except PartitionError as exc:
-            msg = str(exc)
-            if exc.site is not None:
-                k = exc.site
-                msg = f"{site_name(k)} of group {self.groups[k]!r}{msg[len(f'site {k}'):]}"
-            raise PartitionError(f"cannot partition the data: {msg}", site=exc.site) from None
+            msg = str(exc) if exc.site is None else \
+                f"{site_name(exc.site)} of group {self.groups[exc.site]!r} {exc.reason}"
+            err = PartitionError(f"cannot partition the data: {msg}")
+            err.site = exc.site
+            raise err from None
 
     def to_json(self) -> dict[str, Any]:
         return {"kinds": list(self.kinds), "alphas": list(self.alphas),
@@ -303,18 +301,8 @@ class PartitionPlan:
 def load_plan(path: str) -> PartitionPlan:
     """The partition plan of a compiled scenario (``RUN_DIR/scenario.json``), cached
     per process for as long as the file is unchanged."""
-    try:
-        st = Path(path).stat()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the run's scenario {path!r}: {exc}") from exc
-    return _load_plan(path, st.st_mtime_ns, st.st_size)
+    return load_json_cached(path, _plan_of, what="the partition plan of the run's scenario")
 
 
-@lru_cache(maxsize=4)
-def _load_plan(path: str, mtime_ns: int, size: int) -> PartitionPlan:
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-        return PartitionPlan.from_json(doc["partition"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"cannot read the partition plan of the run's scenario "
-                          f"{path!r}: {exc}") from exc
+def _plan_of(doc: dict[str, Any]) -> PartitionPlan:
+    return PartitionPlan.from_json(doc["partition"])

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,34 +193,37 @@ def _signal_group(popen: subprocess.Popen[bytes], sig: int) -> None:
         pass
 
 
-def wait_for_port(port: int, proc: Proc, timeout: float = STARTUP_TIMEOUT) -> None:
+def _wait_until(proc: Proc, ready: Callable[[], bool], waited_for: str, timeout: float) -> None:
+    """Poll ``ready`` until it holds; ``DeploymentError`` if ``proc`` exits first (with
+    the last lines of its log) or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.popen.poll() is not None:
             raise DeploymentError(
                 f"{proc.name} exited with status {proc.popen.returncode} at start-up; "
-                f"last lines of {proc.log}:\n{proc.tail()}"
-            )
+                f"last lines of {proc.log}:\n{proc.tail()}",
+                process=proc.name, returncode=proc.popen.returncode)
+        if ready():
+            return
+        time.sleep(0.2)
+    raise DeploymentError(f"{proc.name} did not {waited_for} within {timeout:.0f} s.",
+                          process=proc.name)
+
+
+def wait_for_port(port: int, proc: Proc, timeout: float = STARTUP_TIMEOUT) -> None:
+    def listening() -> bool:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.settimeout(0.5)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise DeploymentError(f"{proc.name} did not listen on 127.0.0.1:{port} within {timeout:.0f} s.")
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    _wait_until(proc, listening, f"listen on 127.0.0.1:{port}", timeout)
 
 
 def wait_for_log(proc: Proc, needle: str, timeout: float = STARTUP_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise DeploymentError(
-                f"{proc.name} exited with status {proc.popen.returncode} at start-up; "
-                f"last lines of {proc.log}:\n{proc.tail()}"
-            )
-        if needle in proc.log.read_text(encoding="utf-8", errors="replace"):
-            return
-        time.sleep(0.2)
-    raise DeploymentError(f"{proc.name} did not report {needle!r} within {timeout:.0f} s.")
+    def logged() -> bool:
+        return needle in proc.log.read_text(encoding="utf-8", errors="replace")
+
+    _wait_until(proc, logged, f"report {needle!r}", timeout)
 
 
 @contextmanager

@@ -22,17 +22,14 @@ from fedvault.rundir import check_input_file
 from privacy.accountants import ACCOUNTANTS
 from privacy.analysis import replace_one_epsilon
 from privacy.events import ADD_REMOVE_ONE, SubsampledGaussianEvent
-from privacy.ledger import PrivacyLedger, entry_scope, recorded_accountant
-from protocols.hashchain import read_chain, utc_now, verify_chain
+from privacy.ledger import LEDGER_KINDS, PrivacyLedger, accountant_of, entry_scope
+from protocols.hashchain import scan_chain, utc_now
 
 FORMATS = ("table", "json", "csv", "html")
 REPLACE_ONE = "replace-one"
 ADJACENCY_CHOICES = (ADD_REMOVE_ONE, REPLACE_ONE)
 
 
-#: The kinds of entry a privacy ledger holds (see :mod:`privacy.ledger`).
-LEDGER_KINDS = frozenset({"dataset_registered", "scope_declared", "reservation", "completed",
-                          "refusal", "repaired", "ledger_started"})
 #: What other hash-chained logs hold, to say what a wrong file is.
 _OTHER_LOGS = {
     "run events": frozenset({"run_started", "round_completed", "round_skipped",
@@ -136,16 +133,15 @@ def ledger_report(path: str | Path, *, accountant: str | None = None,
         raise ValueError(f"adjacency must be one of {ADJACENCY_CHOICES}. Found {adjacency!r}.")
     p = check_input_file(path, what="ledger file")
     try:
-        chain = verify_chain(p)
+        chain, entries = scan_chain(p)  # one pass: verified entries and the report
     except OSError as exc:
         raise DataError(f"cannot read ledger {p}: {exc.strerror or exc}.") from None
     if not chain.ok:
         raise IntegrityError(f"no report for a broken ledger: {chain.describe()} "
                              f"(run `fedvault budget verify {p}`)")
-    check_ledger_entries(p, read_chain(p))
-    acct = accountant or recorded_accountant(p)
+    check_ledger_entries(p, entries)
+    acct = accountant or accountant_of(entries)
     led = PrivacyLedger(p, accountant=acct, site_secret=False)
-    entries = led.entries()
     mechanisms = [
         {"seq": e["seq"], "time": e["time"], "run_id": e["run_id"], "round": e["round"],
          "scope": entry_scope(e), "events": e["events"], "delta": e["delta"],
@@ -158,7 +154,7 @@ def ledger_report(path: str | Path, *, accountant: str | None = None,
          "scope": entry_scope(e), "reason": e["reason"]}
         for e in entries if e.get("kind") == "refusal"
     ]
-    scopes = [a.to_dict() for a in led.accounts()]
+    scopes = [a.to_dict() for a in led.accounts(entries)]
     if adjacency == REPLACE_ONE:
         for d in scopes:
             hist = led.history(d["scope"], entries)

@@ -23,11 +23,15 @@ import os
 import stat
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from fedvault.errors import ConfigError
+
+T = TypeVar("T")
 
 RUN_JSON = "run.json"
 EVENTS = "events.jsonl"
@@ -180,3 +184,23 @@ class RunDirectory:
         with self.summary.open(encoding="utf-8") as fh:
             data: dict[str, Any] = json.load(fh)
         return data
+
+
+def load_json_cached(path: str, parse: Callable[[dict[str, Any]], T], *, what: str) -> T:
+    """``parse`` of the JSON file at ``path``, cached per process for as long as the
+    file is unchanged (size and mtime): the simulated apps read the run's compiled
+    scenario on every message. ``ConfigError`` naming ``what`` if it cannot be read."""
+    try:
+        st = Path(path).stat()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path!r}: {exc}") from exc
+    return cast(T, _load_json_cached(path, st.st_mtime_ns, st.st_size, parse, what))
+
+
+@lru_cache(maxsize=16)
+def _load_json_cached(path: str, mtime_ns: int, size: int,
+                      parse: Callable[[dict[str, Any]], Any], what: str) -> Any:
+    try:
+        return parse(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"cannot read {what} {path!r}: {exc}") from exc

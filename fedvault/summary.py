@@ -9,7 +9,8 @@ the only other write:
 * ``released_model`` (:class:`ReleasedModel`): encrypted simulations, the final model
   decrypted by a key holder and scored on the central test split;
 * ``simulation`` (:class:`SimulationBlock`) and ``simulation_wall_seconds``: scenario
-  runs (:func:`simulations.report.scenario_outputs`);
+  runs (:func:`simulations.report.scenario_outputs`), which also replace ``privacy``'s
+  per-site epsilon by what each simulated site's own ledger committed;
 * ``deployment`` (:class:`DeploymentBlock`): rehearsals (:mod:`fedvault.rehearse`).
 
 Keys are those of ``fedvault.summary/1``; a reader may rely on every ``Required``

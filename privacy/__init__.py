@@ -3,16 +3,14 @@ site's hash-chained privacy ledger and its site secret (keyed ids, ledger anchor
 and CSPRNG noise and sampling for secure-mode DP-SGD.
 Homomorphic encryption: parameter sets checked at 128-bit security, quantisation
 and packing, TenSEAL contexts (``privacy.he``).
-
-The public names below are loaded on first use (module ``__getattr__``, as
-``flwr/__init__.py`` does): importing one module of this package never loads the
-others, so light commands and modules do not pay for torch or Opacus.
+Public names are imported on first use (:mod:`fedvault.lazy`).
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fedvault.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from privacy.accountants import (
@@ -51,6 +49,7 @@ _EXPORTS: dict[str, str] = {
     "secure_standard_normal": "privacy.noise",
 }
 
+# (a literal list: linters and type checkers read it)
 __all__ = [
     "ACCOUNTANTS",
     "Accountant",
@@ -74,14 +73,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -85,6 +85,9 @@ SITE_SCOPE = "site"
 ANY_SCOPE = "*"
 #: Entry kinds whose ``events`` are spends.
 SPEND_KINDS = frozenset({"reservation", "repaired"})
+#: every kind of entry a privacy ledger holds
+LEDGER_KINDS = SPEND_KINDS | {"dataset_registered", "scope_declared", "completed", "refusal",
+                              "ledger_started"}
 
 _SCOPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -418,9 +421,10 @@ class PrivacyLedger:
                                 reservation_seq=reservation["seq"], steps_taken=steps_taken)
 
     # -- reporting -------------------------------------------------------------------------
-    def accounts(self) -> list[ScopeAccount]:
-        """Per budget scope: epsilon spent (recomputed), limit, delta, runs, rounds, series."""
-        entries = self.entries()
+    def accounts(self, entries: Sequence[dict[str, Any]] | None = None) -> list[ScopeAccount]:
+        """Per budget scope: epsilon spent (recomputed), limit, delta, runs, rounds, series
+        (of ``entries`` already read and verified, else of the file)."""
+        entries = self.entries() if entries is None else entries
         accts: dict[str, ScopeAccount] = {}
         recovered_any = False
         for e in entries:
@@ -477,7 +481,9 @@ def last_reservation(path: str | Path) -> dict[str, Any] | None:
     return None
 
 
-def recorded_accountant(path: str | Path, default: str = "prv") -> str:
-    """The accountant named by the ledger's latest reservation (else ``default``)."""
-    e = last_reservation(path)
-    return default if e is None else str(e["accountant"])
+def accountant_of(entries: Sequence[dict[str, Any]], default: str = "prv") -> str:
+    """The accountant named by the latest reservation among ``entries`` (else ``default``)."""
+    for e in reversed(entries):
+        if e.get("kind") == "reservation":
+            return str(e["accountant"])
+    return default

@@ -85,6 +85,11 @@ def verify_chain(path: str | Path) -> ChainReport:
     return _scan(Path(path))[0]
 
 
+def scan_chain(path: str | Path) -> tuple[ChainReport, list[dict[str, Any]]]:
+    """The verification report and the entries that verified, in one pass over the file."""
+    return _scan(Path(path))
+
+
 def _scan(p: Path) -> tuple[ChainReport, list[dict[str, Any]]]:
     """One pass over the file: the verification report and the entries that verified."""
     if not p.exists():

@@ -202,3 +202,34 @@ def test_budget_report_refuses_what_is_not_a_ledger(tmp_path: Path) -> None:
     other = _chain(tmp_path / "other.jsonl", ("note", {"text": "hello"}))
     _one_line_error(cli_in_process("budget", "report", str(other)),
                     f"{other} is not a privacy ledger (no entry is a ledger entry")
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_its_traceback(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedvault.cli.model
+
+    def bug(args: object) -> int:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(fedvault.cli.model, "cmd_tasks", bug)
+    r = cli_in_process("tasks")
+    err = r.stderr.strip()
+    assert r.returncode == 3 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("error: unexpected RuntimeError: a bug") and "--debug" in err
+    r = cli_in_process("--debug", "tasks")
+    assert r.returncode == 3 and "Traceback" in r.stderr and "RuntimeError: a bug" in r.stderr
+
+
+def test_light_modules_and_commands_load_no_torch() -> None:
+    """The README's promise: --help, provision, show, verify and budget verify (their
+    command modules), and privacy.events, protocols and client.data, load neither
+    torch nor Opacus."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fedvault.cli, fedvault.cli.records, fedvault.cli.federation, "
+            "privacy.events, protocols, client.data; "
+            "print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, check=True)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr

@@ -115,3 +115,14 @@ def test_rehearsal_node_config_survives_quotes_and_spaces(tmp_path: Path) -> Non
     parsed = NodeConfig.parse(parse_config_args([str(path)]))
     assert parsed == node and parsed.data_path == str(data)
     assert parsed.he_federation == str(tmp_path / "fed 'x'")
+
+
+def test_a_real_site_never_takes_the_runs_he_federation(tmp_path: Path) -> None:
+    """The run config names a federation directory the server chose; a real site uses
+    only its own (node config), and finds that out before it spends anything."""
+    node = {"data-path": str(_csv(tmp_path)), "label-column": "y", "site-name": "site-0",
+            "ledger-path": str(tmp_path / "ledger.jsonl")}
+    with pytest.raises(ConfigError, match="needs node-config 'he-federation'"):
+        _train(node, tmp_path, he=True, he_federation=str(tmp_path / "servers-choice"),
+               noise_multiplier=1.0)
+    assert not (tmp_path / "ledger.jsonl").exists()  # no reservation was written

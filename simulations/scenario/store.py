@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import tomllib
-from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from fedvault.errors import ConfigError
-from fedvault.rundir import write_json_atomic
+from fedvault.rundir import load_json_cached, write_json_atomic
 from simulations.scenario.model import DataSpec, Scenario, SiteProfile
 from simulations.scenario.parse import parse_scenario
 
@@ -64,21 +64,13 @@ def save_compiled(scenario: Scenario, path: Path) -> None:
 def load_compiled(path: str) -> Scenario:
     """The scenario a run was started with (``RUN_DIR/scenario.json``), cached per
     process for as long as the file is unchanged."""
-    try:
-        st = Path(path).stat()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the run's scenario {path!r}: {exc}") from exc
-    return _load_compiled(path, st.st_mtime_ns, st.st_size)
+    scenario = load_json_cached(path, _scenario_of, what="the run's scenario")
+    return dataclasses.replace(scenario, source=path)
 
 
-@lru_cache(maxsize=4)
-def _load_compiled(path: str, mtime_ns: int, size: int) -> Scenario:
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read the run's scenario {path!r}: {exc}") from exc
+def _scenario_of(doc: dict[str, Any]) -> Scenario:
     d = dict(doc["data"])
     d["generate"] = tuple(d.get("generate") or ())
     groups = tuple(SiteProfile(**{**g, "labels": tuple(g["labels"])}) for g in doc["groups"])
     return Scenario(name=doc["name"], description=doc["description"], data=DataSpec(**d),
-                    run=doc["run"], groups=groups, source=path)
+                    run=doc["run"], groups=groups)
