@@ -33,16 +33,21 @@ from flwr.clientapp.typing import Mod
 
 from client.budget import SitePolicy, check_request, noise_multiplier_for_run, site_policy
 from client.dp import plan_round, train_dp
-from client.he_client import encrypt_update, load_encrypted_global, site_context
+from client.he_client import (
+    encrypt_update,
+    load_encrypted_global,
+    remember_global,
+    site_context,
+)
 from client.site import SiteData, resolve_site_data
 from client.training import TrainResult, train_local
-from fedvault.errors import ConfigError, IntegrityError, PrivacyRefused
-from fedvault.tasks import Table, evaluate, get_task
+from fedvault.errors import AggregateRefused, ConfigError, IntegrityError, PrivacyRefused
+from fedvault.tasks import Table, evaluate, flatten, get_task
 from privacy.ledger import PrivacyLedger
 from privacy.noise import SecureUniform
 from privacy.site_secret import SiteSecret, secret_path_for
 from protocols.config import RunSettings
-from protocols.hashchain import utc_now
+from protocols.hashchain import HashChainLog, utc_now
 from protocols.node_config import NodeConfig
 
 logger = logging.getLogger("fedvault.client")
@@ -65,12 +70,17 @@ def _settings(context: Context, overrides: Mapping[str, Any] | None) -> RunSetti
     return RunSettings.from_config({**dict(context.run_config), **dict(overrides or {})})
 
 
-def _model_from(msg: Message, settings: RunSettings, node: NodeConfig) -> torch.nn.Module:
+def _model_from(msg: Message, settings: RunSettings, node: NodeConfig,
+                context: Context) -> torch.nn.Module:
+    """The global model the server sent; an encrypted one is decrypted and checked first
+    (``AggregateRefused`` when the check fails: nothing is trained on or released)."""
     task = get_task(settings.task)
     model = task.build_model(num_features=settings.num_features, num_classes=settings.num_classes)
     if "he-global" in msg.content.config_records:
         he = site_context(settings, node)
-        load_encrypted_global(model, msg.content.config_records["he-global"], he)
+        load_encrypted_global(model, msg.content.config_records["he-global"], he,
+                              min_sites=settings.min_sites, max_change=settings.he_max_change,
+                              state=context.state)
         return model
     if "arrays" not in msg.content.array_records:
         raise ConfigError("the server's message carries no 'arrays' record (the global model).")
@@ -79,7 +89,36 @@ def _model_from(msg: Message, settings: RunSettings, node: NodeConfig) -> torch.
         model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
     except (RuntimeError, KeyError) as exc:
         raise ConfigError(f"the global model does not fit task {task.name!r}: {exc}") from exc
+    if settings.he:  # the plaintext initial model: the base of the next round's check
+        remember_global(context.state, flatten(model.state_dict()))
     return model
+
+
+def _global_version(msg: Message) -> int:
+    rec = msg.content.config_records.get("he-global")
+    v = rec.get("round", 0) if rec is not None else 0
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+
+
+def _refuse_global(msg: Message, policy: SitePolicy, exc: AggregateRefused,
+                   context: Context) -> Message:
+    """Record the refused global model as an incident at the site (a hash-chained log
+    beside the ledger) and tell the server, which rolls back to the last accepted one."""
+    version = _global_version(msg)
+    path = incidents_path(policy.ledger_path)
+    HashChainLog(path).append("global_model_refused", run_id=str(context.run_id),
+                              version=version, site=policy.site_name, reason=exc.reason)
+    logger.warning("refusing global model version %s: %s (incident recorded in %s)",
+                   version, exc.reason, path)
+    return Message(content=RecordDict({"global-refused": ConfigRecord(
+        {"reason": exc.reason[:300], "site": policy.site_name, "version": version})}),
+        reply_to=msg)
+
+
+def incidents_path(ledger_path: str) -> Path:
+    """The site's incident log: ``LEDGER.incidents.jsonl`` beside its ledger."""
+    p = Path(ledger_path)
+    return p.with_name(p.stem + ".incidents.jsonl")
 
 
 def _cfg(msg: Message) -> ConfigRecord:
@@ -181,7 +220,10 @@ def train_round(msg: Message, context: Context, settings: RunSettings, node: Nod
     (with DP) plan → check → reserve → train → complete, or refuse and record why."""
     policy = site_policy(settings, node)
     site = resolve_site_data(settings, node, key=_site_key(policy, settings, node, context))
-    model = _model_from(msg, settings, node)
+    try:
+        model = _model_from(msg, settings, node, context)
+    except AggregateRefused as exc:  # before the ledger: a refused model costs no epsilon
+        return _refuse_global(msg, policy, exc, context)
     if settings.he:  # a site without its secret context stops before spending epsilon
         site_context(settings, node)
     cfg = _cfg(msg)
@@ -339,7 +381,10 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
                 return _declined(msg, "this site refused to train in this round, so it does "
                                  "not evaluate either (node-config evaluate-after-refusal)")
         site = resolve_site_data(settings, node, key=_site_key(policy, settings, node, context))
-        model = _model_from(msg, settings, node)
+        try:
+            model = _model_from(msg, settings, node, context)
+        except AggregateRefused as exc:
+            return _refuse_global(msg, policy, exc, context)
         loss, acc = evaluate(model, site.validation)
         metrics = MetricRecord(
             {"eval-loss": loss, "eval-acc": acc, "num-examples": len(site.validation)}

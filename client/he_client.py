@@ -11,16 +11,17 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
+import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
-from fedvault.errors import ConfigError, HEError
+from fedvault.errors import AggregateRefused, ConfigError, HEError
 from fedvault.tasks import flatten, unflatten
 from privacy.federation import load_context
 from privacy.he import HEContext
 from privacy.noise import UniformSource
 from protocols.config import RunSettings
-from protocols.he_update import EncryptedGlobal, EncryptedUpdate
+from protocols.he_update import EncryptedGlobal, EncryptedUpdate, he_weight
 from protocols.node_config import NodeConfig
 
 
@@ -44,19 +45,44 @@ def site_context(settings: RunSettings, node: NodeConfig) -> HEContext:
     return _context(federation, node.name, node.he_passphrase_env or "")
 
 
-def load_encrypted_global(model: torch.nn.Module, record: ConfigRecord, he: HEContext) -> None:
-    """Decrypt the aggregate, divide by the total weight, load it into ``model``."""
+#: where a site keeps, in its Flower node state, the last global model it accepted
+LAST_ACCEPTED = "fedvault-he-last-accepted"
+
+
+def load_encrypted_global(model: torch.nn.Module, record: ConfigRecord, he: HEContext, *,
+                          min_sites: int, max_change: float, state: RecordDict | None = None
+                          ) -> int:
+    """Decrypt the aggregate, check it, load its mean into ``model``; its version (the
+    round that formed it). Raises ``AggregateRefused`` (nothing is loaded) when the
+    aggregate's verification block disagrees with what the server claims or holds
+    fewer than ``min_sites`` sites, when a value is outside the honest range
+    (``HEContext.verified_mean``), or when it moved from the last global model this
+    site accepted (kept in ``state``) by more than ``max_change`` times that model's
+    L2 norm."""
     g = EncryptedGlobal.from_record(record)
     if g.fingerprint != he.fingerprint:
         raise HEError("the global model was encrypted under another HE context "
                       "(fingerprint mismatch).")
-    mean = he.decrypt_mean(list(g.ciphertexts), num_values=g.num_values, count=g.count)
+    mean = he.verified_mean(list(g.ciphertexts), num_values=g.num_values, count=g.count,
+                            sites=g.sites, min_sites=min_sites)
+    if state is not None and max_change > 0 and LAST_ACCEPTED in state.array_records:
+        last = state.array_records[LAST_ACCEPTED]["flat"].numpy()
+        if last.shape == mean.shape:
+            moved = float(np.linalg.norm(mean - last))
+            allowed = max_change * max(float(np.linalg.norm(last)), 1.0)
+            if moved > allowed:
+                raise AggregateRefused(
+                    f"the global model moved by {moved:.4g} (L2) from the last one this site "
+                    f"accepted; at most {allowed:.4g} is allowed (he-max-change {max_change})")
     model.load_state_dict(unflatten(mean, model.state_dict()), strict=True)
+    remember_global(state, mean)
+    return g.round
 
 
-def he_weight(num_examples: int, unit: int, max_weight: int) -> int:
-    """FedAvg weight in coarse units: round(examples / unit), clamped to [1, max_weight]."""
-    return max(1, min(max_weight, round(num_examples / unit)))
+def remember_global(state: RecordDict | None, flat: np.ndarray) -> None:
+    """Keep ``flat`` as the last global model this site accepted (for the next check)."""
+    if state is not None:
+        state[LAST_ACCEPTED] = ArrayRecord({"flat": Array(np.asarray(flat, np.float64))})
 
 
 def encrypt_update(model: torch.nn.Module, he: HEContext, *, context: Context,

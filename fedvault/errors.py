@@ -16,6 +16,9 @@
     │                              never a crashed round (.node_id)
     ├── HEError                    an HE operation failed: unparsable ciphertext, wrong
     │                              context, missing secret key (TenSEAL errors mapped here)
+    ├── AggregateRefused           a site refuses a decrypted global model: its
+    │                              verification block or values show it is not an honest
+    │                              aggregate, or it moved too far (.reason)
     ├── PrivacyRefused             a site refuses to train: the round would exceed its
     │                              budget, or the server asks for weaker privacy (.scope,
     │                              .dataset, .epsilon_spent, .epsilon_requested, .limit,
@@ -82,6 +85,15 @@ class UpdateRejected(FedvaultError):
 
 class HEError(FedvaultError):
     """An HE operation failed: unparsable ciphertext, wrong context, missing secret key."""
+
+
+class AggregateRefused(FedvaultError):
+    """A site refuses the encrypted global model it decrypted (``privacy.he.HEContext
+    .verified_mean``, ``client.he_client``): nothing is trained on or released from it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class PrivacyRefused(FedvaultError):

@@ -63,7 +63,14 @@ def decrypt_model(run_dir: str | Path, *, federation: str | Path, site: str,
     model = task.build_model(num_features=settings.num_features, num_classes=settings.num_classes)
     template = model.state_dict()
     n = sum(int(t.numel()) for t in template.values())
-    plain = unflatten(he.decrypt_mean(cts, num_values=n, count=count), template)
+    if sites is None:
+        raise HEError(f"the round-{rnd} model records no site count (written by an older "
+                      "fedvault): it cannot be verified, so it is not released.")
+    # the same check a site makes before training on it: a corrupted aggregate (raw
+    # slots, a weight lie, a single update) is refused here too (AggregateRefused)
+    mean = he.verified_mean(cts, num_values=n, count=count, sites=sites,
+                            min_sites=settings.min_sites)
+    plain = unflatten(mean, template)
     model.load_state_dict(plain, strict=True)
     target = Path(out) if out else run.root / f"model-round-{rnd:04d}.plaintext.pt"
     buf = io.BytesIO()

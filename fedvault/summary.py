@@ -40,6 +40,8 @@ class RoundRow(TypedDict, total=False):
     rejected: int
     errors: int
     refused: int
+    global_refused: int
+    rolled_back_to: int | None
     aggregated: bool
     train_loss: float | None
     federated_accuracy: float | None
@@ -74,6 +76,7 @@ class Participant(TypedDict):
     rejected: int
     errors: int
     refused: int
+    global_refused: int
     dropped: int
     offline: int
     timed_out: int
@@ -138,6 +141,7 @@ class SimulationBlock(TypedDict, total=False):
     max_epsilon_spent: float | None
     per_site: list[dict[str, Any]]
     backdoor_success: float
+    hostile_replies: list[dict[str, Any]]
     figures: list[str]
 
 
@@ -170,6 +174,8 @@ class RunSummary(TypedDict):
     he: HEBlock
     settings: dict[str, Any]
     events_last_hash: NotRequired[str]
+    # global models the sites refused, and where the server went back to
+    rollbacks: NotRequired[list[dict[str, int]]]
     # totals of the simulated network (simulations only)
     simulated_seconds: NotRequired[float]
     bytes_down: NotRequired[int]

@@ -38,12 +38,15 @@ from typing import Any
 
 import numpy as np
 
-from fedvault.errors import ConfigError, HEError
+from fedvault.errors import AggregateRefused, ConfigError, HEError
 from fedvault.names import Scheme, values
 from privacy.noise import SecureUniform, UniformSource
 
 #: Max total coefficient-modulus bits for 128-bit classical security (HE standard, table 1).
 MAX_COEFF_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+#: Values appended to every encrypted update: 1 (this site) and the site's weight. In the
+#: aggregate they count the sites and the weight it really holds (``verified_mean``).
+VERIFY_FIELDS = 2
 #: SEAL's default BFV coefficient moduli at 128-bit security (``CoeffModulus::BFVDefault``).
 SEAL_BFV_DEFAULT = {4096: (36, 36, 37), 8192: (43, 43, 44, 44, 44)}
 
@@ -282,6 +285,7 @@ class HEContext:
     def __init__(self, ctx: Any, params: HEParams) -> None:
         self.ctx = ctx
         self.params = params
+        self._ref: tuple[int, list[int], float] | None = None
         self._pub = public_bytes(ctx)
         self.fingerprint = fingerprint(self._pub, params)
 
@@ -305,11 +309,27 @@ class HEContext:
             raise HEError(f"HE context {str(p)!r} does not exist.")
         return cls.load(p.read_bytes(), params)
 
+    # -- the wire layout ------------------------------------------------------------------
+    def num_ciphertexts(self, num_values: int) -> int:
+        """Ciphertexts of one update of ``num_values`` values plus its verification block."""
+        return -(-(num_values + VERIFY_FIELDS) // self.params.values_per_ciphertext)
+
+    def slot_counts(self, num_values: int) -> list[int]:
+        """The slot count (``vector.size()``) of each ciphertext of an honest update:
+        BFV packs into full vectors of N slots; CKKS fills N/2 slots, the last one partly."""
+        k = self.num_ciphertexts(num_values)
+        if self.params.scheme == "bfv":
+            return [self.params.poly_modulus_degree] * k
+        per = self.params.values_per_ciphertext
+        total = num_values + VERIFY_FIELDS
+        return [min(per, total - i * per) for i in range(k)]
+
     # -- encryption (sites) ----------------------------------------------------------------
     def encrypt(self, values: np.ndarray, rng: UniformSource | None = None, *,
                 weight: int = 1) -> list[bytes]:
-        """Quantise (BFV), multiply by the integer ``weight``, pack and encrypt a flat
-        vector; one bytes per ciphertext. (CKKS multiplies the floats by ``weight``.)"""
+        """Quantise (BFV), multiply by the integer ``weight``, append the verification
+        block (1 for this site, then ``weight``), pack and encrypt; one bytes per
+        ciphertext. (CKKS multiplies the floats by ``weight``.)"""
         ts = _ts()
         if not 1 <= weight <= self.params.max_weight:
             raise HEError(f"weight must be in [1, {self.params.max_weight}]. Found {weight}.")
@@ -319,13 +339,15 @@ class HEContext:
             warnings.simplefilter("ignore")
             if self.params.scheme == "bfv":
                 q = quantise(flat, self.params, rng or SecureUniform())
-                for chunk in pack(q * weight, self.params):
+                full = np.concatenate([q * weight, np.array([1, weight], dtype=np.int64)])
+                for chunk in pack(full, self.params):
                     out.append(ts.bfv_vector(self.ctx, chunk.tolist()).serialize())
             else:
+                full_f = np.concatenate([weight * flat, [1.0, float(weight)]])
                 n = self.params.poly_modulus_degree // 2
-                for start in range(0, len(flat), n):
-                    out.append(ts.ckks_vector(self.ctx, (weight * flat[start:start + n])
-                                              .tolist()).serialize())
+                for start in range(0, len(full_f), n):
+                    out.append(ts.ckks_vector(self.ctx, full_f[start:start + n].tolist())
+                               .serialize())
         return out
 
     # -- aggregation (server: public context suffices) --------------------------------------
@@ -337,6 +359,52 @@ class HEContext:
             return ts.ckks_vector_from(self.ctx, data)
         except Exception as exc:
             raise HEError(f"ciphertext does not parse under this context ({exc})") from exc
+
+    def _reference(self) -> tuple[int, list[int], float]:
+        """(serialised length, parms_id, scale) of a fresh encryption under this context:
+        what every honest ciphertext of an update looks like."""
+        if self._ref is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ts = _ts()
+                vec = (ts.bfv_vector(self.ctx, [0]) if self.params.scheme == "bfv"
+                       else ts.ckks_vector(self.ctx, [0.0]))
+            ct = vec.ciphertext()[0]
+            full = (ts.bfv_vector(self.ctx, [0] * self.params.poly_modulus_degree)
+                    if self.params.scheme == "bfv" else
+                    ts.ckks_vector(self.ctx, [0.0] * (self.params.poly_modulus_degree // 2)))
+            self._ref = (len(full.serialize()), list(ct.parms_id()), float(ct.scale))
+        return self._ref
+
+    def parse_checked(self, data: bytes, *, slots: int) -> Any:
+        """Parse one ciphertext of a site's update and check it can be added to the others:
+        its length (before TenSEAL reads it), its parameter set (``parms_id``: the same
+        moduli at the same level), two polynomials, not transparent, ``slots`` slots and,
+        for CKKS, the context's scale. Raises ``HEError`` naming what is wrong."""
+        ref_len, parms_id, scale = self._reference()
+        # a fresh ciphertext's serialised size varies a little (compression); 1.5x is far
+        # above that and far below a hostile blob
+        if not 0 < len(data) <= ref_len * 3 // 2:
+            raise HEError(f"ciphertext of {len(data)} bytes; one of this context takes "
+                          f"about {ref_len}")
+        vec = self.parse(data)
+        cts = vec.ciphertext()
+        if len(cts) != 1:
+            raise HEError(f"{len(cts)} ciphertexts in one vector, expected 1")
+        ct = cts[0]
+        if list(ct.parms_id()) != parms_id:
+            raise HEError("ciphertext at another parameter set or level (parms_id differs)")
+        if ct.size() != 2:
+            raise HEError(f"ciphertext of {ct.size()} polynomials, expected 2")
+        if ct.is_transparent():
+            raise HEError("transparent ciphertext (it encrypts nothing)")
+        if vec.size() != slots:
+            raise HEError(f"vector of {vec.size()} slots, expected {slots}")
+        if self.params.scheme == "ckks" and not math.isclose(float(ct.scale), scale,
+                                                            rel_tol=1e-9):
+            raise HEError(f"CKKS scale 2^{math.log2(max(float(ct.scale), 1.0)):.1f}, "
+                          f"expected 2^{math.log2(scale):.1f}")
+        return vec
 
     def add(self, updates: list[list[bytes]]) -> list[bytes]:
         """Homomorphic sum of several sites' ciphertext lists (same length each)."""
@@ -354,15 +422,77 @@ class HEContext:
         return out
 
     # -- decryption (sites) ------------------------------------------------------------------
-    def decrypt_mean(self, chunks: list[bytes], *, num_values: int, count: int) -> np.ndarray:
-        """Decrypt a sum of weighted updates whose weights total ``count`` and return
-        their weighted mean (with weights 1, ``count`` is the number of sites)."""
+    def decrypt_sum(self, chunks: list[bytes], *, num_values: int) -> Decrypted:
+        """Decrypt an aggregate: the summed (weighted, quantised for BFV) values and its
+        verification block (how many sites, how much weight it really holds)."""
         if not self.has_secret_key:
             raise HEError("this context holds no secret key: it cannot decrypt.")
-        if count < 1:
-            raise HEError(f"count must be >= 1. Found {count}.")
+        if len(chunks) != self.num_ciphertexts(num_values):
+            raise HEError(f"{len(chunks)} ciphertexts, an aggregate of {num_values} values "
+                          f"takes {self.num_ciphertexts(num_values)}")
         slots = [np.asarray(self.parse(c).decrypt(), dtype=np.int64 if
                             self.params.scheme == "bfv" else np.float64) for c in chunks]
         if self.params.scheme == "bfv":
-            return dequantise_sum(unpack(slots, num_values, self.params), count, self.params)
-        return (np.concatenate(slots)[:num_values] / count).astype(np.float64)
+            full = unpack(slots, num_values + VERIFY_FIELDS, self.params)
+            # centred decoding: a slot that wrapped modulo t decodes negative, so its
+            # high field does too (unpack shifts arithmetically)
+        else:
+            full = np.concatenate(slots)[:num_values + VERIFY_FIELDS]
+        return Decrypted(values=full[:num_values], sites=float(full[num_values]),
+                         weight=float(full[num_values + 1]))
+
+    def decrypt_mean(self, chunks: list[bytes], *, num_values: int, count: int) -> np.ndarray:
+        """The weighted mean of an aggregate whose weights total ``count`` (unchecked: use
+        :meth:`verified_mean` for anything a site trains on or releases)."""
+        if count < 1:
+            raise HEError(f"count must be >= 1. Found {count}.")
+        d = self.decrypt_sum(chunks, num_values=num_values)
+        if self.params.scheme == "bfv":
+            return dequantise_sum(d.values, count, self.params)
+        return (d.values / count).astype(np.float64)
+
+    def verified_mean(self, chunks: list[bytes], *, num_values: int, count: int, sites: int,
+                      min_sites: int) -> np.ndarray:
+        """Decrypt an aggregate the server says sums ``sites`` updates of total weight
+        ``count``, check it, and return its mean. Raises ``AggregateRefused`` when its
+        verification block disagrees (another number of sites or another weight than
+        claimed: a weight lie, a replayed or single update handed out as the aggregate,
+        a ciphertext under another key), when it holds fewer than ``min_sites`` sites, or
+        when a value lies outside what honest contributions can sum to (BFV: a value
+        beyond ``(2**quant_bits - 1) * count``, i.e. raw slots or a wrapped sum)."""
+        if count < 1 or sites < 1:
+            raise AggregateRefused(f"the server claims {sites} sites of total weight {count}")
+        d = self.decrypt_sum(chunks, num_values=num_values)
+        if abs(d.sites - sites) > 0.5:
+            raise AggregateRefused(f"the aggregate holds {_show(d.sites)} site contributions, "
+                                   f"the server claims {sites}")
+        if abs(d.weight - count) > 0.5:
+            raise AggregateRefused(f"the aggregate holds total weight {_show(d.weight)}, the "
+                                   f"server claims {count} (a weight lie)")
+        if sites < min_sites:
+            raise AggregateRefused(f"the aggregate holds {sites} sites, fewer than min-sites "
+                                   f"{min_sites}")
+        if self.params.scheme == "bfv":
+            top = ((1 << self.params.quant_bits) - 1) * count
+            bad = int(np.count_nonzero((d.values < 0) | (d.values > top)))
+            if bad:
+                raise AggregateRefused(f"{bad} of {num_values} values outside [0, {top}], the "
+                                       "range honest quantised updates sum to (raw slots or "
+                                       "a wrapped sum)")
+            return dequantise_sum(d.values, count, self.params)
+        if not np.isfinite(d.values).all():
+            raise AggregateRefused("non-finite values in the aggregate")
+        return (d.values / count).astype(np.float64)
+
+
+@dataclass(frozen=True, slots=True)
+class Decrypted:
+    """A decrypted aggregate: the summed values and its verification block."""
+
+    values: np.ndarray
+    sites: float
+    weight: float
+
+
+def _show(x: float) -> str:
+    return str(int(x)) if abs(x) < 1e15 and float(x).is_integer() else f"{x:.4g}"

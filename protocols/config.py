@@ -124,6 +124,18 @@ class RunSettings:
     he: bool = False
     he_federation: str = ""
     he_weight_unit: int = 16
+    # refuse a decrypted global model whose change from the last one this site accepted
+    # has an L2 norm above this factor times that model's norm (0 = no such check)
+    he_max_change: float = 4.0
+    # -- what a reply may claim (server-side validation, server/validation.py) --
+    max_examples_per_site: int = option(
+        1_000_000, "--max-examples-per-site",
+        "largest example count a site's reply may claim (a larger one is rejected)",
+        group="run")
+    max_weight_share: float = option(
+        0.5, "--max-weight-share",
+        "largest share of the FedAvg weight one site may take (capped, not rejected)",
+        group="run")
     # -- policy of *simulated* sites (a real site's own node config always wins) --
     site_max_epsilon: float = option(
         10.0, "--site-max-epsilon",
@@ -195,6 +207,15 @@ class RunSettings:
         if self.he and self.client_dp:
             raise ConfigError("client-dp needs the plaintext updates at the server; it cannot "
                               "be combined with he = true (use sample-level DP with HE).")
+        if not 1 <= self.max_examples_per_site <= 10**12:
+            raise ConfigError(f"max-examples-per-site must be in [1, 1e12]. "
+                              f"Found {self.max_examples_per_site}.")
+        if not 0 < self.max_weight_share <= 1:
+            raise ConfigError(f"max-weight-share must be in (0, 1]. "
+                              f"Found {self.max_weight_share}.")
+        if not (math.isfinite(self.he_max_change) and self.he_max_change >= 0):
+            raise ConfigError(f"he-max-change must be >= 0 (0 = off). "
+                              f"Found {self.he_max_change}.")
         if self.he_weight_unit < 1:
             raise ConfigError(f"he-weight-unit must be >= 1. Found {self.he_weight_unit}.")
         if self.accountant not in values(AccountantName):

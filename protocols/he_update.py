@@ -1,24 +1,31 @@
 """Wire format of encrypted model updates and of the encrypted global model.
 
-Both travel in Flower ``ConfigRecord``s (which carry bytes). Version 1::
+Both travel in Flower ``ConfigRecord``s (which carry bytes). Version 2::
 
     "he-update" (site -> server)          "he-global" (server -> sites)
-      version        int = 1                version      int = 1
+      version        int = 2                version      int = 2
       scheme         "bfv" | "ckks"         scheme, fingerprint, num-values
       fingerprint    HE context SHA-256     count        total weight summed
-      num-values     values encrypted       round        the round that formed it
-      quant-bits     (bfv) bits per value   ciphertexts  list[bytes]
+      num-values     values encrypted       sites        updates summed
+      quant-bits     (bfv) bits per value   round        the round that formed it
+                                            ciphertexts  list[bytes]
       bound          (bfv) clipping bound
       weight         integer in [1, 2**weight_bits]: FedAvg weight, from the site's
-                     example count in units of he-weight-unit
+                     example count in units of he-weight-unit (``he_weight``)
       num-examples   reported
       run-id, round, node-id               binding: a replay from another run or
       ciphertexts    list[bytes]           round, or for another node, is rejected
 
+The ciphertexts hold the values and, after them, a verification block of
+``privacy.he.VERIFY_FIELDS`` values (1 and the weight): summed, it tells a site
+decrypting the aggregate how many updates and how much weight it really holds.
+
 Validation rejects, with a reason recorded for that site: a record that does not
 parse, another version, scheme or context fingerprint, a wrong number of values
-or ciphertexts, a run/round/node that does not match, and a second update from
-the same node in one round.
+or ciphertexts, a run/round/node that does not match, a weight that does not follow
+from the example count, and a second update from the same node in one round (the
+server also checks each ciphertext, ``HEContext.parse_checked``, and rejects a
+repeat of any update it accepted before, under any node id or round).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedvault.errors import HEError, UpdateRejected
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,9 +92,14 @@ def _int(rec: ConfigRecord, key: str, error: type[Exception] = UpdateRejected) -
     return v
 
 
+def he_weight(num_examples: int, unit: int, max_weight: int) -> int:
+    """FedAvg weight in coarse units: round(examples / unit), clamped to [1, max_weight]."""
+    return max(1, min(max_weight, round(num_examples / unit)))
+
+
 def check_update(u: EncryptedUpdate, *, scheme: str, fingerprint: str, num_values: int,
                  num_ciphertexts: int, run_id: int, server_round: int, node_id: int,
-                 max_weight: int = 1) -> None:
+                 max_weight: int = 1, weight_unit: int | None = None) -> None:
     """Raise ``UpdateRejected`` naming the first thing wrong with ``u``."""
     if u.version != WIRE_VERSION:
         raise UpdateRejected(f"wire version {u.version}, expected {WIRE_VERSION}")
@@ -109,13 +121,18 @@ def check_update(u: EncryptedUpdate, *, scheme: str, fingerprint: str, num_value
         raise UpdateRejected(f"weight {u.weight} outside [1, {max_weight}] (the sum could wrap)")
     if u.num_examples < 1:
         raise UpdateRejected(f"num-examples must be >= 1. Found {u.num_examples}")
+    if weight_unit is not None:
+        expected = he_weight(u.num_examples, weight_unit, max_weight)
+        if u.weight != expected:
+            raise UpdateRejected(f"weight {u.weight} does not follow from {u.num_examples} "
+                                 f"examples (expected {expected})")
 
 
 def global_record(*, scheme: str, fingerprint: str, num_values: int, count: int,
-                  server_round: int, ciphertexts: list[bytes]) -> ConfigRecord:
+                  sites: int, server_round: int, ciphertexts: list[bytes]) -> ConfigRecord:
     return ConfigRecord({"version": WIRE_VERSION, "scheme": scheme, "fingerprint": fingerprint,
-                         "num-values": num_values, "count": count, "round": server_round,
-                         "ciphertexts": ciphertexts})
+                         "num-values": num_values, "count": count, "sites": sites,
+                         "round": server_round, "ciphertexts": ciphertexts})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -126,6 +143,7 @@ class EncryptedGlobal:
     fingerprint: str
     num_values: int
     count: int  # total weight summed
+    sites: int  # updates summed
     round: int
     ciphertexts: tuple[bytes, ...]
     version: int = WIRE_VERSION
@@ -142,7 +160,8 @@ class EncryptedGlobal:
                 raise HEError("the global model's ciphertexts are not a list of bytes.")
             return cls(scheme=str(rec["scheme"]), fingerprint=str(rec["fingerprint"]),
                        num_values=_int(rec, "num-values", HEError),
-                       count=_int(rec, "count", HEError), round=_int(rec, "round", HEError),
+                       count=_int(rec, "count", HEError), sites=_int(rec, "sites", HEError),
+                       round=_int(rec, "round", HEError),
                        ciphertexts=tuple(bytes(c) for c in cts),  # type: ignore[arg-type]
                        version=version)
         except KeyError as exc:
@@ -171,6 +190,11 @@ def ciphertexts_of(arrays: ArrayRecord) -> tuple[list[bytes], int, int]:
     """(ciphertexts, total weight, round) of an ``encrypted_arrays`` record."""
     cts = [arrays[k].numpy().tobytes() for k in sorted(arrays.keys()) if k.startswith("ct-")]
     return cts, int(arrays["he-count"].numpy()[0]), int(arrays["he-round"].numpy()[0])
+
+
+def version_of(arrays: ArrayRecord) -> int:
+    """The round that formed a global model record (0: the plaintext initial model)."""
+    return int(arrays["he-round"].numpy()[0]) if "he-round" in arrays else 0
 
 
 def sites_of(arrays: ArrayRecord) -> int | None:

@@ -13,14 +13,14 @@ if TYPE_CHECKING:
     from server.dp import ClientLevelDP
     from server.recorder import RunRecorder
     from server.strategy import FedVaultFedAvg
-    from server.validation import check_train_reply
+    from server.validation import parse_plain_update
 
 _EXPORTS: dict[str, str] = {
     "ClientLevelDP": "server.dp",
     "FedVaultFedAvg": "server.strategy",
     "RunRecorder": "server.recorder",
     "build_server_app": "server.app",
-    "check_train_reply": "server.validation",
+    "parse_plain_update": "server.validation",
     "run_server": "server.app",
 }
 
@@ -30,7 +30,7 @@ __all__ = [
     "FedVaultFedAvg",
     "RunRecorder",
     "build_server_app",
-    "check_train_reply",
+    "parse_plain_update",
     "run_server",
 ]
 

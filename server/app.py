@@ -68,7 +68,9 @@ def build_strategy(settings: RunSettings, *, recorder: RunRecorder, run_id: int,
               "min_available_nodes": settings.min_sites}
     if not settings.he:  # (RunSettings already refuses he together with client-dp)
         return FedVaultFedAvg(recorder=recorder, min_sites=settings.min_sites,
-                              sampling_seed=sampling_seed, **flower)
+                              sampling_seed=sampling_seed,
+                              max_examples=settings.max_examples_per_site,
+                              max_weight_share=settings.max_weight_share, **flower)
     if not settings.he_federation:
         raise ConfigError("he = true needs he-federation: a directory made by "
                           "`fedvault provision`.")
@@ -78,7 +80,9 @@ def build_strategy(settings: RunSettings, *, recorder: RunRecorder, run_id: int,
                           "fingerprint": he.fingerprint}
     return EncryptedFedAvg(he=he, num_values=num_values, run_id=run_id, recorder=recorder,
                            min_sites=settings.min_sites, sampling_seed=sampling_seed,
-                           **flower)
+                           weight_unit=settings.he_weight_unit,
+                           max_examples=settings.max_examples_per_site,
+                           max_weight_share=settings.max_weight_share, **flower)
 
 
 def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str,
@@ -137,6 +141,13 @@ def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str
     except BaseException as exc:
         recorder.finish(status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
+    if recorder.aggregates_formed() == 0:
+        # every round ended without an aggregate (refusals, rejections, too few sites):
+        # the run produced nothing, whatever Flower's loop thinks of it
+        recorder.finish(status="failed", error=(
+            f"no round formed an aggregate in {settings.num_server_rounds} round(s): see the "
+            "rejections, refusals and errors in events.jsonl"))
+        return
     recorder.finish(status="completed")
 
 

@@ -39,6 +39,7 @@ from privacy.events import SubsampledGaussianEvent
 from privacy.ledger import PrivacyLedger
 from privacy.noise import secure_gaussian_like
 from server.strategy import FedVaultFedAvg
+from server.validation import weighted_metrics
 
 
 def federation_fingerprint(name: str) -> str:
@@ -79,16 +80,18 @@ class ClientLevelDP(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid = self.strategy.valid_train_replies(server_round, replies)
+        valid = self.strategy.parsed_train_replies(server_round, replies)
+        rolled_back = self.strategy.settle(server_round, valid)
+        if rolled_back is not None:
+            return rolled_back, None
         if valid is None or self.current is None:
             return None, None
         keys = list(self.current.keys())
         base = self.current.to_numpy_ndarrays()
         total = [np.zeros_like(b, dtype=np.float64) for b in base]
-        for msg in valid:
+        for parsed in valid:  # each a server.validation.PlainUpdate: checked arrays
             update = [np.asarray(u, dtype=np.float64) - b for u, b in
-                      zip(msg.content.array_records["arrays"].to_numpy_ndarrays(), base,
-                          strict=True)]
+                      zip(parsed.arrays, base, strict=True)]
             # FlatClip (McMahan et al. 2018) with Flower's norm; Flower's
             # clip_inputs_inplace divides by the norm and fails on a zero update.
             norm = get_norm(update)
@@ -118,10 +121,11 @@ class ClientLevelDP(Strategy):
             new.append((b + (t + noise) / m).astype(b.dtype))
         self.ledger.complete(reservation, steps_taken=1)
         arrays = ArrayRecord({k: Array(v) for k, v in zip(keys, new, strict=True)})
-        contents = [msg.content for msg in valid]
-        metrics = self.strategy.train_metrics_aggr_fn(contents, self.strategy.weighted_by_key)
+        # a uniform average (DP-FedAvg weighs every clipped update alike), so the
+        # metrics are averaged uniformly too
+        metrics = weighted_metrics([p.metrics.as_dict() for p in valid], [1.0] * m)
         self.strategy.recorder.note_trained(
-            server_round, [msg.metadata.src_node_id for msg in valid], aggregated=True,
+            server_round, [p.node_id for p in valid], aggregated=True,
             metrics={k: float(v) for k, v in metrics.items() if not isinstance(v, list)})
         self.strategy.recorder.note_central_privacy(
             epsilon=float(reservation["epsilon_after"]), delta=self.delta,

@@ -15,6 +15,8 @@ modulus; the server checks each weight and sums them in the clear.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -28,21 +30,54 @@ from protocols.he_update import (
     encrypted_arrays,
     global_record,
     is_encrypted,
+    sites_of,
 )
 from server.strategy import FedVaultFedAvg, _floats
+from server.validation import (
+    ENCRYPTED_TRAIN,
+    SitePrivacy,
+    TrainMetrics,
+    digest_of,
+    parse_privacy,
+    parse_train_metrics,
+    weighted_metrics,
+)
+
+
+@dataclass(slots=True)
+class EncryptedParsed:
+    """An encrypted training reply, checked: its ciphertexts parsed (once) until they
+    are added to the round's running sum, then dropped."""
+
+    node_id: int
+    metrics: TrainMetrics
+    privacy: SitePrivacy | None
+    weight: int
+    bytes_up: int
+    digest: str
+    vectors: list[Any] = field(default_factory=list)
 
 
 class EncryptedFedAvg(FedVaultFedAvg):
-    """FedAvg over encrypted, validated updates; holds only the public HE context."""
+    """FedAvg over encrypted, validated updates; holds only the public HE context.
 
-    def __init__(self, *, he: HEContext, num_values: int, run_id: int, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+    Each update is checked (header, weight, then every ciphertext's length, parameter
+    set, slot count and scale) and added to the round's running sum as it passes, in
+    a ``try`` of its own: an update that cannot be added (TenSEAL refuses the sum) is
+    rejected for its site and the sum stays as it was."""
+
+    def __init__(self, *, he: HEContext, num_values: int, run_id: int,
+                 weight_unit: int = 16, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if he.has_secret_key:
             raise HEError("the server must not hold the secret key: give it the public context.")
         self.he = he
         self.num_values = num_values
-        self.num_ciphertexts = -(-num_values // he.params.values_per_ciphertext)
+        self.num_ciphertexts = he.num_ciphertexts(num_values)
+        self.slots = he.slot_counts(num_values)
         self.run_id = run_id
+        self.weight_unit = weight_unit
+        self._sum: list[Any] | None = None
 
     def _as_encrypted(self, messages: Iterable[Message], arrays: ArrayRecord,
                       config: ConfigRecord) -> list[Message]:
@@ -53,54 +88,91 @@ class EncryptedFedAvg(FedVaultFedAvg):
             cts, count, rnd = ciphertexts_of(arrays)
             content = RecordDict({"he-global": global_record(
                 scheme=self.he.params.scheme, fingerprint=self.he.fingerprint,
-                num_values=self.num_values, count=count, server_round=rnd, ciphertexts=cts),
-                "config": config})
+                num_values=self.num_values, count=count, sites=sites_of(arrays) or 0,
+                server_round=rnd, ciphertexts=cts), "config": config})
             for m in out:
                 m.content = content
         return out
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        return self._as_encrypted(super().configure_train(server_round, arrays, config, grid),
-                                  arrays, config)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        # after a roll-back the strategy sends the last accepted model, not ``arrays``
+        sent = self.global_arrays if self.global_arrays is not None else arrays
+        return self._as_encrypted(messages, sent, config)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         return self._as_encrypted(super().configure_evaluate(server_round, arrays, config, grid),
                                   arrays, config)
 
-    def parse_update(self, server_round: int, msg: Message) -> EncryptedUpdate:
-        """The encrypted hook of the validation loop: the reply's "he-update", its
-        header checked and every ciphertext parsed under the federation's context."""
-        records = msg.content.config_records
-        if msg.content.array_records:
-            raise UpdateRejected("plaintext arrays in an encrypted round")
-        if "he-update" not in records:
-            raise UpdateRejected("reply has no 'he-update' record")
-        u = EncryptedUpdate.from_record(records["he-update"])
+    def begin_round(self, server_round: int) -> None:
+        self._sum = None
+
+    def parse_update(self, server_round: int, msg: Message) -> EncryptedParsed:
+        """The encrypted hook of the validation loop: exactly the records of an encrypted
+        reply, typed metrics, the "he-update" header (binding, weight from the example
+        count) and every ciphertext checked and parsed under the federation's context."""
+        ENCRYPTED_TRAIN.check(msg.content, "an encrypted training reply")
+        metrics = parse_train_metrics(msg.content, max_examples=self.max_examples)
+        privacy = parse_privacy(msg.content)
+        u = EncryptedUpdate.from_record(msg.content.config_records["he-update"])
         check_update(u, scheme=self.he.params.scheme, fingerprint=self.he.fingerprint,
                      num_values=self.num_values, num_ciphertexts=self.num_ciphertexts,
                      run_id=self.run_id, server_round=server_round,
-                     node_id=msg.metadata.src_node_id, max_weight=self.he.params.max_weight)
-        for c in u.ciphertexts:
-            self.he.parse(c)
-        if "metrics" not in msg.content.metric_records:
-            raise UpdateRejected("reply has no 'metrics' record")
-        return u
+                     node_id=msg.metadata.src_node_id, max_weight=self.he.params.max_weight,
+                     weight_unit=self.weight_unit)
+        if u.num_examples != metrics.num_examples:
+            raise UpdateRejected(f"he-update claims {u.num_examples} examples, its metrics "
+                                 f"{metrics.num_examples}")
+        digest = digest_of(u.ciphertexts)  # before parsing: a replay costs no TenSEAL work
+        if digest in self._digests:
+            r, n = self._digests[digest]
+            raise UpdateRejected(f"replay: the same update was accepted from node {n} in "
+                                 f"round {r}")
+        try:
+            vectors = [self.he.parse_checked(c, slots=k)
+                       for c, k in zip(u.ciphertexts, self.slots, strict=True)]
+        except HEError as exc:
+            raise UpdateRejected(f"ciphertext: {exc}") from None
+        return EncryptedParsed(node_id=msg.metadata.src_node_id, metrics=metrics,
+                               privacy=privacy, weight=u.weight,
+                               bytes_up=sum(len(c) for c in u.ciphertexts), digest=digest,
+                               vectors=vectors)
+
+    def include(self, server_round: int, update: Any) -> None:
+        """Add the update to the running sum (a new sum: on failure the old one stands)."""
+        p: EncryptedParsed = update
+        try:
+            new = (list(p.vectors) if self._sum is None
+                   else [a + v for a, v in zip(self._sum, p.vectors, strict=True)])
+        except Exception as exc:  # TenSEAL raises ValueError/RuntimeError
+            raise UpdateRejected(f"the homomorphic sum refused it: {exc}") from None
+        self._sum = new
+        p.vectors = []  # parsed once, added once, dropped
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        parsed = self.parsed_train_replies(server_round, replies)
-        if parsed is None:
+        valid: list[EncryptedParsed] | None = self.parsed_train_replies(server_round, replies)
+        rolled_back = self.settle(server_round, valid)
+        if rolled_back is not None:
+            return rolled_back, None
+        if valid is None or self._sum is None:
             return None, None
-        valid: list[tuple[Message, EncryptedUpdate]] = parsed
-        nodes = [m.metadata.src_node_id for m, _ in valid]
-        summed = self.he.add([list(u.ciphertexts) for _, u in valid])
-        up = sum(len(c) for _, u in valid for c in u.ciphertexts)
+        nodes = [p.node_id for p in valid]
+        summed = [v.serialize() for v in self._sum]
+        self._sum = None
+        up = sum(p.bytes_up for p in valid)
         self.recorder.note_he(server_round, bytes_up=up,
                               bytes_per_update=up / len(valid), num_values=self.num_values)
-        metrics = self.train_metrics_aggr_fn([m.content for m, _ in valid], self.weighted_by_key)
+        # the ciphertexts carry the (integer) weights; the metrics get the same ones
+        weights = [float(p.weight) for p in valid]
+        metrics = weighted_metrics([p.metrics.as_dict() for p in valid], weights)
         self.recorder.note_trained(server_round, nodes, aggregated=True, metrics=_floats(metrics))
-        total = sum(u.weight for _, u in valid)
+        total = sum(p.weight for p in valid)
+        self._next_version = server_round
         return encrypted_arrays(summed, count=total, server_round=server_round,
                                 sites=len(valid)), metrics
+
+
+__all__ = ["EncryptedFedAvg", "EncryptedParsed"]

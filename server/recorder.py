@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import platform
 import threading
 import time
@@ -39,6 +40,7 @@ class _SiteStats:
     rejected: int = 0
     errors: int = 0
     refused: int = 0
+    global_refused: int = 0
     last_reason: str = ""
     name: str = ""
     privacy: dict[str, Any] = field(default_factory=dict)
@@ -51,6 +53,8 @@ class _RoundState:
     rejected: int = 0
     errors: int = 0
     refused: int = 0
+    global_refused: int = 0
+    rolled_back_to: int | None = None
     aggregated: bool = False
     train: dict[str, float] = field(default_factory=dict)
     federated: dict[str, float] = field(default_factory=dict)
@@ -80,6 +84,7 @@ class RunRecorder:
         self.central_privacy: dict[str, Any] = {}
         self.he_rounds: dict[int, dict[str, Any]] = {}
         self.he_params: dict[str, Any] = {}
+        self.rollbacks: list[dict[str, int]] = []
 
     # -- run lifecycle ---------------------------------------------------------------
     def start(self, *, num_sites: int, num_parameters: int) -> None:
@@ -184,7 +189,7 @@ class RunRecorder:
             self.central_privacy = dict(facts)
 
     def note_trained(self, server_round: int, node_ids: list[int], aggregated: bool,
-                     metrics: dict[str, float]) -> None:
+                     metrics: dict[str, float], reason: str = "") -> None:
         with self._lock:
             st = self._rounds[server_round]
             st.accepted = len(node_ids)
@@ -196,8 +201,36 @@ class RunRecorder:
             self.events.append(
                 "aggregate_refused", round=server_round, valid=len(node_ids),
                 min_sites=self.settings.min_sites,
-                reason=f"{len(node_ids)} valid updates < min-sites {self.settings.min_sites}",
+                reason=reason or (f"{len(node_ids)} valid updates < min-sites "
+                                  f"{self.settings.min_sites}"),
             )
+
+    def note_global_refused(self, server_round: int, node_id: int, *, version: int,
+                            reason: str, site: str = "") -> None:
+        """A site refused the global model it was sent (its aggregate check failed)."""
+        with self._lock:
+            self._rounds[server_round].global_refused += 1
+            st = self._sites[node_id]
+            st.global_refused += 1
+            st.last_reason = reason
+            st.name = site or st.name
+        self.events.append("global_refused", round=server_round, node_id=node_id,
+                           site=site, version=version, reason=reason)
+
+    def note_rollback(self, server_round: int, *, refused: int, to: int) -> None:
+        """The server went back to global model version ``to`` after sites refused
+        version ``refused``."""
+        with self._lock:
+            self._rounds[server_round].rolled_back_to = to
+            self.rollbacks.append({"round": server_round, "refused_version": refused,
+                                   "to_version": to})
+        self.events.append("rolled_back", round=server_round, refused_version=refused,
+                           to_version=to)
+
+    def aggregates_formed(self) -> int:
+        """Rounds that formed an aggregate."""
+        with self._lock:
+            return sum(1 for r, st in self._rounds.items() if r > 0 and st.aggregated)
 
     def note_skipped(self, server_round: int, node_ids: list[int], *, online: int) -> None:
         """Simulations: too few sites online to form an aggregate, so the round's
@@ -243,6 +276,8 @@ class RunRecorder:
             "rejected": st.rejected,
             "errors": st.errors,
             "refused": st.refused,
+            "global_refused": st.global_refused,
+            "rolled_back_to": st.rolled_back_to,
             "aggregated": st.aggregated if server_round > 0 else True,
             "train_loss": _num(st.train.get("train-loss")),
             "federated_accuracy": _num(fed.get("eval-acc")),
@@ -281,7 +316,8 @@ class RunRecorder:
     def _participant(self, nid: int, s: _SiteStats) -> Participant:
         p: Participant = {"node_id": nid, "site": s.name, "sampled": s.sampled,
                           "trained": s.trained, "rejected": s.rejected, "errors": s.errors,
-                          "refused": s.refused, "dropped": 0, "offline": 0, "timed_out": 0,
+                          "refused": s.refused, "global_refused": s.global_refused,
+                          "dropped": 0, "offline": 0, "timed_out": 0,
                           "last_reason": s.last_reason}
         for columns in self._site_columns:
             extra = columns(nid)
@@ -357,6 +393,8 @@ class RunRecorder:
             "he": self._he_summary(),
             "settings": self.settings.to_config(),
         }
+        if self.rollbacks:
+            out["rollbacks"] = list(self.rollbacks)
         simulated = [h for h in self.history if "simulated_seconds" in h]
         if simulated:
             out["simulated_seconds"] = round(sum(h["simulated_seconds"] for h in simulated), 3)
@@ -372,7 +410,13 @@ def _site_key(item: tuple[int, _SiteStats]) -> tuple[str, int]:
 
 
 def _num(v: Any) -> float | None:
-    if v is None:
+    """A number for JSON: ``None`` for anything that is not a finite number (JSON has
+    no NaN or infinity; the values that reach here passed server.validation, but the
+    recorder must never fail on what a site sent)."""
+    if v is None or isinstance(v, bool):
         return None
-    f = float(v)
-    return None if f != f else round(f, 6)  # NaN -> null (JSON has no NaN)
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return round(f, 6) if math.isfinite(f) else None

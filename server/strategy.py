@@ -1,9 +1,12 @@
 """fedvault's plaintext FedAvg: Flower's Message-API ``FedAvg`` extended with
-per-reply validation, a ``min-sites`` floor for aggregation and run recording.
+per-reply validation, a ``min-sites`` floor for aggregation, replay detection,
+roll-back of a global model the sites refused, and run recording.
 
-It extends rather than reimplements: sampling, message construction and the
-weighted average are Flower's (``aggregate_arrayrecords``); this class only
-decides which replies may enter that average and records what happened.
+It extends rather than reimplements: sampling, message construction and the run
+loop are Flower's. What enters the average is fedvault's: every reply is parsed
+once by :mod:`server.validation` into a typed, checked update, and the average is
+taken over those checked arrays with capped weights (Flower's
+``aggregate_arrayrecords`` would re-read the raw bytes and trust the declared weight).
 """
 
 from __future__ import annotations
@@ -12,35 +15,85 @@ import random
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from logging import WARNING
-from typing import Any
+from typing import Any, Protocol
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore import log
 
-from fedvault.errors import HEError, UpdateRejected
+from fedvault.errors import UpdateRejected
 from server.recorder import RunRecorder
-from server.validation import check_train_reply, num_examples_of
+from server.validation import (
+    DECLINED,
+    DEFAULT_MAX_EXAMPLES,
+    EvalReply,
+    LayerSpec,
+    SitePrivacy,
+    TrainMetrics,
+    capped_weights,
+    model_spec,
+    parse_evaluation,
+    parse_global_refused,
+    parse_plain_update,
+    parse_refusal,
+    text,
+    weighted_mean,
+    weighted_metrics,
+)
+
+#: Default ``max-weight-share`` (the run config's): no site takes more than half the weight.
+DEFAULT_MAX_WEIGHT_SHARE = 0.5
+
+
+class Parsed(Protocol):
+    """What every strategy's :meth:`FedVaultFedAvg.parse_update` returns."""
+
+    @property
+    def node_id(self) -> int: ...
+    @property
+    def metrics(self) -> TrainMetrics: ...
+    @property
+    def privacy(self) -> SitePrivacy | None: ...
+    @property
+    def digest(self) -> str: ...
 
 
 class FedVaultFedAvg(FedAvg):
     """FedAvg weighted by example count, over validated replies only.
 
     ``min_sites``: fewer valid training replies than this in a round and no
-    aggregate is formed; the global model stays as it was.
+    aggregate is formed; the global model stays as it was. ``max_examples``: the
+    largest example count a reply may claim. ``max_weight_share``: no site's share
+    of the FedAvg weight exceeds it (weights are capped, :func:`capped_weights`).
     """
 
     def __init__(self, *, recorder: RunRecorder, min_sites: int,
-                 sampling_seed: int | None = None, **kwargs: object) -> None:
+                 sampling_seed: int | None = None, max_examples: int = DEFAULT_MAX_EXAMPLES,
+                 max_weight_share: float = DEFAULT_MAX_WEIGHT_SHARE,
+                 **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         if min_sites < 1:
             raise ValueError(f"min_sites must be >= 1. Found {min_sites}.")
+        if not 0 < max_weight_share <= 1:
+            raise ValueError(f"max_weight_share must be in (0, 1]. Found {max_weight_share}.")
         self.recorder = recorder
         self.min_sites = min_sites
         self.sampling_seed = sampling_seed
+        self.max_examples = max_examples
+        self.max_weight_share = max_weight_share
         self.global_arrays: ArrayRecord | None = None
+        self._spec: tuple[int, tuple[LayerSpec, ...]] | None = None
+        #: digest -> (round, node) of every update accepted in this run (replays)
+        self._digests: dict[str, tuple[int, int]] = {}
+        #: the last global model the sites trained on without refusing it: (version, arrays)
+        self.last_accepted: tuple[int, ArrayRecord] | None = None
+        #: versions (the round that formed them) some site refused
+        self.refused_versions: set[int] = set()
+        #: the version (round that formed it) of the global model sent this round, and of
+        #: the one the next round will send
+        self._sent_version = 0
+        self._next_version = 0
 
     @contextmanager
     def _sampling(self, server_round: int, phase: int) -> Iterator[None]:
@@ -56,10 +109,20 @@ class FedVaultFedAvg(FedAvg):
         finally:
             random.setstate(state)
 
+    # -- configure ------------------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        version = self._next_version
+        if version in self.refused_versions and self.last_accepted is not None:
+            # a site refused this model when it was sent for evaluation: train from the
+            # last version the sites accepted instead
+            arrays = self.roll_back(server_round, refused=version)
+            version = self._next_version
         self.global_arrays = arrays
+        self._sent_version = version
+        if self.last_accepted is None:
+            self.last_accepted = (version, arrays)
         with self._sampling(server_round, 0):
             messages = list(super().configure_train(server_round, arrays, config, grid))
         self.recorder.note_sampled(server_round, [m.metadata.dst_node_id for m in messages])
@@ -71,108 +134,194 @@ class FedVaultFedAvg(FedAvg):
         with self._sampling(server_round, 1):
             return list(super().configure_evaluate(server_round, arrays, config, grid))
 
+    def roll_back(self, server_round: int, *, refused: int) -> ArrayRecord:
+        """The last accepted global model, recorded as a roll-back from ``refused``."""
+        assert self.last_accepted is not None
+        version, arrays = self.last_accepted
+        self._next_version = version
+        log(WARNING, "Round %s: sites refused global model version %s; rolling back to "
+            "version %s", server_round, refused, version)
+        self.recorder.note_rollback(server_round, refused=refused, to=version)
+        return arrays
+
+    # -- training replies -------------------------------------------------------------------
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid = self.valid_train_replies(server_round, replies)
+        valid = self.parsed_train_replies(server_round, replies)
+        rolled_back = self.settle(server_round, valid)
+        if rolled_back is not None:
+            return rolled_back, None
         if valid is None:
             return None, None
-        contents = [m.content for m in valid]
-        arrays = aggregate_arrayrecords(contents, self.weighted_by_key)
-        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-        self.recorder.note_trained(server_round, [m.metadata.src_node_id for m in valid],
+        weights = self.weights(server_round, valid)
+        spec = self.layer_spec()
+        mean = weighted_mean([u.arrays for u in valid], weights)
+        arrays = ArrayRecord({s.name: Array(a) for s, a in zip(spec, mean, strict=True)})
+        metrics = weighted_metrics([u.metrics.as_dict() for u in valid], weights)
+        self.recorder.note_trained(server_round, [u.node_id for u in valid],
                                    aggregated=True, metrics=_floats(metrics))
+        self._next_version = server_round
         return arrays, metrics
 
-    def is_update(self, server_round: int, msg: Message) -> bool:
-        """False, after recording it, for an error reply or a site's refusal."""
+    def settle(self, server_round: int, valid: list[Any] | None) -> ArrayRecord | None:
+        """After a round's training replies: if a site refused the global model sent this
+        round, the last accepted version (the round forms no aggregate); else that model
+        becomes the last accepted one and the round's aggregate (if any) comes next."""
+        if self._sent_version in self.refused_versions and self.last_accepted is not None:
+            if valid is not None:
+                self.recorder.note_trained(
+                    server_round, [u.node_id for u in valid], aggregated=False, metrics={},
+                    reason=f"sites refused global model version {self._sent_version}")
+            return self.roll_back(server_round, refused=self._sent_version)
+        if self.global_arrays is not None:
+            self.last_accepted = (self._sent_version, self.global_arrays)
+        return None
+
+    def weights(self, server_round: int, valid: list[Any]) -> list[float]:
+        """Example counts, capped at ``max_weight_share`` (recorded when a cap applies)."""
+        claimed = [float(u.metrics.num_examples) for u in valid]
+        weights = capped_weights(claimed, self.max_weight_share)
+        capped = [u.node_id for u, a, b in zip(valid, claimed, weights, strict=True) if b < a]
+        if capped:
+            self.recorder.events.append("weights_capped", round=server_round, nodes=capped,
+                                        max_share=self.max_weight_share)
+        return weights
+
+    def layer_spec(self) -> tuple[LayerSpec, ...]:
+        if self.global_arrays is None:
+            raise UpdateRejected("no global model was sent this round")
+        key = id(self.global_arrays)
+        if self._spec is None or self._spec[0] != key:
+            self._spec = (key, model_spec(self.global_arrays))
+        return self._spec[1]
+
+    def parse_update(self, server_round: int, msg: Message) -> Any:
+        """The hook of :meth:`parsed_train_replies`: parse one training reply into the
+        checked update aggregation uses, or raise ``UpdateRejected``. Plaintext FedAvg:
+        a :class:`PlainUpdate`. (``EncryptedFedAvg`` parses the ciphertexts instead.)"""
+        return parse_plain_update(msg, self.layer_spec(), max_examples=self.max_examples)
+
+    def include(self, server_round: int, update: Any) -> None:
+        """Called for each update as it passes validation (``EncryptedFedAvg`` adds it
+        to its running sum here); raising ``UpdateRejected`` rejects it after all."""
+
+    def begin_round(self, server_round: int) -> None:
+        """Called before a round's replies are parsed."""
+
+    def _not_an_update(self, server_round: int, msg: Message) -> bool:
+        """True, after recording it, for an error reply, a refusal or a global-model
+        refusal (each validated: a malformed one is rejected like a bad update)."""
         node = msg.metadata.src_node_id
         if msg.has_error():
             self.recorder.note_site_error(server_round, node, "train",
-                                          msg.error.reason or "unknown error")
-            return False
-        if "refusal" in msg.content.config_records:
-            refusal = dict(msg.content.config_records["refusal"])
-            log(WARNING, "Round %s: node %s refused: %s", server_round, node,
-                refusal.get("reason"))
-            self.recorder.note_refused(server_round, node, refusal)
-            return False
-        return True
+                                          str(msg.error.reason or "unknown error"))
+            return True
+        records = msg.content.config_records
+        if "refusal" in records:
+            refusal = parse_refusal(msg.content)
+            log(WARNING, "Round %s: node %s refused: %s", server_round, node, refusal.reason)
+            self.recorder.note_refused(server_round, node, refusal.as_record())
+            return True
+        if "global-refused" in records:
+            self.note_global_refused(server_round, msg)
+            return True
+        return False
 
-    def parse_update(self, server_round: int, msg: Message) -> Any:
-        """The hook of :meth:`parsed_train_replies`: check one training reply and return
-        what aggregation uses, or raise ``UpdateRejected``. Plaintext FedAvg: the reply
-        itself, its arrays checked against the global model's. (``EncryptedFedAvg``
-        parses the ciphertexts instead.)"""
-        if self.global_arrays is None:
-            raise UpdateRejected("no global model was sent this round")
-        check_train_reply(msg, self.global_arrays, key=self.weighted_by_key)
-        return msg
+    def note_global_refused(self, server_round: int, msg: Message) -> None:
+        refused = parse_global_refused(msg.content)
+        log(WARNING, "Round %s: node %s refused global model version %s: %s", server_round,
+            msg.metadata.src_node_id, refused.version, refused.reason)
+        self.refused_versions.add(refused.version)
+        self.recorder.note_global_refused(server_round, msg.metadata.src_node_id,
+                                          version=refused.version, reason=refused.reason,
+                                          site=refused.site)
 
     def parsed_train_replies(self, server_round: int, replies: Iterable[Message]
-                             ) -> list[tuple[Message, Any]] | None:
+                             ) -> list[Any] | None:
         """The one validation loop of every fedvault strategy: each reply that may
-        enter the aggregate with what :meth:`parse_update` made of it; each bad one
-        (an error, a refusal, a second reply from a node, a failed check) recorded for
-        its site. ``None`` (and an ``aggregate_refused`` record) if fewer than
-        ``min_sites`` remain."""
-        valid: list[tuple[Message, Any]] = []
+        enter the aggregate, as :meth:`parse_update` made it; each other one (an error,
+        a refusal, a second reply from a node, a replay, a failed check, an exception
+        while adding it) recorded for its site. ``None`` (and an ``aggregate_refused``
+        record) if fewer than ``min_sites`` remain."""
+        self.begin_round(server_round)
+        valid: list[Any] = []
         seen: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
-            if not self.is_update(server_round, msg):
-                continue
             try:
-                parsed = self.parse_update(server_round, msg)
                 if node in seen:
-                    raise UpdateRejected("a second update from this node in this round")
-            except (UpdateRejected, HEError) as exc:
-                log(WARNING, "Round %s: rejected update from node %s: %s", server_round, node, exc)
-                self.recorder.note_rejected(server_round, node, str(exc))
+                    raise UpdateRejected("a second reply from this node in this round")
+                seen.add(node)
+                if self._not_an_update(server_round, msg):
+                    continue
+                parsed = self.parse_update(server_round, msg)
+                if parsed.digest in self._digests:
+                    r, n = self._digests[parsed.digest]
+                    raise UpdateRejected(f"replay: the same update was accepted from node {n} "
+                                         f"in round {r}")
+                self.include(server_round, parsed)
+                if parsed.privacy is not None:
+                    self.recorder.note_privacy(node, parsed.privacy.as_record())
+            except UpdateRejected as exc:
+                self._reject(server_round, node, str(exc))
                 continue
-            seen.add(node)
-            valid.append((msg, parsed))
-            if "privacy" in msg.content.config_records:
-                self.recorder.note_privacy(node, dict(msg.content.config_records["privacy"]))
+            except Exception as exc:  # one site's reply never ends the round
+                self._reject(server_round, node, f"{type(exc).__name__}: {exc}")
+                continue
+            self._digests[parsed.digest] = (server_round, node)
+            valid.append(parsed)
         if len(valid) < self.min_sites:
             log(WARNING, "Round %s: %d valid updates < min-sites %d; no aggregate formed",
                 server_round, len(valid), self.min_sites)
-            self.recorder.note_trained(server_round, [m.metadata.src_node_id for m, _ in valid],
+            self.recorder.note_trained(server_round, [u.node_id for u in valid],
                                        aggregated=False, metrics={})
             return None
         return valid
 
-    def valid_train_replies(self, server_round: int, replies: Iterable[Message]
-                            ) -> list[Message] | None:
-        """The replies :meth:`parsed_train_replies` lets through (``None``: too few)."""
-        parsed = self.parsed_train_replies(server_round, replies)
-        return None if parsed is None else [m for m, _ in parsed]
+    def _reject(self, server_round: int, node: int, reason: str) -> None:
+        log(WARNING, "Round %s: rejected reply from node %s: %s", server_round, node, reason)
+        self.recorder.note_rejected(server_round, node, reason[:300])
 
+    # -- evaluation replies -------------------------------------------------------------------
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        valid: list[Message] = []
+        """Federated evaluation, through the same gate: typed, finite, in range, one reply
+        per node, example counts capped; a global-model refusal is recorded."""
+        valid: list[EvalReply] = []
+        seen: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
-            if msg.has_error():
-                self.recorder.note_site_error(server_round, node, "evaluate",
-                                              msg.error.reason or "unknown error")
-                continue
-            if "declined" in msg.content.config_records:
-                # the site's policy: exact evaluation metrics are a release outside epsilon
-                reason = str(msg.content.config_records["declined"].get("reason", ""))
-                self.recorder.events.append("evaluation_declined", round=server_round,
-                                            node=node, reason=reason[:300])
-                continue
             try:
-                num_examples_of(msg, key=self.weighted_by_key)
+                if node in seen:
+                    raise UpdateRejected("a second reply from this node in this round")
+                seen.add(node)
+                if msg.has_error():
+                    self.recorder.note_site_error(server_round, node, "evaluate",
+                                                  str(msg.error.reason or "unknown error"))
+                    continue
+                records = msg.content.config_records
+                if "global-refused" in records:
+                    self.note_global_refused(server_round, msg)
+                    continue
+                if "declined" in records:
+                    # the site's policy: exact evaluation metrics are a release outside epsilon
+                    DECLINED.check(msg.content, "a declined evaluation")
+                    reason = text(records["declined"], "reason", what="declined evaluation")
+                    self.recorder.events.append("evaluation_declined", round=server_round,
+                                                node=node, reason=reason)
+                    continue
+                valid.append(parse_evaluation(msg, max_examples=self.max_examples))
             except UpdateRejected as exc:
-                self.recorder.note_rejected(server_round, node, f"evaluation reply: {exc}")
-                continue
-            valid.append(msg)
+                self._reject(server_round, node, f"evaluation reply: {exc}")
+            except Exception as exc:  # one site's reply never ends the round
+                self._reject(server_round, node, f"evaluation reply: {type(exc).__name__}: {exc}")
         if not valid:
             return None
-        metrics = self.evaluate_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        weights = capped_weights([float(v.num_examples) for v in valid], self.max_weight_share)
+        metrics = weighted_metrics([{"eval-loss": v.loss, "eval-acc": v.accuracy}
+                                    for v in valid], weights)
         self.recorder.note_federated_eval(server_round, _floats(metrics))
         return metrics
 

@@ -45,6 +45,8 @@ from flwr.common.serde import recorddict_to_proto
 from fedvault.names import simulated_node_id, site_name
 from fedvault.tasks import Table, get_task
 from protocols.config import RunSettings
+from protocols.node_config import NodeConfig
+from simulations.hostile import DUPLICATE_COPIES, REPLY_ATTACKS, Hostility, tamper_reply
 from simulations.scenario import Behaviour, DropoutMode, Scenario, SiteProfile, load_compiled
 
 
@@ -110,8 +112,10 @@ def site_node_config(profile: SiteProfile, site: int) -> dict[str, Any]:
             "delta": profile.delta, "min-noise-multiplier": profile.min_noise_multiplier}
 
 
-def simulation_mod(scenario_path: str, seed: int) -> Any:
-    """The Flower mod that plays the scenario's reliability at every simulated site."""
+def simulation_mod(scenario_path: str, seed: int, settings: RunSettings | None = None) -> Any:
+    """The Flower mod that plays the scenario's reliability at every simulated site,
+    and the hostile replies of its attacking sites (``simulations.hostile``; they need
+    the run's ``settings``)."""
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         scenario = load_compiled(scenario_path)
@@ -145,6 +149,16 @@ def simulation_mod(scenario_path: str, seed: int) -> Any:
             cfg = msg.content.config_records.get("config")
             epochs = int(cfg.get("local-epochs", 1)) if cfg is not None else 1  # type: ignore[arg-type]
         record["examples"] = n * epochs
+        if (settings is not None and profile.attacking(r)
+                and profile.behaviour in REPLY_ATTACKS):
+            phase = "train" if msg.metadata.message_type.startswith("train") else "evaluate"
+            hostility = Hostility(settings=settings,
+                                  node=NodeConfig.parse(context.node_config, simulated=True),
+                                  state=context.state, server_round=r,
+                                  scale=profile.attack_scale)
+            if (tamper_reply(reply.content, profile.behaviour, hostility, phase=phase)
+                    and profile.behaviour == Behaviour.DUPLICATE and phase == "train"):
+                record["copies"] = DUPLICATE_COPIES
         if f == DROPPED_MID_UPLOAD:  # trained and spent epsilon; the update never arrives
             record["bytes-lost"] = wire_bytes(reply.content)
             return Message(content=RecordDict({"simulation": ConfigRecord(record)}),
@@ -216,6 +230,8 @@ ATTACKS: dict[Behaviour, Attack] = {
     Behaviour.MODEL_REPLACEMENT: Attack(data="backdoor", update=lambda scale: scale,
                                         default_scale="sampled"),
     Behaviour.FREE_RIDER: Attack(update=lambda scale: 0.0),
+    # hostile replies train honestly; simulations.hostile rewrites what they send
+    **{b: Attack() for b in REPLY_ATTACKS},
 }
 
 

@@ -206,6 +206,7 @@ class SimulatedGrid(Grid):
         vids = sorted(down)  # every sampled site is online: get_node_ids saw to that
         exchanges: list[Exchange] = []
         fates: dict[int, str] = {}
+        copies: dict[int, int] = {}
         lost = 0
         for vid in vids:
             r = by_site.get(vid)
@@ -213,6 +214,8 @@ class SimulatedGrid(Grid):
             if r is not None and not r.has_error() and "simulation" in r.content.config_records:
                 sim = dict(r.content.config_records["simulation"])
                 del r.content["simulation"]
+            # a hostile site (duplicate-replies) gets its reply delivered several times
+            copies[vid] = max(1, int(sim.get("copies", 1)))
             fates[vid] = str(sim.get("fate", "online" if r is not None else "no-reply"))
             lost += int(sim.get("bytes-lost", 0))
             dropped = fates[vid] != "online"
@@ -233,4 +236,5 @@ class SimulatedGrid(Grid):
             bytes_down=sum(down.values()),
             bytes_up=sum(b for vid, b in up.items() if vid not in late),
             bytes_lost=lost + sum(up[vid] for vid in late), fates=fates, slowest=slowest)
-        return [by_site[vid] for vid in vids if fates[vid] == "online"]
+        return [by_site[vid] for vid in vids if fates[vid] == "online"
+                for _ in range(copies[vid])]

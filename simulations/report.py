@@ -19,8 +19,10 @@ from fedvault.summary import RunSummary
 from fedvault.tasks import get_task
 from privacy.ledger import last_reservation
 from protocols.config import RunSettings
+from protocols.hashchain import read_chain
 from simulations.behaviour import ATTACKS, add_trigger, trigger_value
 from simulations.figures import plot_scenario
+from simulations.hostile import REPLY_ATTACKS
 from simulations.scenario import Behaviour, Scenario
 
 #: columns of rounds.csv, in order
@@ -95,11 +97,61 @@ def scenario_outputs(server_summary: RunSummary, scenario: Scenario, settings: R
     attack = backdoor_success(summary, scenario, settings, run_dir)
     if attack is not None:
         block["backdoor_success"] = attack
+    outcomes = hostile_outcomes(scenario, read_chain(run_dir.events), summary)
+    if outcomes:
+        block["hostile_replies"] = outcomes
     summary["simulation"] = block
     write_rounds_csv(summary, run_dir.root / "rounds.csv")
     figures = plot_scenario(summary, run_dir.root)
     block["figures"] = [p.name for p in figures]
     return {"simulation": block, "privacy": summary["privacy"]}
+
+
+def hostile_outcomes(scenario: Scenario, events: list[dict[str, Any]],
+                     summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """What became of each hostile-reply attacker's attack, from the run's events: the
+    rejections at the server in its attacking rounds, and, for forged ciphertexts the
+    server cannot see into, the honest sites' refusals of the aggregate it corrupted
+    and the server's roll-back. (The simulation knows who attacked when; the server
+    only knows that an aggregate was refused.)"""
+    rejected: dict[tuple[int, int], list[str]] = {}
+    refused: dict[int, set[int]] = {}  # version -> nodes that refused it
+    rollbacks = {int(r["refused_version"]): int(r["to_version"])
+                 for r in summary.get("rollbacks", [])}
+    for e in events:
+        if e["kind"] == "update_rejected":
+            rejected.setdefault((int(e["round"]), int(e["node_id"])), []).append(str(e["reason"]))
+        elif e["kind"] == "global_refused":
+            refused.setdefault(int(e["version"]), set()).add(int(e["node_id"]))
+    honest = {simulated_node_id(k) for k in range(scenario.num_sites)
+              if not scenario.site(k).is_attacker()}
+    rounds = int(summary.get("rounds") or 0)
+    out = []
+    for k in range(scenario.num_sites):
+        p = scenario.site(k)
+        if p.behaviour not in REPLY_ATTACKS:
+            continue
+        node = simulated_node_id(k)
+        attacked = [r for r in range(1, rounds + 1) if p.attacking(r)]
+        reasons = [x for r in attacked for x in rejected.get((r, node), [])]
+        detected = [r for r in attacked if refused.get(r, set()) & honest]
+        if reasons and p.behaviour == Behaviour.DUPLICATE:
+            outcome = f"counted once; {len(reasons)} extra copies rejected: {reasons[0]}"
+        elif reasons:
+            outcome = f"rejected by the server ({len(reasons)}x): {reasons[0]}"
+        elif detected:
+            r = detected[0]
+            by = len(refused[r] & honest)
+            back = rollbacks.get(r)
+            outcome = (f"aggregate of round {r} refused by {by} honest site(s)"
+                       + (f"; server rolled back to version {back}" if back is not None
+                          else ""))
+        else:
+            outcome = "not detected"
+        out.append({"site": site_name(k), "behaviour": p.behaviour, "rounds": attacked,
+                    "rejected": len(reasons), "detected_by_sites": bool(detected),
+                    "outcome": outcome})
+    return out
 
 
 def _privacy_from_ledgers(reported_privacy: Mapping[str, Any],

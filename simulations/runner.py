@@ -236,7 +236,7 @@ def _scenario_apps(scenario: Scenario, settings: RunSettings, overrides: dict[st
     behaviour = (ScenarioBehaviour(settings) if any(g.is_attacker() for g in scenario.groups)
                  else None)
     client_app = build_client_app(overrides, mods=[simulation_mod(settings.scenario,
-                                                                  settings.seed)],
+                                                                  settings.seed, settings)],
                                   behaviour=behaviour, simulated=True)
     client_app.query(SITE_QUERY.split(".")[1])(answer_site_query)
     return server_app, client_app

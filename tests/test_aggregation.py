@@ -39,7 +39,7 @@ def _reply(node: int, arrays: ArrayRecord, n: Any) -> Message:
 def strategy(tmp_path: Path) -> FedVaultFedAvg:
     rec = RunRecorder(RunDirectory(tmp_path / "run"), settings=RunSettings(min_sites=2),
                       run_id=1, mode="test")
-    s = FedVaultFedAvg(recorder=rec, min_sites=2)
+    s = FedVaultFedAvg(recorder=rec, min_sites=2, max_weight_share=1.0)
     s.global_arrays = _arrays(0.0)
     return s
 
@@ -65,12 +65,12 @@ def test_weighted_average(strategy: FedVaultFedAvg) -> None:
          "expected float32"),
         (lambda: _reply(9, ArrayRecord(numpy_ndarrays=[np.zeros((2, 3), np.float32)]), 10),
          "layers differ"),
-        (lambda: _reply(9, _arrays(1.0), 0), "positive integer"),
-        (lambda: _reply(9, _arrays(1.0), -5), "positive integer"),
-        (lambda: _reply(9, _arrays(1.0), 2.5), "positive integer"),
-        (lambda: _reply(9, _arrays(1.0), 10**12), "positive integer"),
+        (lambda: _reply(9, _arrays(1.0), 0), "must be in [1, 1000000]"),
+        (lambda: _reply(9, _arrays(1.0), -5), "must be in [1, 1000000]"),
+        (lambda: _reply(9, _arrays(1.0), 2.5), "must be an integer"),
+        (lambda: _reply(9, _arrays(1.0), 10**12), "must be in [1, 1000000]"),
         (lambda: Message(content=RecordDict({"arrays": _arrays(1.0)}),
-                         reply_to=_instruction(9)), "no 'metrics' record"),
+                         reply_to=_instruction(9)), "missing ['metrics']"),
     ],
 )
 def test_bad_update_is_rejected_and_round_goes_on(strategy: FedVaultFedAvg, bad: object,
@@ -88,7 +88,7 @@ def test_bad_update_is_rejected_and_round_goes_on(strategy: FedVaultFedAvg, bad:
 def test_error_reply_is_recorded(strategy: FedVaultFedAvg) -> None:
     err = Message(Error(code=1, reason="site crashed"), reply_to=_instruction(5))
     arrays, _ = strategy.aggregate_train(1, [_reply(1, _arrays(1.0), 5),
-                                             _reply(2, _arrays(1.0), 5), err])
+                                             _reply(2, _arrays(2.0), 5), err])
     assert arrays is not None
     ev = [e for e in read_chain(strategy.recorder.dir.events) if e["kind"] == "site_error"]
     assert ev[0]["node_id"] == 5 and ev[0]["reason"] == "site crashed"

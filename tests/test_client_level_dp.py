@@ -67,7 +67,8 @@ def test_clips_averages_uniformly_and_adds_calibrated_noise(tmp_path: Path) -> N
 def test_noise_follows_the_number_actually_averaged(tmp_path: Path) -> None:
     w = _wrapper(tmp_path, sigma=1.0)
     nan = np.full(D, np.nan)
-    replies = [_reply(1, np.zeros(D), 5), _reply(2, np.zeros(D), 5), _reply(3, nan, 5)]
+    # (distinct updates: an identical one would be rejected as a replay)
+    replies = [_reply(1, np.full(D, 1e-6), 5), _reply(2, np.full(D, 2e-6), 5), _reply(3, nan, 5)]
     arrays, _ = w.aggregate_train(1, replies)  # the NaN reply is rejected: m = 2, not 3
     assert arrays is not None
     assert abs(arrays.to_numpy_ndarrays()[0].std() - 0.5) / 0.5 < 0.02
@@ -78,8 +79,9 @@ def test_no_release_past_the_central_budget(tmp_path: Path) -> None:
     one = PRVAccountant().epsilon([SubsampledGaussianEvent(
         noise_multiplier=sigma, sample_rate=1.0, steps=1)], delta=1e-5)
     w = _wrapper(tmp_path, sigma=sigma, max_eps=one * 1.2)
-    ok, _ = w.aggregate_train(1, [_reply(1, np.zeros(D), 1), _reply(2, np.zeros(D), 1)])
-    refused, _ = w.aggregate_train(2, [_reply(1, np.zeros(D), 1), _reply(2, np.zeros(D), 1)])
+    ok, _ = w.aggregate_train(1, [_reply(1, np.full(D, 1e-6), 1), _reply(2, np.full(D, 2e-6), 1)])
+    refused, _ = w.aggregate_train(2, [_reply(1, np.full(D, 3e-6), 1),
+                                       _reply(2, np.full(D, 4e-6), 1)])
     assert ok is not None and refused is None
     kinds = [e["kind"] for e in read_chain(tmp_path / "run" / "events.jsonl")]
     assert "release_refused" in kinds

@@ -47,7 +47,8 @@ def _update(site: HEContext, x: np.ndarray, node: int, rnd: int = 1) -> Encrypte
 
 def _reply(node: int, u: EncryptedUpdate | None, **records: object) -> Message:
     instr = Message(content=RecordDict({}), dst_node_id=node, message_type="train")
-    content: dict[str, object] = {"metrics": MetricRecord({"num-examples": 10})}
+    n = u.num_examples if u is not None else 10
+    content: dict[str, object] = {"metrics": MetricRecord({"num-examples": n})}
     if u is not None:
         content["he-update"] = u.to_record()
     content.update(records)
@@ -86,11 +87,12 @@ def _bad_cases(site: HEContext, other: HEContext) -> list[tuple[str, Message]]:
         ("(replay)", _reply(9, _update(site, x, 9, rnd=0))),
         ("(replay)", _reply(9, replace(good, run_id=RUN + 1))),
         ("sent by node", _reply(9, replace(good, node_id=8))),
-        ("does not parse", _reply(9, replace(good, ciphertexts=(b"\x00" * 100,)))),
-        ("wire version", _reply(9, replace(good, version=2))),
+        ("does not parse", _reply(9, replace(good, ciphertexts=(
+            b"\x00" * 100,) * len(good.ciphertexts)))),
+        ("wire version", _reply(9, replace(good, version=1))),
         ("outside [1, 16]", _reply(9, replace(good, weight=17))),
-        ("plaintext arrays", _reply(9, good, arrays=ArrayRecord(numpy_ndarrays=[x]))),
-        ("no 'he-update'", _reply(9, None)),
+        ("unexpected ['arrays']", _reply(9, good, arrays=ArrayRecord(numpy_ndarrays=[x]))),
+        ("missing ['he-update']", _reply(9, None)),
     ]
 
 
@@ -116,7 +118,7 @@ def test_each_malformed_or_replayed_update_is_rejected_and_the_round_completes(
 def test_weights_are_summed_in_the_clear(tmp_path: Path, fed: Path) -> None:
     s = _strategy(tmp_path, fed)
     site = load_context(fed, site="site-0")
-    u1 = replace(_update(site, np.full(N, 1.0), 1), weight=4,
+    u1 = replace(_update(site, np.full(N, 1.0), 1), weight=4, num_examples=64,
                  ciphertexts=tuple(site.encrypt(np.full(N, 1.0), weight=4)))
     u2 = _update(site, np.full(N, 0.0), 2)
     arrays, _ = s.aggregate_train(1, [_reply(1, u1), _reply(2, u2)])
@@ -134,7 +136,7 @@ def test_duplicate_from_one_node_is_rejected(tmp_path: Path, fed: Path) -> None:
         site, np.zeros(N), 2))])
     assert arrays is not None and ciphertexts_of(arrays)[1] == 2
     ev = [e for e in read_chain(s.recorder.dir.events) if e["kind"] == "update_rejected"]
-    assert "a second update from this node" in ev[0]["reason"]
+    assert "a second reply from this node" in ev[0]["reason"]
 
 
 def test_fewer_than_min_sites_form_no_aggregate(tmp_path: Path, fed: Path) -> None:
@@ -158,12 +160,12 @@ def test_release_record_counts_sites_not_weights(tmp_path: Path, fed: Path) -> N
     x = flatten(model.state_dict())
     n = len(x)
     run = RunDirectory(tmp_path / "run")
-    rec = RunRecorder(run, settings=RunSettings(he=True), run_id=RUN, mode="test")
+    rec = RunRecorder(run, settings=RunSettings(he=True, min_sites=2), run_id=RUN, mode="test")
     rec.start(num_sites=2, num_parameters=n)
     s = EncryptedFedAvg(he=load_context(fed, site=None), num_values=n, run_id=RUN,
                         recorder=rec, min_sites=2)
     site = load_context(fed, site="site-0")
-    ups = [replace(_update(site, x, k), num_values=n, weight=w,
+    ups = [replace(_update(site, x, k), num_values=n, weight=w, num_examples=16 * w,
                    ciphertexts=tuple(site.encrypt(x, weight=w))) for k, w in ((1, 12), (2, 4))]
     arrays, _ = s.aggregate_train(1, [_reply(1, ups[0]), _reply(2, ups[1])])
     assert arrays is not None

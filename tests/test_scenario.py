@@ -123,7 +123,7 @@ def test_groups_expand_in_file_order_with_defaults() -> None:
 
 def test_builtin_scenarios_load_and_match_the_issue() -> None:
     names = builtin_scenarios()
-    assert set(names) == {"hospitals", "cross-device-1000", "poisoning"}
+    assert set(names) == {"hospitals", "cross-device-1000", "poisoning", "hostile-replies"}
     hosp = load_scenario("hospitals")
     s = hosp.settings(run_dir="/tmp/x")
     assert hosp.num_sites == 10 and s.dp and s.he and hosp.data.partition == "dirichlet"
@@ -134,8 +134,18 @@ def test_builtin_scenarios_load_and_match_the_issue() -> None:
     poison = load_scenario("poisoning")
     attackers = sum(n for role, n in poison.roles().items() if role != "honest")
     assert poison.num_sites == 10 and 1 <= attackers <= 3
+    hostile = load_scenario("hostile-replies")
+    assert hostile.settings(run_dir="/x").he and hostile.roles()["honest"] == 5
+    from simulations.hostile import REPLY_ATTACKS
+    assert set(hostile.roles()) - {"honest"} == set(REPLY_ATTACKS)  # every reply attack
     # a user copies one as a template: the file is plain TOML next to the package
     assert tomllib.loads(builtin_path("poisoning").read_text())["name"] == "poisoning"
+
+
+def test_forged_ciphertexts_need_encryption() -> None:
+    sc = parse_scenario(_doc(sites=[{"count": 3}, {"behaviour": "raw-slots"}]))
+    with pytest.raises(ConfigError, match="raw-slots forges ciphertexts and needs he = true"):
+        sc.settings(run_dir="/x")
 
 
 def test_compiled_scenario_round_trips(tmp_path: Path) -> None:

@@ -220,6 +220,18 @@ def print_scenario(summary: dict[str, Any], run_dir: Path) -> None:
                          if sim.get("backdoor_success") is not None else ""))
     if sim.get("max_epsilon_spent") is not None:
         console.print(f"max ε spent at a site: {sim['max_epsilon_spent']:.4f}")
+    if sim.get("hostile_replies"):
+        h = RichTable(title="hostile replies: what each attack met", box=box.SIMPLE_HEAD)
+        for col in ("site", "attack", "rounds", "outcome"):
+            h.add_column(col, overflow="fold")
+        for row in sim["hostile_replies"]:
+            h.add_row(row["site"], row["behaviour"], ",".join(map(str, row["rounds"])),
+                      row["outcome"])
+        console.print(h)
+    for rb in summary.get("rollbacks", []):
+        console.print(f"[yellow]round {rb['round']}: sites refused global model version "
+                      f"{rb['refused_version']}; the server rolled back to version "
+                      f"{rb['to_version']}[/]")
     console.print(f"rounds:  {run_dir / 'rounds.csv'}")
     for fig in sim.get("figures", []):
         console.print(f"figure:  {run_dir / fig}")

@@ -45,7 +45,8 @@ runs it with the very same ServerApp and ClientApp as a real deployment.
     [[sites]]
     group = "attacker"
     behaviour = "sign-flip"      # honest | label-flip | sign-flip | scale |
-    attack-start = 3             # model-replacement | backdoor | free-rider
+    attack-start = 3             # model-replacement | backdoor | free-rider, or a
+    attack-rounds = 0            # hostile reply (simulations.hostile); 0 = to the end
 
 Sites are numbered ``site-0 … site-(N-1)`` in file order; site ``K`` holds data
 partition ``K`` and, with encryption, federation key ``site-K``. Every error
@@ -55,6 +56,7 @@ names the table and key at fault.
 from simulations.scenario.model import (
     BEHAVIOURS,
     DROPOUT_MODES,
+    HE_ONLY,
     MAX_SITES,
     PARTITIONS,
     Behaviour,
@@ -79,6 +81,7 @@ from simulations.scenario.store import (
 __all__ = [
     "BEHAVIOURS",
     "DROPOUT_MODES",
+    "HE_ONLY",
     "MAX_SITES",
     "PARTITIONS",
     "Behaviour",

@@ -29,6 +29,21 @@ class Behaviour(StrEnum):
     MODEL_REPLACEMENT = "model-replacement"
     BACKDOOR = "backdoor"
     FREE_RIDER = "free-rider"
+    # hostile replies (simulations.hostile): malformed or lying messages, not poisoning
+    SHAPE_LIE = "shape-lie"
+    NON_FINITE = "non-finite-metrics"
+    EXTRA_RECORDS = "extra-records"
+    INFLATED = "inflated-examples"
+    OVERSIZE = "oversize"
+    DUPLICATE = "duplicate-replies"
+    REPLAY = "replay"
+    RAW_SLOTS = "raw-slots"
+    WEIGHT_LIE = "weight-lie"
+    FOREIGN_KEY = "foreign-key"
+
+
+#: behaviours that only exist with encrypted aggregation (they forge ciphertexts)
+HE_ONLY = frozenset({Behaviour.RAW_SLOTS, Behaviour.WEIGHT_LIE, Behaviour.FOREIGN_KEY})
 
 
 class DropoutMode(StrEnum):
@@ -77,6 +92,7 @@ class SiteProfile:
     behaviour: str = "honest"
     attack_start: int = 1
     attack_scale: float = 0.0  # 0 = the behaviour's default
+    attack_rounds: int = 0  # 0 = from attack-start to the end
     backdoor_target: int = 0
     count: int = 1
 
@@ -84,7 +100,9 @@ class SiteProfile:
         return self.behaviour != Behaviour.HONEST
 
     def attacking(self, server_round: int) -> bool:
-        return self.is_attacker() and server_round >= self.attack_start
+        return (self.is_attacker() and server_round >= self.attack_start
+                and (self.attack_rounds == 0
+                     or server_round < self.attack_start + self.attack_rounds))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,9 +159,14 @@ class Scenario:
         if d.generate:
             base["num-features"], base["num-classes"] = d.generate[1], d.generate[2]
         try:
-            return RunSettings.from_config({**base, **dict(self.run)})
+            settings = RunSettings.from_config({**base, **dict(self.run)})
         except ConfigError as exc:
             raise ConfigError(f"{self.source or self.name}: [run] {exc}") from None
+        forged = sorted({g.behaviour for g in self.groups if g.behaviour in HE_ONLY})
+        if forged and not settings.he:
+            raise ConfigError(f"{self.source or self.name}: behaviour {', '.join(forged)} "
+                              "forges ciphertexts and needs he = true.")
+        return settings
 
     def partition_plan(self) -> PartitionPlan:
         """How the sites share the pool, one entry per site (what the apps read)."""

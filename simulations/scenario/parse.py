@@ -89,6 +89,8 @@ def _check_site(where: str, p: SiteProfile, num_classes: int) -> None:
         raise bad("attack-start", ">= 1", p.attack_start)
     if p.attack_scale < 0:
         raise bad("attack-scale", ">= 0 (0 = the behaviour's default)", p.attack_scale)
+    if p.attack_rounds < 0:
+        raise bad("attack-rounds", ">= 0 (0 = until the end)", p.attack_rounds)
     if p.count < 1:
         raise bad("count", ">= 1", p.count)
     for lab in p.labels:
