@@ -129,8 +129,11 @@ def rehearse(
     on_event: Callable[[dict[str, Any]], None] | None = None,
     on_status: Callable[[str], None] | None = None,
     timeout: float = 3600.0,
+    app: Path | None = None,
 ) -> RunSummary:
-    """Run ``settings`` on a real loopback SuperLink with ``sites`` SuperNodes."""
+    """Run ``settings`` on a real loopback SuperLink with ``sites`` SuperNodes; ``app``
+    is the Flower App directory ``flwr run`` ships (default: fedvault's own; the tests
+    pass a modified copy to play a site running hostile code)."""
     check_run(settings, sites)
     status = on_status or (lambda _msg: None)
     run_dir = RunDirectory(Path(settings.run_dir).resolve())
@@ -138,7 +141,7 @@ def rehearse(
         raise ConfigError(f"run directory {str(run_dir.root)!r} already holds a run.")
     settings = settings.replace(run_dir=str(run_dir.root), data_path=str(
         Path(settings.data_path).resolve()) if settings.data_path else "")
-    app = app_root()
+    app = app or app_root()
     dep_root = run_dir.root / "deployment"
     dep_root.mkdir(parents=True, exist_ok=True)
 

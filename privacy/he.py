@@ -376,6 +376,10 @@ class HEContext:
             self._ref = (len(full.serialize()), list(ct.parms_id()), float(ct.scale))
         return self._ref
 
+    def ciphertext_bytes(self) -> int:
+        """Serialised size of one fresh, full ciphertext of this context."""
+        return self._reference()[0]
+
     def parse_checked(self, data: bytes, *, slots: int) -> Any:
         """Parse one ciphertext of a site's update and check it can be added to the others:
         its length (before TenSEAL reads it), its parameter set (``parms_id``: the same

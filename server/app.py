@@ -29,6 +29,7 @@ from server.dp import ClientLevelDP
 from server.he_strategy import EncryptedFedAvg
 from server.recorder import RunRecorder
 from server.strategy import FedVaultFedAvg
+from server.transport import MIN_REPLY_BYTES, limit_reply_bytes
 
 logger = logging.getLogger("fedvault.server")
 
@@ -118,6 +119,10 @@ def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str
                                   num_values=sum(int(v.numel())
                                                  for v in model.state_dict().values()),
                                   sampling_seed=sampling_seed)
+        strategy.global_arrays = initial
+        budget = strategy.reply_byte_budget()
+        if limit_reply_bytes(grid, budget):  # a deployment: Flower's HttpGrid
+            recorder.events.append("reply_budget", bytes=max(budget, MIN_REPLY_BYTES))
         runner: FedVaultFedAvg | ClientLevelDP = strategy
         if settings.client_dp:
             runner = ClientLevelDP(

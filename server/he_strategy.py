@@ -106,6 +106,11 @@ class EncryptedFedAvg(FedVaultFedAvg):
         return self._as_encrypted(super().configure_evaluate(server_round, arrays, config, grid),
                                   arrays, config)
 
+    def reply_byte_budget(self) -> int:
+        """Twice the ciphertexts of an honest update (each at most 1.5x a fresh one,
+        as ``HEContext.parse_checked`` allows), plus 1 MiB."""
+        return 2 * self.num_ciphertexts * self.he.ciphertext_bytes() * 3 // 2 + 2**20
+
     def begin_round(self, server_round: int) -> None:
         self._sum = None
 

@@ -27,6 +27,7 @@ from server.recorder import RunRecorder
 from server.validation import (
     DECLINED,
     DEFAULT_MAX_EXAMPLES,
+    NPY_HEADER_ROOM,
     EvalReply,
     LayerSpec,
     SitePrivacy,
@@ -195,6 +196,13 @@ class FedVaultFedAvg(FedAvg):
         if self._spec is None or self._spec[0] != key:
             self._spec = (key, model_spec(self.global_arrays))
         return self._spec[1]
+
+    def reply_byte_budget(self) -> int:
+        """The most bytes an honest training reply of this model takes, doubled, plus
+        1 MiB for records and metadata (the deployment grid's budget per reply,
+        ``server.transport``)."""
+        layers = sum(s.nbytes + NPY_HEADER_ROOM for s in self.layer_spec())
+        return 2 * layers + 2**20
 
     def parse_update(self, server_round: int, msg: Message) -> Any:
         """The hook of :meth:`parsed_train_replies`: parse one training reply into the

@@ -262,3 +262,37 @@ def test_a_scenario_runs_on_an_existing_ray_cluster(tmp_path: Path) -> None:
     finally:
         _kill_processes_mentioning(temp)  # this cluster only, not any other Ray
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_hostile_replies_are_rejected_or_refused_and_the_honest_sites_finish(
+        tmp_path: Path) -> None:
+    """The built-in scenario: ten sites running modified code (real ClientApps on the
+    Simulation Engine, real TenSEAL) against five honest ones."""
+    run = tmp_path / "hostile"
+    r = run_cli("simulate", "hostile-replies", "--out", str(run))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "hostile replies: what each attack met" in r.stdout
+    s = json.loads((run / "summary.json").read_text())
+    assert s["status"] == "completed" and s["rounds_completed"] == 5
+    outcomes = {o["behaviour"]: o for o in s["simulation"]["hostile_replies"]}
+    assert set(outcomes) == {"shape-lie", "non-finite-metrics", "extra-records",
+                             "inflated-examples", "oversize", "duplicate-replies", "replay",
+                             "raw-slots", "weight-lie", "foreign-key"}
+    for name in ("shape-lie", "non-finite-metrics", "extra-records", "inflated-examples",
+                 "oversize", "duplicate-replies", "replay"):
+        assert outcomes[name]["rejected"] >= 1, outcomes[name]
+    # what the server cannot see into, the honest sites refuse when they decrypt it
+    for name, rnd in (("raw-slots", 2), ("weight-lie", 3), ("foreign-key", 4)):
+        assert outcomes[name]["detected_by_sites"], outcomes[name]
+        assert f"aggregate of round {rnd} refused by 5 honest site(s)" in outcomes[name]["outcome"]
+    assert [(b["refused_version"], b["to_version"]) for b in s["rollbacks"]] == [
+        (2, 1), (3, 1), (4, 1)]
+    # the inflated evaluation never set the federated accuracy, and the run recovered
+    hist = {h["round"]: h for h in s["history"]}
+    assert hist[1]["federated_accuracy"] < 0.99 and hist[5]["federated_accuracy"] > 0.85
+    assert s["released_model"]["central_accuracy"] > 0.85
+    # each honest site recorded the corrupted aggregates as incidents
+    incidents = sorted(run.rglob("*.incidents.jsonl"))
+    assert len(incidents) == 15  # every site evaluates, every site refused them
+    kinds = {e["version"] for e in read_chain(incidents[0])}
+    assert kinds == {2, 3, 4}

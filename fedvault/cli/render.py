@@ -110,6 +110,12 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
             f"{h.get('seconds', 0):.1f}",
         )
     console.print(t)
+    if summary.get("status") not in (None, "completed"):
+        console.print(f"[bold red]run {summary.get('status')}: {summary.get('error')}[/]")
+    for rb in summary.get("rollbacks", []):
+        console.print(f"[yellow]round {rb['round']}: sites refused global model version "
+                      f"{rb['refused_version']}; the server rolled back to version "
+                      f"{rb['to_version']}[/]")
     acc = summary.get("final_accuracy")
     console.print(
         f"final accuracy ({summary.get('metric_source')}): "
@@ -228,10 +234,7 @@ def print_scenario(summary: dict[str, Any], run_dir: Path) -> None:
             h.add_row(row["site"], row["behaviour"], ",".join(map(str, row["rounds"])),
                       row["outcome"])
         console.print(h)
-    for rb in summary.get("rollbacks", []):
-        console.print(f"[yellow]round {rb['round']}: sites refused global model version "
-                      f"{rb['refused_version']}; the server rolled back to version "
-                      f"{rb['to_version']}[/]")
+
     console.print(f"rounds:  {run_dir / 'rounds.csv'}")
     for fig in sim.get("figures", []):
         console.print(f"figure:  {run_dir / fig}")
