@@ -312,6 +312,331 @@ def server_worker(wire: Path, out: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# the deployment: real flower-superlink / flower-supernode / flwr-serverapp processes
+# --------------------------------------------------------------------------------------
+HOSTILE_SITE = "site-2"
+DEPLOYMENT_SITES = 3
+DEPLOYMENT_TIMEOUT = 900.0
+DEPLOYMENT_SCENARIOS: dict[str, str] = {
+    "honest": "honest",
+    "before": "hostile, no reply budget (before)",
+    "after": "hostile, reply budget (after)",
+}
+#: the line of server/app.py that installs the reply budget on Flower's HttpGrid, and
+#: what the "before" scenario's copy has instead
+BUDGET_LINE = "        if limit_reply_bytes(grid, budget):  # a deployment: Flower's HttpGrid"
+NO_BUDGET_LINE = "        if False:  # bench: no reply budget"
+#: appended to the copy's client/app.py (as tests/test_loopback.py's HOSTILE_PATCH):
+#: site-2's ClientApp replaces its first layer by a {mib} MiB float32 array
+HOSTILE_PATCH = '''
+
+# -- appended by bench/reply_memory.py: {site} runs modified code ---------------------
+def _hostile(msg: Message, context: Context, call_next: Any) -> Message:
+    import numpy as np
+    from flwr.app import Array
+
+    reply = call_next(msg, context)
+    if (reply.has_error() or not msg.metadata.message_type.startswith("train")
+            or "arrays" not in reply.content.array_records):
+        return reply
+    if context.node_config.get("site-name") == "{site}":  # a {mib} MiB layer
+        rec = reply.content.array_records["arrays"]
+        rec[next(iter(rec.keys()))] = Array(np.zeros({mib} * 2**20 // 4, dtype=np.float32))
+    return reply
+
+
+app = build_client_app(mods=[_hostile])
+'''
+WATCHED = ("flwr-serverapp", "flower-superlink")
+
+
+def _app_copy(dest: Path, *, hostile_mib: int | None, budget: bool) -> Path:
+    """A copy of the repo for `flwr run` to ship: with ``hostile_mib``, HOSTILE_SITE's
+    ClientApp sends a layer of that many MiB; without ``budget``, the ServerApp does not
+    install its reply budget."""
+    import shutil
+
+    shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "runs", "tests", "bench", "*.egg-info", "__pycache__", ".*_cache",
+        "build", "dist", "*.fab"))
+    if hostile_mib is not None:
+        client = dest / "client" / "app.py"
+        client.write_text(client.read_text() + HOSTILE_PATCH.format(site=HOSTILE_SITE,
+                                                                    mib=hostile_mib))
+    if not budget:
+        server = dest / "server" / "app.py"
+        text = server.read_text()
+        lines = text.split("\n")
+        if lines.count(BUDGET_LINE) != 1:
+            raise SystemExit(f"cannot disable the reply budget: {str(server)!r} does not hold "
+                             f"exactly one line {BUDGET_LINE!r} (server/app.py changed? "
+                             "update BUDGET_LINE in bench/reply_memory.py)")
+        server.write_text("\n".join(NO_BUDGET_LINE if ln == BUDGET_LINE else ln
+                                     for ln in lines))
+    return dest
+
+
+def _proc_read(pid: int, name: str) -> bytes | None:
+    try:
+        return (Path("/proc") / str(pid) / name).read_bytes()
+    except OSError:  # gone, or not ours
+        return None
+
+
+def _flwr_home(environ: bytes) -> str | None:
+    for v in environ.split(b"\0"):
+        if v.startswith(b"FLWR_HOME="):
+            return v[len(b"FLWR_HOME="):].decode(errors="replace")
+    return None
+
+
+def _vmhwm_kib(pid: int) -> int | None:
+    status = _proc_read(pid, "status")
+    if status is None:
+        return None
+    for line in status.decode(errors="replace").splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return None
+
+
+class PeakWatcher:
+    """Polls /proc every ``interval`` s for the processes named in WATCHED (by their
+    command line) whose FLWR_HOME lies under ``root``, keeping each one's largest VmHWM
+    (monotonic: the last read before the process exits is its peak so far)."""
+
+    def __init__(self, root: Path, interval: float = 0.2) -> None:
+        import threading
+
+        self.root = root.resolve()
+        self.interval = interval
+        self.procs: dict[int, dict[str, Any]] = {}
+        self.polls = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True,
+                                        name="reply-memory-peak-watcher")
+
+    def __enter__(self) -> PeakWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.poll()
+            self._stop.wait(self.interval)
+
+    def _under_root(self, home: str | None) -> bool:
+        if home is None:
+            return False
+        p = Path(home)
+        return p == self.root or self.root in p.parents
+
+    def poll(self) -> None:
+        self.polls += 1
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            pid = int(d.name)
+            known = self.procs.get(pid)
+            if known is None:
+                cmdline = _proc_read(pid, "cmdline")
+                if cmdline is None:
+                    continue
+                kind = next((w for w in WATCHED if w.encode() in cmdline), None)
+                if kind is None:
+                    continue
+                environ = _proc_read(pid, "environ")
+                home = _flwr_home(environ) if environ is not None else None
+                if not self._under_root(home):
+                    continue
+                known = self.procs[pid] = {
+                    "pid": pid, "kind": kind, "flwr_home": home, "samples": 0,
+                    "peak_kib": 0,
+                    "cmdline": cmdline.replace(b"\0", b" ").decode(errors="replace").strip()}
+            hwm = _vmhwm_kib(pid)
+            if hwm is not None:
+                known["samples"] += 1
+                known["peak_kib"] = max(known["peak_kib"], hwm)
+
+    def peak_mib(self, kind: str) -> float | None:
+        peaks = [p["peak_kib"] for p in self.procs.values()
+                 if p["kind"] == kind and p["samples"]]
+        return max(peaks) / 1024 if peaks else None
+
+
+def _leftovers(root: Path) -> list[int]:
+    """Live (non-zombie) processes whose FLWR_HOME lies under ``root``."""
+    root = root.resolve()
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        environ, stat = _proc_read(int(d.name), "environ"), _proc_read(int(d.name), "stat")
+        if environ is None or stat is None:
+            continue
+        home = _flwr_home(environ)
+        state = stat.decode(errors="replace").split(") ", 1)[-1].split()[0]
+        if home is not None and state != "Z" and (Path(home) == root
+                                                  or root in Path(home).parents):
+            found.append(int(d.name))
+    return found
+
+
+def _ensure_stopped(root: Path) -> list[int]:
+    """``rehearse`` stops every process it started; make sure (and kill, by pid, any
+    that a rehearsal of this bench left behind). The pids found, if any."""
+    import os
+    import signal
+
+    left: list[int] = []
+    for _ in range(50):
+        left = _leftovers(root)
+        if not left:
+            return []
+        time.sleep(0.2)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return left
+
+
+def run_rehearsal(name: str, work: Path, hostile_mib: int, say: Any) -> dict[str, Any]:
+    """One rehearsal (DEPLOYMENT_SCENARIOS ``name``) under ``work``; its measurements."""
+    from fedvault.rehearse import rehearse
+    from fedvault.rundir import RunDirectory
+    from fedvault.summary import read as read_summary
+    from protocols.config import RunSettings
+    from protocols.hashchain import read_chain
+
+    app = _app_copy(work / "app", hostile_mib=None if name == "honest" else hostile_mib,
+                    budget=name != "before")
+    run_dir = (work / "run").resolve()
+    settings = RunSettings(run_dir=str(run_dir), num_server_rounds=1, min_sites=2, he=False,
+                           dp=False)
+    r: dict[str, Any] = {"app": str(app), "hostile_site": None if name == "honest"
+                         else HOSTILE_SITE, "reply_budget_installed": name != "before",
+                         "error": None}
+    t0 = time.perf_counter()
+    with PeakWatcher(run_dir) as watcher:
+        try:
+            summary: Any = rehearse(settings, sites=DEPLOYMENT_SITES, app=app,
+                                    timeout=DEPLOYMENT_TIMEOUT,
+                                    on_status=lambda m: say(f"  {name}: {m}"))
+        except Exception as exc:  # the bench reports, never dies, on a failed run
+            r["error"] = f"{type(exc).__name__}: {exc}"
+            try:
+                summary = read_summary(RunDirectory(run_dir))
+            except Exception:
+                summary = None
+    r["wall_s"] = time.perf_counter() - t0
+    r["left_behind"] = _ensure_stopped(run_dir)
+    r["status"] = summary["status"] if summary else "no summary"
+    if summary:
+        row = summary["history"][1] if len(summary["history"]) > 1 else None
+        r["round_1"] = ({k: row.get(k) for k in ("sites_participated", "rejected", "errors",
+                                                  "accuracy")} if row else None)
+    events_path = run_dir / "events.jsonl"
+    events = read_chain(events_path) if events_path.exists() else []
+    stopped = [e for e in events if e.get("kind") == "site_error"
+               and "larger than" in str(e.get("reason", ""))]
+    rejected = [e for e in events if e.get("kind") == "update_rejected"]
+    r["site_errors_larger_than"] = len(stopped)
+    r["updates_rejected"] = len(rejected)
+    r["reasons"] = [{"kind": e["kind"], "node_id": e.get("node_id"),
+                     "reason": e.get("reason")} for e in stopped + rejected]
+    budget = [e for e in events if e.get("kind") == "reply_budget"]
+    r["reply_budget_bytes"] = budget[0].get("bytes") if budget else None
+    r["serverapp_peak_mib"] = watcher.peak_mib("flwr-serverapp")
+    r["superlink_peak_mib"] = watcher.peak_mib("flower-superlink")
+    r["polls"] = watcher.polls
+    r["processes"] = [{k: p[k] for k in ("pid", "kind", "flwr_home", "samples", "cmdline")}
+                      | {"peak_mib": p["peak_kib"] / 1024} for p in watcher.procs.values()]
+    return r
+
+
+def _deployment_outcome(name: str, r: dict[str, Any]) -> str:
+    if name == "honest":
+        tail = "no hostile site"
+    elif r["site_errors_larger_than"]:
+        tail = f"stopped while pulled ({r['site_errors_larger_than']} site_error 'larger than')"
+    elif r["updates_rejected"]:
+        tail = f"received whole, then rejected ({r['updates_rejected']} update_rejected)"
+    else:
+        tail = "NOT stopped (no site_error, no update_rejected)"
+    if r["error"]:
+        return f"run {r['status']}: {tail}; {r['error'].splitlines()[0][:100]}"
+    return f"run {r['status']}: {tail}"
+
+
+def deployment(hostile_mib: int, console: Any) -> dict[str, Any]:
+    """The three rehearsals, their table and goal line; the JSON block."""
+    from rich.table import Table
+
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="reply-memory-deployment-") as tmp_s:
+        for name, label in DEPLOYMENT_SCENARIOS.items():
+            console.print(f"deployment: rehearsing {label!r} ({DEPLOYMENT_SITES} sites, 1 round)")
+            work = Path(tmp_s).resolve() / name
+            work.mkdir()
+            results[name] = run_rehearsal(name, work, hostile_mib, console.print)
+            r = results[name]
+            console.print(f"  {name}: {r['status']} in {r['wall_s']:.0f} s; ServerApp peak "
+                          f"{r['serverapp_peak_mib'] or 0:.0f} MiB")
+            if r["left_behind"]:
+                console.print(f"  {name}: WARNING: processes left behind, killed: "
+                              f"{r['left_behind']}")
+    honest = results["honest"]["serverapp_peak_mib"]
+    for r in results.values():
+        peak = r["serverapp_peak_mib"]
+        r["ratio"] = peak / honest if peak is not None and honest else None
+
+    def mib(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0f}"
+
+    table = Table(title=f"Deployment (real processes, {DEPLOYMENT_SITES} sites, 1 round): "
+                  f"peak resident memory (VmHWM), MiB; {HOSTILE_SITE} sends a "
+                  f"{hostile_mib} MiB layer in the hostile runs")
+    for col in ("scenario", "serverapp peak", "peak / honest", "superlink peak",
+                "hostile reply outcome", "wall s"):
+        table.add_column(col, justify="left" if col in ("scenario", "hostile reply outcome")
+                         else "right")
+    for name, r in results.items():
+        table.add_row(DEPLOYMENT_SCENARIOS[name], mib(r["serverapp_peak_mib"]),
+                      "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
+                      mib(r["superlink_peak_mib"]), _deployment_outcome(name, r),
+                      f"{r['wall_s']:.0f}")
+    console.print(table)
+    after = results["after"]
+    met = (after["ratio"] is not None and after["ratio"] < GOAL_RATIO
+           and after["status"] == "completed")
+    console.print(f"goal: ServerApp peak with a {hostile_mib} MiB hostile reply under "
+                  f"{GOAL_RATIO}x the honest round" +
+                  ("" if hostile_mib == 256 else " [the issue states it for 256 MiB]"))
+    console.print(f"  {DEPLOYMENT_SCENARIOS['after']}: "
+                  f"{'-' if after['ratio'] is None else format(after['ratio'], '.2f')}x "
+                  f"(honest {mib(honest)} MiB, limit {mib(GOAL_RATIO * honest if honest else None)}"
+                  f" MiB) -> {'MET' if met else 'NOT MET'}")
+    for name, r in results.items():
+        for x in r["reasons"]:
+            console.print(f"  {DEPLOYMENT_SCENARIOS[name]}: {x['kind']} node {x['node_id']}: "
+                          f"{x['reason']}")
+        budget = r["reply_budget_bytes"]
+        console.print(f"  {DEPLOYMENT_SCENARIOS[name]}: reply budget "
+                      + (f"installed, {budget} bytes" if budget else "not installed"))
+    console.print("serverapp / superlink peak = VmHWM of the flwr-serverapp / flower-superlink "
+                  "process (polled every 0.2 s from /proc); the SuperLink holds every reply "
+                  "pushed to it whatever the ServerApp pulls.")
+    return {"sites": DEPLOYMENT_SITES, "hostile_site": HOSTILE_SITE,
+            "hostile_mib": hostile_mib, "goal_met": met, "scenarios": results}
+
+
+# --------------------------------------------------------------------------------------
 # the benchmark
 # --------------------------------------------------------------------------------------
 def _run(argv: list[str]) -> None:
@@ -336,6 +661,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="size of the hostile reply's layer data, MiB")
     ap.add_argument("--out", type=Path,
                     default=ROOT / "bench" / "results" / "reply_memory.json")
+    ap.add_argument("--no-deployment", action="store_true",
+                    help="skip the deployment measurement (three real rehearsals)")
+    ap.add_argument("--deployment-mib", type=int, default=256,
+                    help="size of the hostile site's layer in the deployment, MiB")
     ap.add_argument("--site-worker", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--server-worker", nargs=2, type=Path, default=None,
                     help=argparse.SUPPRESS)
@@ -348,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.hostile_mib < 1:
         ap.error("--hostile-mib must be >= 1")
+    if args.deployment_mib < 1:
+        ap.error("--deployment-mib must be >= 1")
 
     from rich.console import Console
     from rich.table import Table
@@ -413,11 +744,14 @@ def main(argv: list[str] | None = None) -> int:
     console.print("held = resident with the replies inflated; receive peak includes Flower "
                   "inflating the wire contents; aggregate peak = high-water mark during "
                   "aggregate_train alone.")
+    report: dict[str, Any] = {"hostile_mib": args.hostile_mib, "goal_ratio": GOAL_RATIO,
+                              "goal_met": goal_met, "model": facts,
+                              "python": sys.version.split()[0], "scenarios": results}
+    if not args.no_deployment:
+        console.print()
+        report["deployment"] = deployment(args.deployment_mib, console)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"hostile_mib": args.hostile_mib, "goal_ratio": GOAL_RATIO,
-                                    "goal_met": goal_met, "model": facts,
-                                    "python": sys.version.split()[0],
-                                    "scenarios": results}, indent=2) + "\n", encoding="utf-8")
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
     return 0
 

@@ -95,6 +95,7 @@ class FedVaultFedAvg(FedAvg):
         #: the one the next round will send
         self._sent_version = 0
         self._next_version = 0
+        self._refusing: set[int] = set()  # nodes refusing the model of the current phase
 
     @contextmanager
     def _sampling(self, server_round: int, phase: int) -> Iterator[None]:
@@ -232,18 +233,37 @@ class FedVaultFedAvg(FedAvg):
             self.recorder.note_refused(server_round, node, refusal.as_record())
             return True
         if "global-refused" in records:
-            self.note_global_refused(server_round, msg)
+            self.note_global_refused(server_round, msg, sent=self._sent_version)
             return True
         return False
 
-    def note_global_refused(self, server_round: int, msg: Message) -> None:
+    def note_global_refused(self, server_round: int, msg: Message, *, sent: int) -> None:
+        """A site refused the global model ``sent`` in this phase (any other version is a
+        malformed refusal). Counted, not yet acted on: :meth:`_refused_by_most`."""
         refused = parse_global_refused(msg.content)
+        if refused.version != sent:
+            raise UpdateRejected(f"refuses global model version {refused.version}; this "
+                                 f"phase sent version {sent}")
         log(WARNING, "Round %s: node %s refused global model version %s: %s", server_round,
             msg.metadata.src_node_id, refused.version, refused.reason)
-        self.refused_versions.add(refused.version)
+        self._refusing.add(msg.metadata.src_node_id)
         self.recorder.note_global_refused(server_round, msg.metadata.src_node_id,
                                           version=refused.version, reason=refused.reason,
                                           site=refused.site)
+
+    def _refused_by_most(self, version: int, responders: int) -> bool:
+        """Whether more than half of the sites that answered this phase refused ``version``:
+        then it is refused for good. (One hostile site's refusal alone cannot make the
+        server roll back; a corrupted aggregate is refused by every honest site that
+        decrypts it, since they all decrypt the same ciphertexts.)"""
+        refusing, self._refusing = len(self._refusing), set()
+        if refusing and 2 * refusing > responders:
+            self.refused_versions.add(version)
+            return True
+        if refusing:
+            self.recorder.events.append("global_refusal_outvoted", version=version,
+                                        refusing=refusing, responders=responders)
+        return False
 
     def parsed_train_replies(self, server_round: int, replies: Iterable[Message]
                              ) -> list[Any] | None:
@@ -255,12 +275,14 @@ class FedVaultFedAvg(FedAvg):
         self.begin_round(server_round)
         valid: list[Any] = []
         seen: set[int] = set()
+        answered = 0  # sites that replied with something other than an error
         for msg in replies:
             node = msg.metadata.src_node_id
             try:
                 if node in seen:
                     raise UpdateRejected("a second reply from this node in this round")
                 seen.add(node)
+                answered += 0 if msg.has_error() else 1
                 if self._not_an_update(server_round, msg):
                     continue
                 parsed = self.parse_update(server_round, msg)
@@ -279,6 +301,7 @@ class FedVaultFedAvg(FedAvg):
                 continue
             self._digests[parsed.digest] = (server_round, node)
             valid.append(parsed)
+        self._refused_by_most(self._sent_version, answered)
         if len(valid) < self.min_sites:
             log(WARNING, "Round %s: %d valid updates < min-sites %d; no aggregate formed",
                 server_round, len(valid), self.min_sites)
@@ -299,19 +322,21 @@ class FedVaultFedAvg(FedAvg):
         per node, example counts capped; a global-model refusal is recorded."""
         valid: list[EvalReply] = []
         seen: set[int] = set()
+        answered = 0
         for msg in replies:
             node = msg.metadata.src_node_id
             try:
                 if node in seen:
                     raise UpdateRejected("a second reply from this node in this round")
                 seen.add(node)
+                answered += 0 if msg.has_error() else 1
                 if msg.has_error():
                     self.recorder.note_site_error(server_round, node, "evaluate",
                                                   str(msg.error.reason or "unknown error"))
                     continue
                 records = msg.content.config_records
-                if "global-refused" in records:
-                    self.note_global_refused(server_round, msg)
+                if "global-refused" in records:  # of the model just formed
+                    self.note_global_refused(server_round, msg, sent=self._next_version)
                     continue
                 if "declined" in records:
                     # the site's policy: exact evaluation metrics are a release outside epsilon
@@ -325,6 +350,7 @@ class FedVaultFedAvg(FedAvg):
                 self._reject(server_round, node, f"evaluation reply: {exc}")
             except Exception as exc:  # one site's reply never ends the round
                 self._reject(server_round, node, f"evaluation reply: {type(exc).__name__}: {exc}")
+        self._refused_by_most(self._next_version, answered)
         if not valid:
             return None
         weights = capped_weights([float(v.num_examples) for v in valid], self.max_weight_share)

@@ -296,3 +296,33 @@ def test_hostile_replies_are_rejected_or_refused_and_the_honest_sites_finish(
     assert len(incidents) == 15  # every site evaluates, every site refused them
     kinds = {e["version"] for e in read_chain(incidents[0])}
     assert kinds == {2, 3, 4}
+
+
+ALL_HOSTILE = """
+name = "all-hostile"
+[data]
+task = "digits"
+partition = "iid"
+[run]
+num-server-rounds = 1
+dp = false
+he = false
+min-sites = 2
+local-epochs = 1
+[[sites]]
+group = "liars"
+count = 3
+behaviour = "shape-lie"
+"""
+
+
+def test_a_run_in_which_no_round_forms_an_aggregate_fails(tmp_path: Path) -> None:
+    scenario = tmp_path / "all-hostile.toml"
+    scenario.write_text(ALL_HOSTILE)
+    run = tmp_path / "run"
+    r = run_cli("simulate", str(scenario), "--out", str(run))
+    assert r.returncode == 1, r.stdout + r.stderr
+    s = json.loads((run / "summary.json").read_text())
+    assert s["status"] == "failed" and "no round formed an aggregate" in s["error"]
+    assert "run failed: no round formed an aggregate" in r.stdout
+    assert s["history"][1]["rejected"] == 3 and not s["history"][1]["aggregated"]

@@ -474,17 +474,89 @@ def test_a_refused_global_model_is_rolled_back(tmp_path: Path) -> None:
     v1, _ = s.aggregate_train(1, [_honest(1, 1.0, 10), _honest(2, 3.0, 10)])
     assert v1 is not None
     s.configure_train(2, v1, ConfigRecord(), grid)
-    refusal = _reply(3, {"global-refused": ConfigRecord({"reason": "bad", "site": "site-2",
-                                                         "version": 1})})
-    back, metrics = s.aggregate_train(2, [_honest(1, 5.0, 10), _honest(2, 6.0, 10), refusal])
-    assert back is v0 and metrics is None
+
+    def refusal(node: int, version: int = 1) -> Message:
+        return _reply(node, {"global-refused": ConfigRecord({"reason": "bad", "site": "s",
+                                                             "version": version})})
+
+    # one hostile site's refusal alone does not roll back; a wrong version is rejected
+    v2, _ = s.aggregate_train(2, [_honest(1, 5.0, 10), _honest(2, 6.0, 10), refusal(3),
+                                  refusal(4, version=0)])
+    assert v2 is not None and v2 is not v1
+    assert "refuses global model version 0; this phase sent version 1" in _rejected(s)[4]
+    s.configure_train(3, v2, ConfigRecord(), grid)
+    # most of the sites refuse version 2: the server goes back to version 1
+    back, metrics = s.aggregate_train(3, [_honest(1, 7.0, 10), refusal(2, 2), refusal(3, 2)])
+    assert back is v1 and metrics is None
     kinds = [e["kind"] for e in read_chain(s.recorder.dir.events)]
-    assert "global_refused" in kinds and "rolled_back" in kinds
+    assert kinds.count("global_refused") == 3 and "global_refusal_outvoted" in kinds
+    assert "rolled_back" in kinds
     summary = s.recorder.finish()
-    assert summary["rollbacks"] == [{"round": 2, "refused_version": 1, "to_version": 0}]
+    assert summary["rollbacks"] == [{"round": 3, "refused_version": 2, "to_version": 1}]
 
 
 def test_encrypted_arrays_record_sites(fed: Path) -> None:
     site = load_context(fed, site="site-0")
     arrays = encrypted_arrays(site.encrypt(np.zeros(N)), count=1, server_round=1, sites=1)
     assert sites_of(arrays) == 1
+
+
+def test_a_site_refuses_a_global_model_that_moved_too_far(fed: Path) -> None:
+    from client.he_client import LAST_ACCEPTED, load_encrypted_global, remember_global
+
+    site = load_context(fed, site="site-0")
+    torch.manual_seed(0)
+    model = get_task("digits").build_model()
+    flat = flatten(model.state_dict())
+
+    def global_of(values: np.ndarray) -> ConfigRecord:
+        return global_record(scheme="bfv", fingerprint=site.fingerprint, num_values=len(values),
+                             count=3, sites=3, server_round=4, ciphertexts=[
+                                 c for c in site.add([site.encrypt(values) for _ in range(3)])])
+
+    state = RecordDict()
+    remember_global(state, flat)
+    # a small step is accepted and becomes the new reference
+    assert load_encrypted_global(model, global_of(flat + 0.01), site, min_sites=3,
+                                 max_change=4.0, state=state) == 4
+    assert np.allclose(state.array_records[LAST_ACCEPTED]["flat"].numpy(), flat + 0.01,
+                       atol=1e-3)
+    # a jump of many times the model's norm (inside the honest value range) is not
+    far = np.clip(flat + 7.0 * np.sign(flat + 1e-9), -8, 8)
+    with pytest.raises(AggregateRefused, match=r"moved by .* \(he-max-change 4.0\)"):
+        load_encrypted_global(model, global_of(far), site, min_sites=3, max_change=4.0,
+                              state=state)
+    # 0 turns the check off
+    load_encrypted_global(model, global_of(far), site, min_sites=3, max_change=0.0, state=state)
+
+
+def test_model_decrypt_refuses_a_forged_aggregate(tmp_path: Path, fed: Path) -> None:
+    from fedvault.release import decrypt_model
+
+    torch.manual_seed(0)
+    x = flatten(get_task("digits").build_model().state_dict())
+    n = len(x)
+    run = RunDirectory(tmp_path / "run")
+    rec = RunRecorder(run, settings=RunSettings(he=True, min_sites=3), run_id=RUN, mode="test")
+    rec.start(num_sites=4, num_parameters=n)
+    s = EncryptedFedAvg(he=load_context(fed, site=None), num_values=n, run_id=RUN, recorder=rec,
+                        min_sites=3)
+    site = load_context(fed, site="site-0")
+
+    def reply(node: int, values: np.ndarray) -> Message:
+        u = EncryptedUpdate(scheme="bfv", fingerprint=site.fingerprint, num_values=n,
+                            quant_bits=16, bound=8.0, weight=1, num_examples=16, run_id=RUN,
+                            round=1, node_id=node, ciphertexts=tuple(site.encrypt(values)))
+        return _reply(node, {"he-update": u.to_record(),
+                             "metrics": MetricRecord({"num-examples": 16})})
+
+    liar = reply(4, x)
+    h = _hostility(settings=_he_settings(fed), node=NodeConfig.parse(
+        {"site-name": "site-3", "partition-id": 3, "num-partitions": 4}, simulated=True))
+    tamper_reply(liar.content, Behaviour.WEIGHT_LIE, h, phase="train")
+    arrays, _ = s.aggregate_train(1, [reply(1, x), reply(2, x + 0.01), reply(3, x - 0.01), liar])
+    assert arrays is not None
+    rec.end_round(1, arrays, None)
+    with pytest.raises(AggregateRefused, match="holds 19 site contributions, the server claims 4"):
+        decrypt_model(run.root, federation=fed, site="site-1", server_round=1)
+    assert not (run.root / "releases.jsonl").exists()
