@@ -1,8 +1,12 @@
 """ServerApp peak memory when one site sends a huge hostile reply, beside an honest round.
 
-    python bench/reply_memory.py [--hostile-mib 256] [--out bench/results/reply_memory.json]
+    python bench/reply_memory.py [--hostile-mib 256] [--no-deployment] [--deployment-mib 256]
+                                 [--out bench/results/reply_memory.json]
 
-Three scenarios, each measured in a fresh ServerApp-side process, on the real code
+Two measurements: in-process (a simulated Flower receive path, below) and, unless
+``--no-deployment``, on a real deployment (the second table; ~1-2 min per rehearsal).
+
+In-process: three scenarios, each measured in a fresh ServerApp-side process, on the real code
 path: the run's strategy from ``server.app.build_strategy`` (plaintext
 ``FedVaultFedAvg``), its ``configure_train`` (against a stub grid of 11 nodes) and
 ``aggregate_train`` over real Flower ``Message`` replies, a real ``RunRecorder``:
@@ -32,6 +36,29 @@ alone: the mark is reset through /proc/self/clear_refs just before; ``aggregate
 extra`` is that minus ``held``) and ``process peak`` (the larger of the two peaks).
 ``extra over payload`` = process peak(hostile) - process peak(honest) - payload: what
 receiving and validating the hostile reply cost beyond holding its bytes once.
+
+Deployment: three rehearsals (``fedvault.rehearse.rehearse``: a real
+``flower-superlink``, 3 ``flower-supernode`` processes, the run submitted with ``flwr
+run``; the SuperLink's SuperExec starts the ``flwr-serverapp`` process that runs
+fedvault's ServerApp), each of one round (``min_sites=2``, HE and DP off) with a copy
+of this repo as the Flower App:
+
+* ``honest``: the copy unmodified;
+* ``hostile, no reply budget (before)``: site-2's ClientApp replaces its first layer
+  by a ``--deployment-mib`` MiB float32 array of random values (a mod appended to the copy's
+  ``client/app.py``, as ``tests/test_loopback.py`` does), and the copy's
+  ``server/app.py`` does not install the reply budget (``server/transport.py``);
+* ``hostile, reply budget (after)``: the same hostile site, the server code as is.
+
+A background thread polls /proc every 0.2 s for the ``flwr-serverapp`` and
+``flower-superlink`` processes whose FLWR_HOME lies under the rehearsal's run
+directory (the ServerApp inherits the SuperLink's), keeping each one's VmHWM (peak
+resident). Also recorded: wall seconds, the run's status, and from the run's
+events.jsonl the ``site_error`` events whose reason says "larger than" (the reply
+stopped at its budget while pulled) and the ``update_rejected`` events (received
+whole, then rejected). The JSON holds them under ``"deployment"``. The layer is
+random, not zeros: Flower's object store is content-addressed, so identical 5 MiB
+chunks would travel and be stored once.
 
 Goal (the issue): ServerApp peak memory with a 256 MiB hostile reply under 1.2x of
 the honest round.
@@ -340,8 +367,11 @@ def _hostile(msg: Message, context: Context, call_next: Any) -> Message:
             or "arrays" not in reply.content.array_records):
         return reply
     if context.node_config.get("site-name") == "{site}":  # a {mib} MiB layer
+        # random, not zeros: Flower's object store is content-addressed and would keep
+        # identical 5 MiB chunks once
         rec = reply.content.array_records["arrays"]
-        rec[next(iter(rec.keys()))] = Array(np.zeros({mib} * 2**20 // 4, dtype=np.float32))
+        junk = np.random.default_rng().random({mib} * 2**20 // 4, dtype=np.float32)
+        rec[next(iter(rec.keys()))] = Array(junk)
     return reply
 
 
@@ -527,7 +557,7 @@ def run_rehearsal(name: str, work: Path, hostile_mib: int, say: Any) -> dict[str
         try:
             summary: Any = rehearse(settings, sites=DEPLOYMENT_SITES, app=app,
                                     timeout=DEPLOYMENT_TIMEOUT,
-                                    on_status=lambda m: say(f"  {name}: {m}"))
+                                    on_status=lambda m: say(f"  {name}: {m}", markup=False))
         except Exception as exc:  # the bench reports, never dies, on a failed run
             r["error"] = f"{type(exc).__name__}: {exc}"
             try:
@@ -578,6 +608,9 @@ def deployment(hostile_mib: int, console: Any) -> dict[str, Any]:
     """The three rehearsals, their table and goal line; the JSON block."""
     from rich.table import Table
 
+    def mib(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0f}"
+
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="reply-memory-deployment-") as tmp_s:
         for name, label in DEPLOYMENT_SCENARIOS.items():
@@ -587,17 +620,14 @@ def deployment(hostile_mib: int, console: Any) -> dict[str, Any]:
             results[name] = run_rehearsal(name, work, hostile_mib, console.print)
             r = results[name]
             console.print(f"  {name}: {r['status']} in {r['wall_s']:.0f} s; ServerApp peak "
-                          f"{r['serverapp_peak_mib'] or 0:.0f} MiB")
+                          f"{mib(r['serverapp_peak_mib'])} MiB", markup=False)
             if r["left_behind"]:
                 console.print(f"  {name}: WARNING: processes left behind, killed: "
-                              f"{r['left_behind']}")
+                              f"{r['left_behind']}", markup=False)
     honest = results["honest"]["serverapp_peak_mib"]
     for r in results.values():
         peak = r["serverapp_peak_mib"]
         r["ratio"] = peak / honest if peak is not None and honest else None
-
-    def mib(v: float | None) -> str:
-        return "-" if v is None else f"{v:.0f}"
 
     table = Table(title=f"Deployment (real processes, {DEPLOYMENT_SITES} sites, 1 round): "
                   f"peak resident memory (VmHWM), MiB; {HOSTILE_SITE} sends a "
@@ -625,13 +655,15 @@ def deployment(hostile_mib: int, console: Any) -> dict[str, Any]:
     for name, r in results.items():
         for x in r["reasons"]:
             console.print(f"  {DEPLOYMENT_SCENARIOS[name]}: {x['kind']} node {x['node_id']}: "
-                          f"{x['reason']}")
+                          f"{x['reason']}", markup=False)
         budget = r["reply_budget_bytes"]
         console.print(f"  {DEPLOYMENT_SCENARIOS[name]}: reply budget "
-                      + (f"installed, {budget} bytes" if budget else "not installed"))
+                      + (f"installed, {budget} bytes" if budget else "not installed"),
+                      markup=False)
     console.print("serverapp / superlink peak = VmHWM of the flwr-serverapp / flower-superlink "
                   "process (polled every 0.2 s from /proc); the SuperLink holds every reply "
-                  "pushed to it whatever the ServerApp pulls.")
+                  "pushed to it whatever the ServerApp pulls. The hostile layer is random "
+                  "(zeros would be stored once per distinct 5 MiB chunk).")
     return {"sites": DEPLOYMENT_SITES, "hostile_site": HOSTILE_SITE,
             "hostile_mib": hostile_mib, "goal_met": met, "scenarios": results}
 
