@@ -555,8 +555,9 @@ def run_rehearsal(name: str, work: Path, hostile_mib: int, say: Any) -> dict[str
     t0 = time.perf_counter()
     with PeakWatcher(run_dir) as watcher:
         try:
+            # site_code="shipped": the hostile site runs the copy's (modified) code
             summary: Any = rehearse(settings, sites=DEPLOYMENT_SITES, app=app,
-                                    timeout=DEPLOYMENT_TIMEOUT,
+                                    timeout=DEPLOYMENT_TIMEOUT, site_code="shipped",
                                     on_status=lambda m: say(f"  {name}: {m}", markup=False))
         except Exception as exc:  # the bench reports, never dies, on a failed run
             r["error"] = f"{type(exc).__name__}: {exc}"

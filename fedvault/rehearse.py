@@ -1,8 +1,10 @@
 """Loopback rehearsal: a real Flower deployment on this machine.
 
-``fedvault rehearse --sites 3`` starts one real ``flower-superlink`` and N real
-``flower-supernode`` processes on 127.0.0.1, each SuperNode with its own
-``FLWR_HOME`` and ``--node-config`` (its own data file, written from its
+``fedvault rehearse --sites 3`` starts one real ``flower-superlink`` and N sites on
+127.0.0.1, each as ``fedvault site start`` starts a data owner's node
+(:mod:`fedvault.site`: a ``flower-supernode --isolation process`` whose ClientApps
+run the fedvault installed here, for the approved app only), each with its own
+``FLWR_HOME``, ``site.toml`` and node config (its own data file, written from its
 partition of the task's data), submits the run with ``flwr run``, follows the
 run's event log for progress, and stops every process it started (also on
 Ctrl-C, SIGTERM or failure: each process is the leader of its own process
@@ -13,7 +15,8 @@ Layout under the run directory::
     RUN_DIR/deployment/
       superlink/            FLWR_HOME of the SuperLink (its unpacked app)
       cli/config.toml       FLWR_HOME of the `flwr` CLI: the SuperLink connection
-      sites/site-K/         FLWR_HOME of SuperNode K, and data.csv (its private data)
+      sites/site-K/         site K: data.csv (its private data), site.toml, node-config.toml,
+                            its ledger and approvals, site.flwr-home/ (its FLWR_HOME)
       logs/*.log            every process's output
       run-config.toml       the run config submitted with `flwr run`
 
@@ -28,7 +31,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,7 @@ from fedvault.processes import (
     wait_for_port,
 )
 from fedvault.rundir import RunDirectory
+from fedvault.site import approve, fab_hash_of, load_site_config, start_site, write_site_config
 from fedvault.summary import DeploymentBlock, RunSummary
 from fedvault.tables import save_table
 from fedvault.tasks import get_task
@@ -130,10 +134,21 @@ def rehearse(
     on_status: Callable[[str], None] | None = None,
     timeout: float = 3600.0,
     app: Path | None = None,
+    site_code: str = "installed",
+    approved: list[str] | Mapping[int, list[str]] | None = None,
 ) -> RunSummary:
     """Run ``settings`` on a real loopback SuperLink with ``sites`` SuperNodes; ``app``
     is the Flower App directory ``flwr run`` ships (default: fedvault's own; the tests
-    pass a modified copy to play a site running hostile code)."""
+    pass a modified copy to play a central team or a site running hostile code).
+
+    ``site_code="installed"`` (the default) runs every site as ``fedvault site start``
+    does: its ClientApps run the fedvault installed here, never the shipped app's code,
+    and only for the app bundles in ``approved`` (FAB SHA-256, for every site or per
+    site index; default: the bundle of ``app``, as if each data owner had reviewed
+    and approved it). ``"shipped"`` is
+    Flower's own behaviour: each SuperNode installs and runs the app it is sent."""
+    if site_code not in ("installed", "shipped"):
+        raise ConfigError(f"site-code must be 'installed' or 'shipped'. Found {site_code!r}.")
     check_run(settings, sites)
     status = on_status or (lambda _msg: None)
     run_dir = RunDirectory(Path(settings.run_dir).resolve())
@@ -142,6 +157,9 @@ def rehearse(
     settings = settings.replace(run_dir=str(run_dir.root), data_path=str(
         Path(settings.data_path).resolve()) if settings.data_path else "")
     app = app or app_root()
+    approvals: Mapping[int, list[str]] = (
+        approved if isinstance(approved, Mapping) else
+        dict.fromkeys(range(sites), approved if approved is not None else [fab_hash_of(app)]))
     dep_root = run_dir.root / "deployment"
     dep_root.mkdir(parents=True, exist_ok=True)
 
@@ -179,18 +197,28 @@ def rehearse(
 
             for k, path in enumerate(data_files):
                 home = path.parent
-                node_config = site_node_config(settings, k, data=path, label=label,
-                                               bounds=bounds_file).write_toml(
-                                                   home / "node-config.toml")
+                node = site_node_config(settings, k, data=path, label=label,
+                                        bounds=bounds_file)
+                node_config = node.write_toml(home / "node-config.toml")
+                if site_code == "installed":
+                    status(f"starting site {site_name(k)} (its installed code)")
+                    cfg = load_site_config(write_site_config(
+                        home / "site.toml", name=site_name(k),
+                        superlink=f"127.0.0.1:{link_port}", node=node, insecure=True,
+                        runtime_port=free_port()))
+                    for h in approvals.get(k, []):
+                        approve(cfg, h, note="rehearsal")
+                    start_site(dep, cfg, node_config_file=node_config, env=base_env)
+                    continue
                 status(f"starting flower-supernode {site_name(k)}")
-                node = dep.spawn(
+                proc = dep.spawn(
                     site_name(k),
                     [find_executable("flower-supernode"), "--insecure", "--superlink",
                      f"127.0.0.1:{link_port}", "--port", str(free_port()),
                      "--node-config", str(node_config)],
                     env={**base_env, "FLWR_HOME": str(home)},
                 )
-                wait_for_log(node, "SuperNode ID")
+                wait_for_log(proc, "SuperNode ID")
 
             cli_home = dep_root / "cli"
             cli_home.mkdir(exist_ok=True)

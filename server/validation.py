@@ -184,15 +184,16 @@ class Refusal:
 
     reason: str
     site: str
-    epsilon_limit: float
-    delta: float
+    epsilon_limit: float | None
+    delta: float | None
     epsilon_spent: float | None
 
     def as_record(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"reason": self.reason, "site": self.site,
-                               "epsilon-limit": self.epsilon_limit, "delta": self.delta}
-        if self.epsilon_spent is not None:
-            out["epsilon-spent"] = self.epsilon_spent
+        out: dict[str, Any] = {"reason": self.reason, "site": self.site}
+        for key, value in (("epsilon-limit", self.epsilon_limit), ("delta", self.delta),
+                           ("epsilon-spent", self.epsilon_spent)):
+            if value is not None:
+                out[key] = value
         return out
 
 
@@ -201,9 +202,11 @@ def parse_refusal(content: RecordDict) -> Refusal:
     rec = content.config_records["refusal"]
     what = "refusal"
     only_keys(rec, ("reason", "site", "epsilon-limit", "delta", "epsilon-spent"), what=what)
+    # (a site refusing an app it did not approve, client.runtime, states no budget)
     return Refusal(reason=text(rec, "reason", what=what), site=text(rec, "site", what=what),
-                   epsilon_limit=real(rec, "epsilon-limit", 0.0, what=what),
-                   delta=real(rec, "delta", 0.0, 1.0, what=what),
+                   epsilon_limit=(real(rec, "epsilon-limit", 0.0, what=what)
+                                  if "epsilon-limit" in rec else None),
+                   delta=real(rec, "delta", 0.0, 1.0, what=what) if "delta" in rec else None,
                    epsilon_spent=(real(rec, "epsilon-spent", 0.0, what=what)
                                   if "epsilon-spent" in rec else None))
 

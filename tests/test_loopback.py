@@ -115,8 +115,10 @@ def test_sites_running_hostile_code_are_rejected_on_a_real_deployment(tmp_path: 
     # (DP off: the attacks are on the messages, and DP calibration would double the time)
     # (one round: each costs ~1 min here, mostly Flower starting a ClientApp process per
     # message)
+    # (site_code="shipped": the sites run the copy's code, Flower's default, which here
+    # stands for sites 2 and 3 running modified code of their own)
     s = rehearse(RunSettings(run_dir=str(out), num_server_rounds=1, min_sites=2, he=False,
-                             dp=False), sites=4, app=app, timeout=400)
+                             dp=False), sites=4, app=app, timeout=400, site_code="shipped")
     assert s["status"] == "completed" and s["rounds_completed"] == 1
     assert s["history"][1]["sites_participated"] == 2
     assert (s["history"][1]["rejected"], s["history"][1]["errors"]) == (1, 1)
@@ -130,4 +132,65 @@ def test_sites_running_hostile_code_are_rejected_on_a_real_deployment(tmp_path: 
     assert first is not None and last is not None and last > first + 0.2
     budget = [e for e in read_chain(out / "events.jsonl") if e["kind"] == "reply_budget"]
     assert budget and budget[0]["bytes"] == 4 * 2**20
+    assert processes_with_flwr_home_under(out) == []
+
+
+FAB_RAN = '''
+
+# -- appended by tests/test_loopback.py: proof that this copy's code ran ----------------
+import os as _os
+from pathlib import Path as _Path
+
+_home = _os.environ.get("FLWR_HOME")
+if _home:
+    (_Path(_home) / "shipped-code-ran").write_text(
+        _os.environ.get("FEDVAULT_HE_PASSPHRASE", "(no passphrase in this environment)"))
+'''
+
+
+def test_a_modified_app_cannot_overspend_a_site(tmp_path: Path) -> None:
+    """The central team ships an app whose client/budget.py ignores the site's limit
+    (Flower's own SuperNode would install and run it: in a hand deployment this trained
+    every site to epsilon 7.996 against a limit of 1.0) and whose client/app.py writes
+    what it finds into the site's FLWR_HOME when imported. Sites 0 and 1 approved that
+    app (a data owner who did not read the diff), site 2 only the honest one: every site
+    runs the fedvault installed at the site, so 0 and 1 refuse the run's epsilon 8 as
+    their own limit of 1 demands, 2 refuses the unapproved app; no site reserved any
+    epsilon and none of the shipped code ran at a site."""
+    import shutil
+
+    from fedvault.errors import DeploymentError
+    from fedvault.rehearse import rehearse
+    from fedvault.site import fab_hash_of
+    from protocols.config import RunSettings
+
+    app = tmp_path / "app"
+    shutil.copytree(ROOT, app, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "runs", "tests", "bench", "*.egg-info", "__pycache__", ".*_cache"))
+    budget = app / "client" / "budget.py"
+    honest_line = "        max_epsilon=pick(node.max_epsilon, base.max_epsilon),"
+    assert honest_line in budget.read_text()
+    budget.write_text(budget.read_text().replace(
+        honest_line, "        max_epsilon=1e9,  # modified: ignores the site's limit"))
+    (app / "client" / "app.py").write_text((app / "client" / "app.py").read_text() + FAB_RAN)
+    modified, honest = fab_hash_of(app), fab_hash_of(ROOT)
+    assert modified != honest
+    out = tmp_path / "run"
+    with pytest.raises(DeploymentError, match="no round formed an aggregate"):
+        rehearse(RunSettings(run_dir=str(out), num_server_rounds=1, min_sites=2, he=False,
+                             site_max_epsilon=1.0, target_epsilon=8.0),
+                 sites=3, app=app, timeout=400,
+                 approved={0: [modified], 1: [modified], 2: [honest]})
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "failed" and s["history"][1]["refused"] == 3
+    reasons = {e["site"]: e["reason"] for e in read_chain(out / "events.jsonl")
+               if e["kind"] == "site_refused"}
+    assert "privacy budget" in reasons["site-0"] and "privacy budget" in reasons["site-1"]
+    assert "is not approved at this site" in reasons["site-2"]
+    sites = out / "deployment" / "sites"
+    for k in range(3):
+        ledger = sites / f"site-{k}" / "privacy-ledger.jsonl"
+        kinds = [e["kind"] for e in read_chain(ledger)] if ledger.exists() else []
+        assert "reservation" not in kinds, (k, kinds)
+    assert list(sites.rglob("shipped-code-ran")) == []
     assert processes_with_flwr_home_under(out) == []

@@ -168,6 +168,33 @@ def build_parser() -> argparse.ArgumentParser:
                     help="environment variable holding the secret context's passphrase")
     md.set_defaults(handler=_handler("model", "cmd_model_decrypt"))
 
+    st = sub.add_parser("site", help="a data owner's node: start it, approve apps",
+                        description="Run this site's node with the fedvault installed here "
+                        "(never the code a SuperLink ships) and decide which apps it serves.")
+    ssub = st.add_subparsers(dest="site_command", metavar="ACTION", required=True)
+    ss = ssub.add_parser("start", help="start this site's SuperNode and its ClientApp runtime",
+                         description="Start flower-supernode (--isolation process) and a "
+                         "flower-superexec whose ClientApp processes run the fedvault "
+                         "installed here, for approved apps only; stop both on Ctrl-C.")
+    ss.add_argument("--config", type=Path, required=True, metavar="SITE.toml")
+    ss.set_defaults(handler=_handler("site", "cmd_site_start"))
+    sa = ssub.add_parser("approve", help="serve runs of an app (by its FAB's SHA-256)",
+                         description="Append an approval (or, with --revoke, its withdrawal) "
+                         "to the site's hash-chained approvals file. Give the app as a "
+                         "directory (hashed as `flwr run` builds it), a .fab file, or a hash.")
+    what = sa.add_mutually_exclusive_group(required=True)
+    what.add_argument("--app", type=Path, metavar="DIR_OR_FAB",
+                      help="the app you reviewed: its directory or its .fab file")
+    what.add_argument("--hash", metavar="SHA256", help="the FAB's SHA-256")
+    sa.add_argument("--config", type=Path, required=True, metavar="SITE.toml")
+    sa.add_argument("--note", default="", help="why (recorded)")
+    sa.add_argument("--revoke", action="store_true", help="withdraw an approval")
+    sa.set_defaults(handler=_handler("site", "cmd_site_approve"))
+    sl = ssub.add_parser("approvals", help="list the apps this site serves",
+                         description="Verify the approvals file and list what it approves.")
+    sl.add_argument("--config", type=Path, required=True, metavar="SITE.toml")
+    sl.set_defaults(handler=_handler("site", "cmd_site_approvals"))
+
     t = sub.add_parser("tasks", help="list the built-in tasks",
                        description="List the built-in tasks.")
     t.set_defaults(handler=_handler("model", "cmd_tasks"))

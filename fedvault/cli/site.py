@@ -1,0 +1,73 @@
+"""``fedvault site``: a data owner's node (start, approve, approvals)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.table import Table as RichTable
+
+from client.runtime import approved_hashes
+from fedvault.cli.render import console, err_console
+from fedvault.processes import Deployment, sigterm_as_interrupt
+from fedvault.site import approve, fab_hash_of, load_site_config, start_site
+from protocols.hashchain import read_chain
+
+
+def cmd_site_start(args: argparse.Namespace) -> int:
+    cfg = load_site_config(args.config)
+    if cfg.insecure:
+        err_console.print("[bold red]warning: insecure = true: no TLS to the SuperLink and "
+                          "no check of who it is. Use this for a rehearsal only.[/]")
+    if not approved_hashes(cfg.approvals):
+        err_console.print(f"[yellow]no app is approved yet ({cfg.approvals}): every run "
+                          "will be refused until `fedvault site approve`.[/]")
+    node_config = cfg.home / "node-config.toml"
+    cfg.home.mkdir(parents=True, exist_ok=True)
+    from protocols.node_config import NodeConfig
+
+    NodeConfig.parse(cfg.node_config).write_toml(node_config)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent),
+                                   env.get("PATH", os.defpath)])
+    dep = Deployment(root=cfg.home)
+    with sigterm_as_interrupt():
+        try:
+            start_site(dep, cfg, node_config_file=node_config, env=env)
+            console.print(f"site {cfg.name}: connected to {cfg.superlink}; ClientApps run "
+                          f"the fedvault installed at {Path(sys.executable).parent}; logs in "
+                          f"{cfg.home / 'logs'}. Ctrl-C stops it.")
+            while True:
+                dep.check_alive()
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            console.print("stopping")
+            return 130
+        finally:
+            dep.stop()
+
+
+def cmd_site_approve(args: argparse.Namespace) -> int:
+    cfg = load_site_config(args.config)
+    h = args.hash if args.hash else fab_hash_of(args.app)
+    entry = approve(cfg, h, note=args.note, revoke=args.revoke)
+    console.print(f"{'revoked' if args.revoke else 'approved'}: {entry['fab_hash']} "
+                  f"(entry {entry['seq']} of {cfg.approvals})", highlight=False)
+    return 0
+
+
+def cmd_site_approvals(args: argparse.Namespace) -> int:
+    cfg = load_site_config(args.config)
+    current = approved_hashes(cfg.approvals)
+    t = RichTable(title=f"apps site {cfg.name} serves ({cfg.approvals})")
+    for col in ("FAB sha256", "approved", "by", "note"):
+        t.add_column(col)
+    entries = read_chain(cfg.approvals) if cfg.approvals.exists() else []
+    for e in entries:
+        if e["kind"] == "app_approved" and e["fab_hash"] in current:
+            t.add_row(e["fab_hash"], e["at"], e["by"], e["note"])
+    console.print(t)
+    return 0
