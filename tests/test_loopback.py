@@ -19,15 +19,20 @@ pytestmark = pytest.mark.loopback
 
 def test_rehearsal_runs_a_real_deployment_and_cleans_up(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    r = run_cli("rehearse", "--sites", "3", "--rounds", "2", "--he", "--out", str(out),
+    # (one round: each costs ~45 s here, mostly Flower starting a ClientApp process per
+    # message; the encrypted global model is then decrypted by the sites for evaluation)
+    r = run_cli("rehearse", "--sites", "3", "--rounds", "1", "--he", "--out", str(out),
                 timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     s = json.loads((out / "summary.json").read_text())
     assert s["mode"] == "deployment" and s["sites"] == 3 and s["status"] == "completed"
     hist = s["history"]
-    assert [h["sites_participated"] for h in hist[1:]] == [3, 3]
+    assert [h["sites_participated"] for h in hist[1:]] == [3]
     assert hist[-1]["accuracy"] > hist[0]["accuracy"] + 0.2
-    assert s["he"]["enabled"] and [h["encrypted"] for h in hist] == [False, True, True]
+    assert s["he"]["enabled"] and [h["encrypted"] for h in hist] == [False, True]
+    # every site ran the fedvault installed here (fedvault site start's runtime)
+    assert "fedvault site runtime" in (out / "deployment" / "logs" /
+                                       "site-0-superexec.log").read_text()
     assert verify_chain(out / "events.jsonl").ok
     # every site had its own data file and FLWR_HOME; the SuperLink really ran the app
     dep = out / "deployment"
