@@ -318,8 +318,14 @@ def _dp_round(msg: Message, context: Context, settings: RunSettings, node: NodeC
                                      server_round=server_round, delta=policy.delta,
                                      limit=policy.max_epsilon, dataset=dataset,
                                      insecure=not settings.secure_mode)
-    except PrivacyRefused as exc:  # the ledger recorded it; its values fill the reply
-        return _refusal(msg, policy, exc.reason, spent=exc.epsilon_spent)
+    except PrivacyRefused as exc:  # the ledger recorded it in full; the server learns
+        # that the round would pass the limit and what *this run* spent, not the scope's
+        # cumulative ε (what the site spent in other runs is not the server's business)
+        return _refusal(msg, policy, f"privacy budget: this round would take budget scope "
+                        f"{policy.budget_scope!r} past the site's limit "
+                        f"{policy.max_epsilon:g} (delta {policy.delta:g})",
+                        spent=ledger.run_spent(policy.budget_scope, run_id=run_id,
+                                               delta=policy.delta))
     except IntegrityError as exc:  # e.g. another process left a torn line meanwhile
         return _refusal(msg, policy, f"privacy ledger: {exc}")
     if not settings.secure_mode:
@@ -334,7 +340,9 @@ def _dp_round(msg: Message, context: Context, settings: RunSettings, node: NodeC
                 "(scope %s, delta %g)", policy.site_name, server_round, result.steps,
                 reservation["epsilon_after"], policy.max_epsilon, policy.budget_scope,
                 policy.delta)
-    privacy = {"site": policy.site_name, "epsilon": float(reservation["epsilon_after"]),
+    # the ε of this run alone (the ledger keeps the scope's cumulative ε at the site)
+    run_epsilon = ledger.run_spent(policy.budget_scope, run_id=run_id, delta=policy.delta)
+    privacy = {"site": policy.site_name, "epsilon": run_epsilon,
                "delta": policy.delta, "accountant": policy.accountant,
                "noise-multiplier": sigma, "sample-rate": plan.sample_rate,
                "steps": plan.steps}

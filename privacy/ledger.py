@@ -311,6 +311,14 @@ class PrivacyLedger:
     def spent(self, scope: str = SITE_SCOPE, *, delta: float) -> float:
         return self.accountant.epsilon(self.history(scope), delta=delta)
 
+    def run_spent(self, scope: str, *, run_id: str, delta: float) -> float:
+        """The ε of one run's reservations in ``scope`` alone: what a site tells the
+        server (its cumulative ε would tell the server what it spent elsewhere)."""
+        events = [SubsampledGaussianEvent.from_dict(ev) for e in self.entries()
+                  if e.get("kind") == "reservation" and str(e.get("run_id")) == run_id
+                  and entry_scope(e) == scope for ev in e.get("events", [])]
+        return self.accountant.epsilon(events, delta=delta) if events else 0.0
+
     def check(self, scope: str, planned: Sequence[SubsampledGaussianEvent], *,
               delta: float, limit: float) -> BudgetCheck:
         return self.accountant.check(self.history(scope), planned, delta=delta, limit=limit)

@@ -49,7 +49,10 @@ def test_site_stops_exactly_when_the_next_round_would_exceed(tmp_path: Path) -> 
         if "refusal" in reply.content.config_records:
             refused_at = r
             reason = str(reply.content.config_records["refusal"]["reason"])
-            assert f"> limit {limit:g}" in reason and "has spent epsilon" in reason
+            # the server hears that the limit would be passed, never the scope's
+            # cumulative epsilon (the ledger keeps that, below)
+            assert f"past the site's limit {limit:g}" in reason
+            assert "has spent epsilon" not in reason
             break
         trained += 1
     assert trained == 3 and refused_at == 4
@@ -58,5 +61,6 @@ def test_site_stops_exactly_when_the_next_round_would_exceed(tmp_path: Path) -> 
     assert res[-1]["epsilon_after"] <= limit
     assert res[-1]["epsilon_after"] == pytest.approx(oracle(3), rel=0.01)
     ref = next(e for e in entries if e["kind"] == "refusal")
+    assert "has spent epsilon" in ref["reason"] and f"> limit {limit:g}" in ref["reason"]
     assert ref["epsilon_requested"] > limit
     assert ref["epsilon_requested"] == pytest.approx(oracle(4), rel=0.01)
