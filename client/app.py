@@ -318,7 +318,7 @@ def _dp_round(msg: Message, context: Context, settings: RunSettings, node: NodeC
                                      server_round=server_round, delta=policy.delta,
                                      limit=policy.max_epsilon, dataset=dataset,
                                      insecure=not settings.secure_mode)
-    except PrivacyRefused as exc:  # the ledger recorded it in full; the server learns
+    except PrivacyRefused:  # the ledger recorded it in full; the server learns
         # that the round would pass the limit and what *this run* spent, not the scope's
         # cumulative ε (what the site spent in other runs is not the server's business)
         return _refusal(msg, policy, f"privacy budget: this round would take budget scope "

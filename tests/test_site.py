@@ -130,3 +130,47 @@ def test_site_approve_and_approvals_commands(tmp_path: Path) -> None:
     assert r.returncode == 0 and H1[:20] in r.stdout
     r = cli_in_process("site", "approve", "--config", str(p), "--hash", "zz")
     assert r.returncode == 2 and "64 hex digits" in r.stderr
+
+
+def _real_site(tmp_path: Path, **node: object) -> Path:
+    import numpy as np
+
+    from client.data import save_table
+    from fedvault.tasks import get_task
+
+    data = save_table(get_task("tabular").embedded().subset(np.arange(300)),
+                      tmp_path / "site.csv", label_column="y")
+    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in node.items())
+    p = tmp_path / "site.toml"
+    p.write_text(f'[site]\nname = "clinic"\nsuperlink = "127.0.0.1:9092"\ninsecure = true\n'
+                 f'[node-config]\ndata-path = "{data}"\nlabel-column = "y"\ntask = "tabular"\n'
+                 f'ledger-path = "{tmp_path / "ledger.jsonl"}"\n{extra}')
+    return p
+
+
+def test_preview_shows_the_cost_and_spends_nothing(tmp_path: Path) -> None:
+    p = _real_site(tmp_path, **{"max-epsilon": 9.0})
+    run = tmp_path / "run.toml"
+    run.write_text('task = "tabular"\nnum-server-rounds = 3\ntarget-epsilon = 4.0\n')
+    r = cli_in_process("site", "preview", "--config", str(p), "--run-config", str(run),
+                       "--check")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "site clinic" in r.stdout and "3 round(s)" in r.stdout
+    assert "0.0000 spent -> 4.0" in r.stdout.replace("3.99", "4.0") and "of 9" in r.stdout
+    assert "what leaves the site each round" in r.stdout
+    assert not (tmp_path / "ledger.jsonl").exists()  # nothing written, not even a secret
+    assert not list(tmp_path.glob("*.secret"))
+
+
+def test_preview_check_fails_before_any_spend(tmp_path: Path) -> None:
+    p = _real_site(tmp_path, **{"max-epsilon": 2.0})
+    run = tmp_path / "run.toml"
+    run.write_text('task = "tabular"\nnum-server-rounds = 3\ntarget-epsilon = 4.0\n')
+    r = cli_in_process("site", "preview", "--config", str(p), "--run-config", str(run),
+                       "--check")
+    assert r.returncode == 1 and "FAILS" in r.stdout and "> limit 2" in r.stdout
+    digits = tmp_path / "digits.toml"
+    digits.write_text('task = "digits"\n')
+    r = cli_in_process("site", "preview", "--config", str(p), "--run-config", str(digits),
+                       "--check")
+    assert r.returncode == 1 and "serves task 'tabular'" in r.stdout

@@ -190,6 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--note", default="", help="why (recorded)")
     sa.add_argument("--revoke", action="store_true", help="withdraw an approval")
     sa.set_defaults(handler=_handler("site", "cmd_site_approve"))
+    sp = ssub.add_parser("preview", help="what a run will do and cost here, before any "
+                         "budget is reserved",
+                         description="Apply the run config the central team published to "
+                         "this site's data, limits and ledger: task, rounds, local steps, "
+                         "sampling rate, noise, delta, the epsilon the run will cost this "
+                         "budget scope and what remains, what leaves the site; every check "
+                         "a round makes before its reservation. Nothing is written.")
+    sp.add_argument("--config", type=Path, required=True, metavar="SITE.toml")
+    sp.add_argument("--run-config", type=Path, default=None, metavar="FILE.toml",
+                    help="the run config: its keys at the top level, or an app's "
+                    "pyproject.toml ([tool.flwr.app.config]); default: the defaults")
+    sp.add_argument("--check", action="store_true", help="exit 1 if any check fails")
+    sp.set_defaults(handler=_handler("site", "cmd_site_preview"))
     sl = ssub.add_parser("approvals", help="list the apps this site serves",
                          description="Verify the approvals file and list what it approves.")
     sl.add_argument("--config", type=Path, required=True, metavar="SITE.toml")

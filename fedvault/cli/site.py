@@ -71,3 +71,50 @@ def cmd_site_approvals(args: argparse.Namespace) -> int:
             t.add_row(e["fab_hash"], e["at"], e["by"], e["note"])
     console.print(t)
     return 0
+
+
+def _run_config(path: Path | None) -> dict[str, object]:
+    import tomllib
+
+    from fedvault.errors import ConfigError
+
+    if path is None:
+        return {}
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"run config {str(path)!r}: {exc}") from None
+    app = doc.get("tool", {}).get("flwr", {}).get("app", {})
+    return dict(app.get("config", {})) if "tool" in doc else doc
+
+
+def cmd_site_preview(args: argparse.Namespace) -> int:
+    from client.preview import preview
+    from protocols.config import RunSettings
+    from protocols.node_config import NodeConfig
+
+    cfg = load_site_config(args.config)
+    settings = RunSettings.from_config(_run_config(args.run_config))
+    p = preview(settings, NodeConfig.parse(cfg.node_config))
+    console.print(f"[bold]site {p.site}[/]: task {p.task}, {p.rounds} round(s)")
+    plan = p.plan
+    if plan.get("dp"):
+        console.print(
+            f"per round: {plan['steps_per_round']} DP-SGD steps on {plan['train_examples']} "
+            f"training examples, sampling rate {plan['sample_rate']:.4f}, noise multiplier "
+            f"{plan['noise_multiplier']:.4f}, clipping {plan['max_grad_norm']:g}\n"
+            f"budget scope {plan['scope']!r} ({plan['accountant']}, delta {plan['delta']:g}): "
+            f"ε {plan['epsilon_before']:.4f} spent -> {plan['epsilon_after']:.4f} after this "
+            f"run, of {plan['epsilon_limit']:g}; {plan['epsilon_remaining']:.4f} would remain",
+            highlight=False)
+    elif plan:
+        console.print(f"[yellow]the run trains WITHOUT differential privacy on "
+                      f"{plan['train_examples']} examples[/]")
+    t = RichTable(title="checks (a round makes the same ones before it reserves any ε)")
+    for col in ("check", "", "detail"):
+        t.add_column(col, overflow="fold")
+    for name, ok, detail in p.checks:
+        t.add_row(name, "[green]ok[/]" if ok else "[red]FAILS[/]", detail)
+    console.print(t)
+    console.print("what leaves the site each round: " + "; ".join(p.leaves), highlight=False)
+    return 1 if args.check and not p.ok else 0
