@@ -337,9 +337,9 @@ def _dp_round(msg: Message, context: Context, settings: RunSettings, node: NodeC
                                seed=seed, task_name=settings.task))
     ledger.complete(reservation, steps_taken=result.steps)
     logger.info("site %s round %s: trained %d DP-SGD steps; epsilon %.4f of %g "
-                "(scope %s, delta %g)", policy.site_name, server_round, result.steps,
-                reservation["epsilon_after"], policy.max_epsilon, policy.budget_scope,
-                policy.delta)
+                "(scope %s, delta %g; ledger entry %s)", policy.site_name, server_round,
+                result.steps, reservation["epsilon_after"], policy.max_epsilon,
+                policy.budget_scope, policy.delta, reservation["seq"])
     # the ε of this run alone (the ledger keeps the scope's cumulative ε at the site)
     run_epsilon = ledger.run_spent(policy.budget_scope, run_id=run_id, delta=policy.delta)
     privacy = {"site": policy.site_name, "epsilon": run_epsilon,

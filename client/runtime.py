@@ -167,9 +167,27 @@ def run_task(runtime_api_address: str, token: str, *, insecure: bool,
     flwr_exit(code=exit_code, event_type=EventType.FLWR_CLIENTAPP_RUN_LEAVE)
 
 
+def site_logging() -> None:
+    """One handler for fedvault's loggers in a site's ClientApp process (without it
+    their INFO lines, each round's ε among them, went nowhere); not propagated to the
+    root logger, so no line appears twice."""
+    import logging
+    import sys
+
+    log_ = logging.getLogger("fedvault")
+    if not log_.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: "
+                                               "%(message)s"))
+        log_.addHandler(handler)
+    log_.setLevel(logging.INFO)
+    log_.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``flwr-clientapp`` as ``fedvault site start`` puts it on the superexec's PATH
     (the same arguments as Flower's)."""
+    site_logging()
     parser = argparse.ArgumentParser(description="fedvault's site ClientApp runtime")
     parser.add_argument("--runtime-api-address", required=True)
     add_args_flwr_app_common(parser=parser)

@@ -30,9 +30,12 @@ def test_rehearsal_runs_a_real_deployment_and_cleans_up(tmp_path: Path) -> None:
     assert [h["sites_participated"] for h in hist[1:]] == [3]
     assert hist[-1]["accuracy"] > hist[0]["accuracy"] + 0.2
     assert s["he"]["enabled"] and [h["encrypted"] for h in hist] == [False, True]
-    # every site ran the fedvault installed here (fedvault site start's runtime)
-    assert "fedvault site runtime" in (out / "deployment" / "logs" /
-                                       "site-0-superexec.log").read_text()
+    # every site ran the fedvault installed here (fedvault site start's runtime), and
+    # its log says what each round spent, once
+    site_log = (out / "deployment" / "logs" / "site-0-superexec.log").read_text()
+    assert "fedvault site runtime" in site_log
+    spent = [line for line in site_log.splitlines() if "trained" in line and "ledger entry" in line]
+    assert len(spent) == 1 and "site-0 round 1" in spent[0] and "epsilon" in spent[0]
     assert verify_chain(out / "events.jsonl").ok
     # every site had its own data file and FLWR_HOME; the SuperLink really ran the app
     dep = out / "deployment"
