@@ -129,17 +129,6 @@ def test_small_budget_makes_sites_refuse_and_the_run_goes_on(tmp_path: Path) -> 
     assert "refused" in r.stdout
 
 
-def test_simulation_is_reproducible(tmp_path: Path) -> None:
-    accs = []
-    for name in ("a", "b"):
-        r = run_cli("simulate", "--sites", "2", "--min-sites", "2", "--rounds", "1",
-                    "--partition", "iid",
-                    "--insecure-noise", "--out", str(tmp_path / name), "--json")
-        assert r.returncode == 0, r.stderr
-        accs.append([h["accuracy"] for h in json.loads(r.stdout)["history"]])
-    assert accs[0] == accs[1]
-
-
 def test_tabular_on_a_users_csv(tmp_path: Path) -> None:
     import numpy as np
 
