@@ -18,7 +18,8 @@ from client.budget import check_request, noise_multiplier_for_run, site_policy
 from client.dp import plan_round
 from client.he_client import site_context
 from client.site import resolve_site_data
-from fedvault.errors import FedvaultError
+from fedvault.errors import ConfigError, FedvaultError
+from privacy.accountants import get_accountant
 from privacy.ledger import PrivacyLedger
 from privacy.site_secret import SiteSecret, secret_path_for
 from protocols.config import RunSettings
@@ -98,8 +99,6 @@ def preview(settings: RunSettings, node: NodeConfig) -> Preview:
                            limit=policy.max_epsilon)
         before, after = chk.epsilon_before, chk.epsilon_after
     else:
-        from privacy.accountants import get_accountant
-
         before, after = 0.0, get_accountant(policy.accountant).epsilon(events,
                                                                         delta=policy.delta)
     check("budget for the whole run", lambda: (
@@ -111,13 +110,10 @@ def preview(settings: RunSettings, node: NodeConfig) -> Preview:
                 "max_grad_norm": plan.max_grad_norm, "delta": policy.delta,
                 "accountant": policy.accountant, "scope": policy.budget_scope,
                 "epsilon_before": before, "epsilon_after": after,
-                "epsilon_run": after - before if before == 0 else None,
                 "epsilon_limit": policy.max_epsilon,
                 "epsilon_remaining": policy.max_epsilon - after}
     return out
 
 
 def _fail(message: str) -> Any:
-    from fedvault.errors import ConfigError
-
     raise ConfigError(message)

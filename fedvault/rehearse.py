@@ -27,8 +27,6 @@ deployment issue, and every process logs that it is insecure.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -53,7 +51,14 @@ from fedvault.processes import (
     wait_for_port,
 )
 from fedvault.rundir import RunDirectory
-from fedvault.site import approve, fab_hash_of, load_site_config, start_site, write_site_config
+from fedvault.site import (
+    approve,
+    fab_hash_of,
+    flower_env,
+    load_site_config,
+    start_site,
+    write_site_config,
+)
 from fedvault.summary import DeploymentBlock, RunSummary
 from fedvault.tables import save_table
 from fedvault.tasks import get_task
@@ -170,13 +175,7 @@ def rehearse(
     label = settings.label_column or task.default_label_column
     bounds_file = write_declared_bounds(settings, dep_root)
 
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
-    base_env["PYTHONUNBUFFERED"] = "1"
-    # Flower's processes start their helpers (flower-superexec, flwr-serverapp,
-    # flwr-clientapp) by name from PATH: put this interpreter's scripts first, so an
-    # un-activated virtualenv works and no other Flower install is picked up.
-    base_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent),
-                                        base_env.get("PATH", os.defpath)])
+    base_env = flower_env()
     dep = Deployment(root=dep_root)
     subreaper = become_subreaper()
     stop = threading.Event()

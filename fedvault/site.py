@@ -37,6 +37,7 @@ from typing import Any
 
 import tomli_w
 
+from client.runtime import APPROVALS_ENV
 from fedvault.errors import ConfigError
 from fedvault.processes import Deployment, Proc, find_executable, wait_for_log
 from protocols.hashchain import HashChainLog, utc_now
@@ -44,7 +45,6 @@ from protocols.node_config import NodeConfig
 
 #: the script name Flower's superexec launches for a ClientApp task
 CLIENTAPP_COMMAND = "flwr-clientapp"
-APPROVALS_ENV = "FEDVAULT_SITE_APPROVALS"  # (client.runtime reads it)
 _SITE_KEYS = {"name", "superlink", "insecure", "root-certificates", "runtime-port"}
 
 
@@ -173,6 +173,18 @@ def approve(cfg: SiteConfig, fab_hash: str, *, note: str = "", revoke: bool = Fa
 
 
 # -- processes -------------------------------------------------------------------------
+def flower_env() -> dict[str, str]:
+    """The environment Flower's processes start in: this one without FLWR_* settings,
+    unbuffered, and this interpreter's scripts first on PATH (Flower starts its helpers,
+    flower-superexec, flwr-serverapp, flwr-clientapp, by name, so an un-activated
+    virtualenv works and no other Flower install is picked up)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent),
+                                   env.get("PATH", os.defpath)])
+    return env
+
+
 def runtime_shim(home: Path) -> Path:
     """A directory holding ``flwr-clientapp``: this interpreter's :mod:`client.runtime`."""
     bin_dir = home / "bin"

@@ -364,15 +364,13 @@ class HEContext:
         """(serialised length, parms_id, scale) of a fresh encryption under this context:
         what every honest ciphertext of an update looks like."""
         if self._ref is None:
+            ts = _ts()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ts = _ts()
-                vec = (ts.bfv_vector(self.ctx, [0]) if self.params.scheme == "bfv"
-                       else ts.ckks_vector(self.ctx, [0.0]))
-            ct = vec.ciphertext()[0]
-            full = (ts.bfv_vector(self.ctx, [0] * self.params.poly_modulus_degree)
-                    if self.params.scheme == "bfv" else
-                    ts.ckks_vector(self.ctx, [0.0] * (self.params.poly_modulus_degree // 2)))
+                full = (ts.bfv_vector(self.ctx, [0] * self.params.poly_modulus_degree)
+                        if self.params.scheme == "bfv" else
+                        ts.ckks_vector(self.ctx, [0.0] * (self.params.poly_modulus_degree // 2)))
+            ct = full.ciphertext()[0]
             self._ref = (len(full.serialize()), list(ct.parms_id()), float(ct.scale))
         return self._ref
 

@@ -313,11 +313,19 @@ class PrivacyLedger:
 
     def run_spent(self, scope: str, *, run_id: str, delta: float) -> float:
         """The ε of one run's reservations in ``scope`` alone: what a site tells the
-        server (its cumulative ε would tell the server what it spent elsewhere)."""
-        events = [SubsampledGaussianEvent.from_dict(ev) for e in self.entries()
-                  if e.get("kind") == "reservation" and str(e.get("run_id")) == run_id
-                  and entry_scope(e) == scope for ev in e.get("events", [])]
-        return self.accountant.epsilon(events, delta=delta) if events else 0.0
+        server (its cumulative ε would tell the server what it spent elsewhere). When
+        the scope holds nothing but this run, that is the last reservation's
+        ``epsilon_after`` (the same composition), and no accountant runs again."""
+        spends = [e for e in self.entries() if e.get("kind") in SPEND_KINDS
+                  and entry_scope(e) in (scope, ANY_SCOPE)]
+        mine = [e for e in spends if str(e.get("run_id")) == run_id
+                and e.get("kind") == "reservation"]
+        if not mine:
+            return 0.0
+        if len(mine) == len(spends) and mine[-1].get("delta") == delta:
+            return float(mine[-1]["epsilon_after"])
+        events = [SubsampledGaussianEvent.from_dict(ev) for e in mine for ev in e["events"]]
+        return self.accountant.epsilon(events, delta=delta)
 
     def check(self, scope: str, planned: Sequence[SubsampledGaussianEvent], *,
               delta: float, limit: float) -> BudgetCheck:

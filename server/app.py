@@ -146,14 +146,7 @@ def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str
     except BaseException as exc:
         recorder.finish(status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
-    if recorder.aggregates_formed() == 0:
-        # every round ended without an aggregate (refusals, rejections, too few sites):
-        # the run produced nothing, whatever Flower's loop thinks of it
-        recorder.finish(status="failed", error=(
-            f"no round formed an aggregate in {settings.num_server_rounds} round(s): see the "
-            "rejections, refusals and errors in events.jsonl"))
-        return
-    recorder.finish(status="completed")
+    recorder.conclude()
 
 
 def build_server_app(

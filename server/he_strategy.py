@@ -130,11 +130,8 @@ class EncryptedFedAvg(FedVaultFedAvg):
         if u.num_examples != metrics.num_examples:
             raise UpdateRejected(f"he-update claims {u.num_examples} examples, its metrics "
                                  f"{metrics.num_examples}")
-        digest = digest_of(u.ciphertexts)  # before parsing: a replay costs no TenSEAL work
-        if digest in self._digests:
-            r, n = self._digests[digest]
-            raise UpdateRejected(f"replay: the same update was accepted from node {n} in "
-                                 f"round {r}")
+        digest = digest_of(u.ciphertexts)
+        self.check_replay(digest)  # before parsing: a replay costs no TenSEAL work
         try:
             vectors = [self.he.parse_checked(c, slots=k)
                        for c, k in zip(u.ciphertexts, self.slots, strict=True)]

@@ -124,6 +124,16 @@ class RunRecorder:
             plot_accuracy(dict(summary), self.dir.accuracy_png)
         return summary
 
+    def conclude(self) -> RunSummary:
+        """Finish a run whose rounds all ran: ``completed``, unless no round formed an
+        aggregate (refusals, rejections, too few sites): then the run produced nothing,
+        whatever Flower's loop thinks of it, and ends ``failed`` with the reason."""
+        if self.aggregates_formed() == 0:
+            return self.finish(status="failed", error=(
+                f"no round formed an aggregate in {self.settings.num_server_rounds} "
+                "round(s): see the rejections, refusals and errors in events.jsonl"))
+        return self.finish(status="completed")
+
     # -- notes from the strategy -----------------------------------------------------
     def note_sampled(self, server_round: int, node_ids: list[int]) -> None:
         with self._lock:

@@ -211,6 +211,14 @@ class FedVaultFedAvg(FedAvg):
         a :class:`PlainUpdate`. (``EncryptedFedAvg`` parses the ciphertexts instead.)"""
         return parse_plain_update(msg, self.layer_spec(), max_examples=self.max_examples)
 
+    def check_replay(self, digest: str) -> None:
+        """``UpdateRejected`` if an update with this digest was accepted in this run, under
+        any node id or round. (``EncryptedFedAvg`` calls it before parsing ciphertexts.)"""
+        if digest in self._digests:
+            r, n = self._digests[digest]
+            raise UpdateRejected(f"replay: the same update was accepted from node {n} in "
+                                 f"round {r}")
+
     def include(self, server_round: int, update: Any) -> None:
         """Called for each update as it passes validation (``EncryptedFedAvg`` adds it
         to its running sum here); raising ``UpdateRejected`` rejects it after all."""
@@ -286,10 +294,7 @@ class FedVaultFedAvg(FedAvg):
                 if self._not_an_update(server_round, msg):
                     continue
                 parsed = self.parse_update(server_round, msg)
-                if parsed.digest in self._digests:
-                    r, n = self._digests[parsed.digest]
-                    raise UpdateRejected(f"replay: the same update was accepted from node {n} "
-                                         f"in round {r}")
+                self.check_replay(parsed.digest)
                 self.include(server_round, parsed)
                 if parsed.privacy is not None:
                     self.recorder.note_privacy(node, parsed.privacy.as_record())

@@ -106,7 +106,7 @@ def pull_within_budget(grid: HttpGrid, message_ids: Iterable[str], limit: int
                     object_ids=[t.object_id for t in iterate_object_tree(msg_tree)],
                     pull_object_fn=budgeted(pull, limit))
             except ObjectPullError as exc:
-                too_large = isinstance(exc, ReplyTooLarge) or "fedvault reply budget" in str(exc)
+                too_large = isinstance(exc, ReplyTooLarge)  # (pull_objects re-raises it as is)
                 log(WARNING, "reply from node %s not received: %s",
                     msg_proto.metadata.src_node_id, exc)
                 out.append(make_message(

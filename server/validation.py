@@ -30,9 +30,9 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -44,6 +44,7 @@ DEFAULT_MAX_EXAMPLES = 1_000_000
 #: Room for the ``.npy`` header beside an array's raw bytes (NumPy pads it to 64 bytes;
 #: 4 KiB is generous for any shape of a real model).
 NPY_HEADER_ROOM = 4096
+T = TypeVar("T")
 #: Longest free text (reasons, names) taken from a reply.
 MAX_TEXT = 300
 MAX_STEPS = 10**9
@@ -132,6 +133,11 @@ def text(rec: Mapping[str, Any], key: str, *, what: str, required: bool = True) 
     return v[:MAX_TEXT]
 
 
+def optional(rec: Mapping[str, Any], key: str, parse: Callable[[], T]) -> T | None:
+    """``parse()`` if ``key`` is present, else ``None`` (an optional field)."""
+    return parse() if key in rec else None
+
+
 def only_keys(rec: Mapping[str, Any], allowed: Iterable[str], *, what: str) -> None:
     extra = sorted(set(rec.keys()) - set(allowed))
     if extra:
@@ -204,11 +210,11 @@ def parse_refusal(content: RecordDict) -> Refusal:
     only_keys(rec, ("reason", "site", "epsilon-limit", "delta", "epsilon-spent"), what=what)
     # (a site refusing an app it did not approve, client.runtime, states no budget)
     return Refusal(reason=text(rec, "reason", what=what), site=text(rec, "site", what=what),
-                   epsilon_limit=(real(rec, "epsilon-limit", 0.0, what=what)
-                                  if "epsilon-limit" in rec else None),
-                   delta=real(rec, "delta", 0.0, 1.0, what=what) if "delta" in rec else None,
-                   epsilon_spent=(real(rec, "epsilon-spent", 0.0, what=what)
-                                  if "epsilon-spent" in rec else None))
+                   epsilon_limit=optional(rec, "epsilon-limit",
+                                          lambda: real(rec, "epsilon-limit", 0.0, what=what)),
+                   delta=optional(rec, "delta", lambda: real(rec, "delta", 0.0, 1.0, what=what)),
+                   epsilon_spent=optional(rec, "epsilon-spent",
+                                          lambda: real(rec, "epsilon-spent", 0.0, what=what)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,10 +256,10 @@ def parse_train_metrics(content: RecordDict, *, max_examples: int) -> TrainMetri
     what = "train metrics"
     only_keys(rec, ("num-examples", "steps", "train-loss"), what=what)
     return TrainMetrics(num_examples=count(rec, "num-examples", 1, max_examples, what=what),
-                        steps=(count(rec, "steps", 0, MAX_STEPS, what=what)
-                               if "steps" in rec else None),
-                        train_loss=(real(rec, "train-loss", 0.0, what=what)
-                                    if "train-loss" in rec else None))
+                        steps=optional(rec, "steps",
+                                       lambda: count(rec, "steps", 0, MAX_STEPS, what=what)),
+                        train_loss=optional(rec, "train-loss",
+                                            lambda: real(rec, "train-loss", 0.0, what=what)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -245,7 +245,12 @@ def test_a_run_without_any_aggregate_fails(tmp_path: Path) -> None:
     s = _plain(tmp_path)
     s.aggregate_train(1, [_hostile(Behaviour.SHAPE_LIE, 1), _hostile(Behaviour.NON_FINITE, 2)])
     assert s.recorder.aggregates_formed() == 0
+    summary = s.recorder.conclude()  # what run_server ends every run with
+    assert summary["status"] == "failed" and "no round formed an aggregate" in summary["error"]
     assert verify_chain(s.recorder.dir.events).ok
+    ok = _plain(tmp_path / "ok")
+    ok.aggregate_train(1, [_honest(1, 1.0, 10), _honest(2, 3.0, 10)])
+    assert ok.recorder.conclude()["status"] == "completed"
 
 
 # -- encrypted -------------------------------------------------------------------------

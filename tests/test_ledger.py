@@ -296,3 +296,18 @@ def test_killed_mid_round_still_counts(tmp_path: Path) -> None:
     assert spent == pytest.approx(res["epsilon_after"], rel=1e-9) and spent > 0
     # the interrupted round's full planned steps are counted
     assert res["events"][0]["steps"] % 500 == 0 and res["events"][0]["steps"] >= 500 * 10
+
+
+def test_run_spent_is_the_epsilon_of_that_run_alone(tmp_path: Path) -> None:
+    """What a site tells the server: one run's ε, never the scope's total."""
+    led = PrivacyLedger(tmp_path / "l.jsonl", site_secret=False)
+    for r in (1, 2):
+        led.reserve(FP, [_ev()], run_id="run-1", server_round=r, delta=1e-5, limit=100)
+    alone = led.run_spent(FP, run_id="run-1", delta=1e-5)
+    assert alone == led.spent(FP, delta=1e-5)  # the scope holds only this run
+    led.reserve(FP, [_ev()], run_id="run-2", server_round=1, delta=1e-5, limit=100)
+    second = led.run_spent(FP, run_id="run-2", delta=1e-5)
+    assert second == pytest.approx(PRVAccountant().epsilon([_ev()], delta=1e-5), rel=1e-9)
+    assert second < alone < led.spent(FP, delta=1e-5)
+    assert led.run_spent(FP, run_id="run-1", delta=1e-5) == pytest.approx(alone, rel=1e-9)
+    assert led.run_spent(FP, run_id="never", delta=1e-5) == 0.0

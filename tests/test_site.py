@@ -66,6 +66,9 @@ def test_approvals_are_hash_chained_private_and_revocable(tmp_path: Path) -> Non
     cfg.approvals.write_text("\n".join(lines) + "\n")
     with pytest.raises(IntegrityError, match="do not verify"):
         approved_hashes(cfg.approvals)
+    # and the runtime refuses every run, the approved one included, until it is restored
+    reply = answer(_msg("train"), _ctx(), H1, "acme/app", "1.0", str(cfg.approvals))
+    assert "this site's approvals" in str(reply.content.config_records["refusal"]["reason"])
 
 
 def test_the_fab_hash_of_a_directory_is_what_flwr_run_ships() -> None:

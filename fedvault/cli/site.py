@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from rich.table import Table as RichTable
 from client.runtime import approved_hashes
 from fedvault.cli.render import console, err_console
 from fedvault.processes import Deployment, sigterm_as_interrupt
-from fedvault.site import approve, fab_hash_of, load_site_config, start_site
+from fedvault.site import approve, fab_hash_of, flower_env, load_site_config, start_site
 from protocols.hashchain import read_chain
 
 
@@ -30,9 +29,7 @@ def cmd_site_start(args: argparse.Namespace) -> int:
     from protocols.node_config import NodeConfig
 
     NodeConfig.parse(cfg.node_config).write_toml(node_config)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent),
-                                   env.get("PATH", os.defpath)])
+    env = flower_env()
     dep = Deployment(root=cfg.home)
     with sigterm_as_interrupt():
         try:
