@@ -15,27 +15,16 @@ under ``server/`` and ``sites/site-K/``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from fedvault.errors import ConfigError
 from fedvault.names import site_name
+from fedvault.pki import write_secret
 from fedvault.rundir import check_output_dir, write_json_atomic
 from privacy.federation import MANIFEST, PUBLIC_CTX, SECRET_CTX, SECRET_ENC, seal_secret
 from privacy.he import HEContext, HEParams, new_secret_context, public_bytes
 from protocols.hashchain import utc_now
-
-
-def _write_secret(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(path, 0o600)
 
 
 def provision(out: str | Path, *, sites: int, params: HEParams,
@@ -69,9 +58,9 @@ def _provision(root: Path, *, sites: int, params: HEParams, passphrase: str | No
     for k in range(sites):
         site_dir = root / "sites" / site_name(k)
         if passphrase:
-            _write_secret(site_dir / SECRET_ENC, seal_secret(secret, passphrase))
+            write_secret(site_dir / SECRET_ENC, seal_secret(secret, passphrase))
         else:
-            _write_secret(site_dir / SECRET_CTX, secret)
+            write_secret(site_dir / SECRET_CTX, secret)
         names.append(site_name(k))
     manifest = {
         "format": "fedvault.federation/1",

@@ -15,18 +15,27 @@ Layout under the run directory::
     RUN_DIR/deployment/
       superlink/            FLWR_HOME of the SuperLink (its unpacked app)
       cli/config.toml       FLWR_HOME of the `flwr` CLI: the SuperLink connection
+      central/ca/           the central team's CA (ca.key, mode 0600)
+      superlink/            also its TLS certificate and key (superlink.pem/.key, 0600)
       sites/site-K/         site K: data.csv (its private data), site.toml, node-config.toml,
-                            its ledger and approvals, site.flwr-home/ (its FLWR_HOME)
+                            node-auth.key/.pub, its ledger and approvals,
+                            site.flwr-home/ (its FLWR_HOME)
       logs/*.log            every process's output
       run-config.toml       the run config submitted with `flwr run`
 
-Insecure mode (no TLS, no node authentication) only: those come with the
-deployment issue, and every process logs that it is insecure.
+Secure by default: the rehearsal plays the key ceremony of a real deployment. The
+central team's CA (``central/ca``) signs the SuperLink's TLS certificate for 127.0.0.1;
+every site generates its own node-authentication key pair (``sites/site-K/node-auth.key``,
+mode 0600, never copied) and the central team registers only its public half with
+``flwr supernode register`` before the SuperLink, started with
+``--enable-supernode-auth``, lets the node in. ``secure=False`` (``fedvault rehearse
+--insecure``) drops TLS and node authentication, loudly.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -40,6 +49,7 @@ from fedvault.datasets import pool_bounds, pooled_table
 from fedvault.errors import ConfigError, DeploymentError
 from fedvault.names import site_name
 from fedvault.partition import partition_indices
+from fedvault.pki import TLSFiles, new_ca, node_key_pair, server_certificate
 from fedvault.processes import (
     Deployment,
     become_subreaper,
@@ -131,6 +141,25 @@ def site_node_config(settings: RunSettings, k: int, *, data: Path, label: str,
         he_federation=settings.he_federation if settings.he else None)
 
 
+def superlink_security(tls: TLSFiles | None) -> list[str]:
+    """``flower-superlink``'s TLS and node-authentication flags (``--insecure`` without)."""
+    if tls is None:
+        return ["--insecure"]
+    return ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.cert),
+            "--ssl-keyfile", str(tls.key), "--enable-supernode-auth"]
+
+
+def register_node(public_key: Path, name: str, env: dict[str, str]) -> None:
+    """The central team registers a site's node public key with the SuperLink
+    (``flwr supernode register``, over the Control API)."""
+    r = subprocess.run([find_executable("flwr"), "supernode", "register", str(public_key),
+                        CONNECTION_NAME, "--name", name], env=env, capture_output=True,
+                       text=True, timeout=120, stdin=subprocess.DEVNULL)
+    if r.returncode != 0:
+        raise DeploymentError(f"`flwr supernode register` of {name} failed:\n"
+                              f"{(r.stdout + r.stderr).strip()[-2000:]}")
+
+
 def rehearse(
     settings: RunSettings,
     *,
@@ -141,6 +170,8 @@ def rehearse(
     app: Path | None = None,
     site_code: str = "installed",
     approved: list[str] | Mapping[int, list[str]] | None = None,
+    secure: bool = True,
+    register: Callable[[int], bool] = lambda _k: True,
 ) -> RunSummary:
     """Run ``settings`` on a real loopback SuperLink with ``sites`` SuperNodes; ``app``
     is the Flower App directory ``flwr run`` ships (default: fedvault's own; the tests
@@ -151,7 +182,11 @@ def rehearse(
     and only for the app bundles in ``approved`` (FAB SHA-256, for every site or per
     site index; default: the bundle of ``app``, as if each data owner had reviewed
     and approved it). ``"shipped"`` is
-    Flower's own behaviour: each SuperNode installs and runs the app it is sent."""
+    Flower's own behaviour: each SuperNode installs and runs the app it is sent.
+
+    ``secure`` (the default) runs TLS and node authentication (see the module
+    docstring); ``register(k)`` says whether the central team registers site ``k``'s
+    public key (the tests leave one out to see the SuperLink refuse it)."""
     if site_code not in ("installed", "shipped"):
         raise ConfigError(f"site-code must be 'installed' or 'shipped'. Found {site_code!r}.")
     check_run(settings, sites)
@@ -183,48 +218,66 @@ def rehearse(
     with sigterm_as_interrupt():
         try:
             link_port = free_port()
-            status(f"starting flower-superlink on 127.0.0.1:{link_port}")
             link_home = dep_root / "superlink"
             link_home.mkdir(exist_ok=True)
+            tls: TLSFiles | None = None
+            if secure:
+                status("central team: CA and the SuperLink's TLS certificate")
+                new_ca(dep_root / "central" / "ca")
+                tls = server_certificate(dep_root / "central" / "ca", link_home)
+            status(f"starting flower-superlink on 127.0.0.1:{link_port}"
+                   + (" (TLS, node authentication)" if tls else " (INSECURE)"))
             link = dep.spawn(
                 "superlink",
-                [find_executable("flower-superlink"), "--insecure",
+                [find_executable("flower-superlink"), *superlink_security(tls),
                  "--disable-runtime-dependency-installation", "--port", str(link_port)],
                 env={**base_env, "FLWR_HOME": str(link_home)},
             )
             wait_for_port(link_port, link)
+            cli_home = dep_root / "cli"
+            cli_home.mkdir(exist_ok=True)
+            connection: dict[str, Any] = {"address": f"127.0.0.1:{link_port}"}
+            connection.update({"root-certificates": str(tls.ca_cert)} if tls
+                              else {"insecure": True})
+            (cli_home / "config.toml").write_text(tomli_w.dumps({
+                "superlink": {"default": CONNECTION_NAME, CONNECTION_NAME: connection}}),
+                encoding="utf-8")
+            cli_env = {**base_env, "FLWR_HOME": str(cli_home)}
 
             for k, path in enumerate(data_files):
                 home = path.parent
                 node = site_node_config(settings, k, data=path, label=label,
                                         bounds=bounds_file)
                 node_config = node.write_toml(home / "node-config.toml")
+                auth_key = ""
+                if tls is not None:
+                    auth_key = str(node_key_pair(home, comment=site_name(k))[0])
+                    if register(k):
+                        register_node(home / "node-auth.pub", site_name(k), cli_env)
                 if site_code == "installed":
                     status(f"starting site {site_name(k)} (its installed code)")
                     cfg = load_site_config(write_site_config(
                         home / "site.toml", name=site_name(k),
-                        superlink=f"127.0.0.1:{link_port}", node=node, insecure=True,
-                        runtime_port=free_port()))
+                        superlink=f"127.0.0.1:{link_port}", node=node, insecure=tls is None,
+                        root_certificates=str(tls.ca_cert) if tls else "",
+                        auth_key=auth_key, runtime_port=free_port()))
                     for h in approvals.get(k, []):
                         approve(cfg, h, note="rehearsal")
                     start_site(dep, cfg, node_config_file=node_config, env=base_env)
                     continue
                 status(f"starting flower-supernode {site_name(k)}")
+                security = (["--root-certificates", str(tls.ca_cert),
+                             "--auth-supernode-private-key", auth_key] if tls else
+                            ["--insecure"])
                 proc = dep.spawn(
                     site_name(k),
-                    [find_executable("flower-supernode"), "--insecure", "--superlink",
+                    [find_executable("flower-supernode"), *security, "--superlink",
                      f"127.0.0.1:{link_port}", "--port", str(free_port()),
                      "--node-config", str(node_config)],
                     env={**base_env, "FLWR_HOME": str(home)},
                 )
                 wait_for_log(proc, "SuperNode ID")
 
-            cli_home = dep_root / "cli"
-            cli_home.mkdir(exist_ok=True)
-            (cli_home / "config.toml").write_text(tomli_w.dumps({
-                "superlink": {"default": CONNECTION_NAME,
-                              CONNECTION_NAME: {"address": f"127.0.0.1:{link_port}",
-                                                "insecure": True}}}), encoding="utf-8")
             run_config = dep_root / "run-config.toml"
             run_config.write_text(tomli_w.dumps(settings.to_config()), encoding="utf-8")
 
@@ -237,7 +290,7 @@ def rehearse(
                 "flwr-run",
                 [find_executable("flwr"), "run", str(app), CONNECTION_NAME, "--run-config",
                  str(run_config), "--stream"],
-                env={**base_env, "FLWR_HOME": str(cli_home)}, cwd=app,
+                env=cli_env, cwd=app,
             )
             deadline = time.monotonic() + timeout
             while runner.popen.poll() is None:
@@ -263,7 +316,10 @@ def rehearse(
                 raise DeploymentError(f"the run failed: {summary['error'] or 'unknown error'}")
             return run_summary.amend(run_dir, summary, deployment=DeploymentBlock(
                 superlink=f"127.0.0.1:{link_port}", supernodes=sites,
-                transport="Flower SuperLink Fleet API on loopback, insecure",
+                transport=("Flower SuperLink Fleet API on loopback, TLS (rehearsal CA), "
+                           "node authentication" if tls else
+                           "Flower SuperLink Fleet API on loopback, INSECURE (no TLS, no "
+                           "node authentication)"),
                 logs=str(dep_root / "logs")))
         finally:
             stop.set()

@@ -8,6 +8,8 @@ run it with the code installed at the site (``fedvault site start``).
     superlink = "10.0.0.5:9092"     # the SuperLink's Fleet API
     insecure = false                # true: no TLS (loud warning; rehearsals only)
     root-certificates = "ca.pem"    # the CA the SuperLink's certificate chains to
+    auth-key = "node-auth.key"      # this node's authentication key (`fedvault site keygen`;
+                                    # the central team registers node-auth.pub), mode 0600
     runtime-port = 9094             # local Runtime API (SuperNode <-> ClientApp processes)
 
     [node-config]                   # the node config (protocols/node_config.py): data,
@@ -39,13 +41,15 @@ import tomli_w
 
 from client.runtime import APPROVALS_ENV
 from fedvault.errors import ConfigError
+from fedvault.pki import check_secret_file
 from fedvault.processes import Deployment, Proc, find_executable, wait_for_log
 from protocols.hashchain import HashChainLog, utc_now
 from protocols.node_config import NodeConfig
 
 #: the script name Flower's superexec launches for a ClientApp task
 CLIENTAPP_COMMAND = "flwr-clientapp"
-_SITE_KEYS = {"name", "superlink", "insecure", "root-certificates", "runtime-port"}
+_SITE_KEYS = {"name", "superlink", "insecure", "root-certificates", "auth-key",
+              "runtime-port"}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,6 +61,7 @@ class SiteConfig:
     superlink: str
     insecure: bool = False
     root_certificates: str = ""
+    auth_key: str = ""
     runtime_port: int = 9094
     node_config: dict[str, Any] = field(default_factory=dict)
 
@@ -102,6 +107,21 @@ def load_site_config(path: str | Path) -> SiteConfig:
         raise ConfigError(f"{p} [site]: set 'root-certificates' (the CA of the SuperLink's "
                           "TLS certificate) or, for a rehearsal only, insecure = true.",
                           key="root-certificates")
+    auth_key = site.get("auth-key", "")
+    if not isinstance(auth_key, str):
+        raise ConfigError(f"{p} [site] 'auth-key' must be a path.", key="auth-key")
+    if not insecure and not auth_key:
+        raise ConfigError(f"{p} [site]: set 'auth-key' (this node's authentication key: "
+                          "create it with `fedvault site keygen`, and have the central team "
+                          "register its .pub) or, for a rehearsal only, insecure = true.",
+                          key="auth-key")
+    certs, auth_key = (str(p.parent / Path(v).expanduser()) if v else ""
+                       for v in (certs, auth_key))
+    if certs and not Path(certs).is_file():
+        raise ConfigError(f"{p} [site] 'root-certificates': no file {certs!r}.",
+                          key="root-certificates")
+    if auth_key:
+        check_secret_file(auth_key, f"{p} [site] 'auth-key'")
     port = site.get("runtime-port", 9094)
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ConfigError(f"{p} [site] 'runtime-port' must be a port number.",
@@ -113,18 +133,21 @@ def load_site_config(path: str | Path) -> SiteConfig:
                           f"from [site] name {site['name']!r}.", key="site-name")
     NodeConfig.parse(node_config, simulated=False)  # fails closed, naming the key
     return SiteConfig(path=p, name=site["name"], superlink=site["superlink"],
-                      insecure=insecure, root_certificates=certs, runtime_port=port,
+                      insecure=insecure, root_certificates=certs, auth_key=auth_key,
+                      runtime_port=port,
                       node_config=node_config)
 
 
 def write_site_config(path: Path, *, name: str, superlink: str, node: NodeConfig,
                       insecure: bool = False, root_certificates: str = "",
-                      runtime_port: int = 9094) -> Path:
+                      auth_key: str = "", runtime_port: int = 9094) -> Path:
     """Write a ``site.toml`` (the rehearsal writes one per simulated data owner)."""
     site: dict[str, Any] = {"name": name, "superlink": superlink, "insecure": insecure,
                             "runtime-port": runtime_port}
     if root_certificates:
         site["root-certificates"] = root_certificates
+    if auth_key:
+        site["auth-key"] = auth_key
     node_config = node.to_dict()
     path.write_text(tomli_w.dumps({"site": site, "node-config": node_config}),
                     encoding="utf-8")
@@ -203,6 +226,8 @@ def start_site(dep: Deployment, cfg: SiteConfig, *, node_config_file: Path,
     label = name or cfg.name
     cfg.home.mkdir(parents=True, exist_ok=True)
     tls = ["--insecure"] if cfg.insecure else ["--root-certificates", cfg.root_certificates]
+    if cfg.auth_key:
+        tls += ["--auth-supernode-private-key", cfg.auth_key]
     site_env = {**env, "FLWR_HOME": str(cfg.home), APPROVALS_ENV: str(cfg.approvals)}
     node = dep.spawn(label, [find_executable("flower-supernode"), *tls, "--superlink",
                              cfg.superlink, "--isolation", "process", "--port",

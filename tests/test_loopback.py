@@ -26,6 +26,9 @@ def test_rehearsal_runs_a_real_deployment_and_cleans_up(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     s = json.loads((out / "summary.json").read_text())
     assert s["mode"] == "deployment" and s["sites"] == 3 and s["status"] == "completed"
+    # secure by default: TLS to the SuperLink, every node authenticated by its own key
+    assert "TLS" in s["deployment"]["transport"]
+    assert "node authentication" in s["deployment"]["transport"]
     hist = s["history"]
     assert [h["sites_participated"] for h in hist[1:]] == [3]
     assert hist[-1]["accuracy"] > hist[0]["accuracy"] + 0.2
@@ -201,4 +204,28 @@ def test_a_modified_app_cannot_overspend_a_site(tmp_path: Path) -> None:
         kinds = [e["kind"] for e in read_chain(ledger)] if ledger.exists() else []
         assert "reservation" not in kinds, (k, kinds)
     assert list(sites.rglob("shipped-code-ran")) == []
+    assert processes_with_flwr_home_under(out) == []
+
+
+def test_an_unregistered_node_is_refused_by_the_superlink(tmp_path: Path) -> None:
+    """Secure by default: the SuperLink serves TLS with the rehearsal CA's certificate
+    and admits only the nodes whose public keys the central team registered. Site 1
+    made its key pair but was never registered: the SuperLink refuses to activate it,
+    the SuperNode exits at start-up, and the rehearsal stops naming it."""
+    from fedvault.errors import DeploymentError
+    from fedvault.rehearse import rehearse
+    from protocols.config import RunSettings
+
+    out = tmp_path / "run"
+    with pytest.raises(DeploymentError) as err:
+        rehearse(RunSettings(run_dir=str(out), num_server_rounds=1, min_sites=1, he=False),
+                 sites=2, register=lambda k: k != 1, timeout=120)
+    assert err.value.process == "site-1" and "at start-up" in str(err.value)
+    dep = out / "deployment"
+    link_log = (dep / "logs" / "superlink.log").read_text()
+    assert "Uvicorn running on https://" in link_log  # TLS
+    assert "No SuperNode found with the given public key" in link_log
+    assert "SuperNode ID" in (dep / "logs" / "site-0.log").read_text()  # registered: in
+    assert "Failed to activate SuperNode" in (dep / "logs" / "site-1.log").read_text()
+    assert not (dep / "sites" / "site-1" / "privacy-ledger.jsonl").exists()
     assert processes_with_flwr_home_under(out) == []

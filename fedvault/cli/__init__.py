@@ -8,11 +8,13 @@
     fedvault verify PATH         verify a hash-chained log (a run's events.jsonl)
     fedvault budget ...          verify and report a site's privacy ledger
     fedvault provision ...       create a federation (HE contexts and a manifest)
+    fedvault federation ...      TLS certificates; fingerprints to compare by phone
+    fedvault site ...            a data owner's node: keygen, start, approve, preview
     fedvault model decrypt ...   release a model (key holders)
     fedvault tasks               list the built-in tasks
 
 One module per command group (:mod:`.run`, :mod:`.records`, :mod:`.budget`,
-:mod:`.federation`, :mod:`.model`),
+:mod:`.federation`, :mod:`.site`, :mod:`.model`),
 the shared run options (:mod:`.options`) and what is printed (:mod:`.render`).
 Any :class:`~fedvault.errors.FedvaultError` is printed as one line
 ``error: ...`` with exit status 2; an unexpected exception too, with its
@@ -86,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sites", type=int, default=3, help="number of SuperNodes (default: 3)")
     r.add_argument("--timeout", type=float, default=3600.0,
                    help="give up after this many seconds (default: 3600)")
+    r.add_argument("--insecure", action="store_true",
+                   help="no TLS and no node authentication (a loud warning; by default the "
+                   "rehearsal makes a CA, a TLS certificate for the SuperLink and a node key "
+                   "per site, and registers each site's public key)")
     add_run_options(r)
     r.set_defaults(handler=_handler("run", "cmd_rehearse"))
 
@@ -168,6 +174,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="environment variable holding the secret context's passphrase")
     md.set_defaults(handler=_handler("model", "cmd_model_decrypt"))
 
+    fd = sub.add_parser("federation", help="the central team's TLS certificates; "
+                        "fingerprints to compare out of band",
+                        description="Keys and certificates of a deployment.")
+    fsub = fd.add_subparsers(dest="federation_command", metavar="ACTION", required=True)
+    ft = fsub.add_parser("tls", help="a CA and the SuperLink's TLS certificate",
+                         description="Create DIR/ca (ca.pem, and ca.key mode 0600: keep it "
+                         "offline) and DIR/superlink (superlink.pem, superlink.key mode 0600, "
+                         "and a copy of ca.pem) for flower-superlink --ssl-ca-certfile "
+                         "--ssl-certfile --ssl-keyfile. Give every --host the sites dial.")
+    ft.add_argument("--out", type=Path, required=True, metavar="DIR")
+    ft.add_argument("--host", action="append", required=True,
+                    help="an IP address or DNS name of the SuperLink (repeat for more)")
+    ft.set_defaults(handler=_handler("federation", "cmd_federation_tls"))
+    fs = fsub.add_parser("show", help="fingerprints short enough to compare over the phone",
+                         description="Print the fingerprint (first 128 bits of SHA-256) of "
+                         "every certificate, node public key and HE federation manifest "
+                         "found in the given files or directories. The central team and "
+                         "each data owner run it on their own copies and read the "
+                         "fingerprints to each other.")
+    fs.add_argument("paths", type=Path, nargs="+", metavar="PATH")
+    fs.set_defaults(handler=_handler("federation", "cmd_federation_show"))
+
     st = sub.add_parser("site", help="a data owner's node: start it, approve apps",
                         description="Run this site's node with the fedvault installed here "
                         "(never the code a SuperLink ships) and decide which apps it serves.")
@@ -178,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "installed here, for approved apps only; stop both on Ctrl-C.")
     ss.add_argument("--config", type=Path, required=True, metavar="SITE.toml")
     ss.set_defaults(handler=_handler("site", "cmd_site_start"))
+    sk = ssub.add_parser("keygen", help="create this node's authentication key pair",
+                         description="Create node-auth.key (EC P-384, OpenSSH format, mode "
+                         "0600: it never leaves this site) and node-auth.pub in DIR, and print "
+                         "the public key's fingerprint. Send node-auth.pub to the central team, "
+                         "who register it (`flwr supernode register`), and read them the "
+                         "fingerprint over the phone; set site.toml's auth-key to the key.")
+    sk.add_argument("--dir", type=Path, required=True, metavar="DIR")
+    sk.add_argument("--name", default="", help="a comment in the public key (the site's name)")
+    sk.set_defaults(handler=_handler("site", "cmd_site_keygen"))
     sa = ssub.add_parser("approve", help="serve runs of an app (by its FAB's SHA-256)",
                          description="Append an approval (or, with --revoke, its withdrawal) "
                          "to the site's hash-chained approvals file. Give the app as a "

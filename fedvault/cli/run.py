@@ -14,6 +14,7 @@ from fedvault.cli.options import check_cpus_per_site, default_out, explicit, set
 from fedvault.cli.render import (
     RoundProgress,
     console,
+    err_console,
     finish,
     print_scenario,
     warn_insecure,
@@ -115,10 +116,15 @@ def cmd_rehearse(args: argparse.Namespace) -> int:
     settings = settings_from(args, "rehearsal")
     check_run(settings, args.sites)
     warn_insecure(settings)
+    if args.insecure:
+        err_console.print("[bold red]warning: --insecure: the SuperLink runs without TLS and "
+                          "accepts any SuperNode (no node authentication). Never deploy "
+                          "like this.[/]")
     with RoundProgress(settings.num_server_rounds, f"rehearsing {args.sites} sites",
                        to_stderr=args.json) as bar:
         summary = rehearse(settings, sites=args.sites, on_event=bar.on_event,
-                           on_status=bar.status, timeout=args.timeout)
+                           on_status=bar.status, timeout=args.timeout,
+                           secure=not args.insecure)
     code = finish(args, dict(summary), Path(settings.run_dir))
     if not args.json:
         console.print(f"logs:    {summary['deployment']['logs']}")

@@ -11,6 +11,7 @@ from rich.table import Table as RichTable
 
 from client.runtime import approved_hashes
 from fedvault.cli.render import console, err_console
+from fedvault.pki import node_key_pair, public_key_fingerprint
 from fedvault.processes import Deployment, sigterm_as_interrupt
 from fedvault.site import approve, fab_hash_of, flower_env, load_site_config, start_site
 from protocols.hashchain import read_chain
@@ -45,6 +46,15 @@ def cmd_site_start(args: argparse.Namespace) -> int:
             return 130
         finally:
             dep.stop()
+
+
+def cmd_site_keygen(args: argparse.Namespace) -> int:
+    priv, pub = node_key_pair(args.dir, comment=args.name)
+    console.print(f"node key:   {priv} (mode 0600: keep it here, back it up)\n"
+                  f"public key: {pub} (send it to the central team)\n"
+                  f"fingerprint: [bold]{public_key_fingerprint(pub)}[/] (read it to them: "
+                  "`fedvault federation show` prints the same)", highlight=False)
+    return 0
 
 
 def cmd_site_approve(args: argparse.Namespace) -> int:
