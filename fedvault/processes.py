@@ -2,7 +2,16 @@
 log its output to a file, wait until it listens or logs a line, and stop the whole
 group (terminate, then kill), also on Ctrl-C or SIGTERM, reaping orphans as a
 subreaper where Linux allows it. Generic: nothing here knows Flower; the loopback
-rehearsal (:mod:`fedvault.rehearse`) orchestrates Flower's processes with it."""
+rehearsal (:mod:`fedvault.rehearse`) orchestrates Flower's processes with it.
+
+A supervisor killed outright (``kill -9``) runs no cleanup, and the processes it
+started, each in its own session, would go on (a site's ClientApps training and
+spending budget for a run nobody follows). So every :class:`Deployment` starts a
+**guard**: a small process of its own session that holds the read end of a pipe
+only the supervisor writes to. When the supervisor dies, however it dies, the
+kernel closes the pipe; the guard reads end-of-file, then terminates and kills every
+process of the deployment (by ``FLWR_HOME`` under the deployment's root, and their
+descendants). A supervisor that stops normally tells the guard so first."""
 
 from __future__ import annotations
 
@@ -47,6 +56,11 @@ class Proc:
     popen: subprocess.Popen[bytes]
     log: Path
     handle: IO[bytes]
+    #: the deployment cannot go on without it (a site's processes are not: a run
+    #: continues without a site that went away)
+    essential: bool = True
+    #: whether the supervisor has reported this process's exit
+    reported: bool = False
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -62,9 +76,13 @@ class Deployment:
 
     root: Path
     procs: list[Proc] = field(default_factory=list)
+    guard: subprocess.Popen[bytes] | None = None
+    _guard_fd: int | None = None
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None,
-              ) -> Proc:
+              *, essential: bool = True) -> Proc:
+        if self.guard is None:
+            self._start_guard()
         log = self.root / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         fh = log.open("wb")
@@ -72,20 +90,44 @@ class Deployment:
             argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             cwd=cwd, start_new_session=True,
         )
-        proc = Proc(name=name, popen=popen, log=log, handle=fh)
+        proc = Proc(name=name, popen=popen, log=log, handle=fh, essential=essential)
         self.procs.append(proc)
         return proc
 
-    def check_alive(self, exclude: tuple[str, ...] = ()) -> None:
+    def _start_guard(self) -> None:
+        read_fd, write_fd = os.pipe()  # (not inherited by the processes spawned later)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.guard = subprocess.Popen(
+            [sys.executable, "-m", "fedvault.processes", "guard", str(self.root.resolve()),
+             str(read_fd)], pass_fds=(read_fd,), start_new_session=True,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(read_fd)
+        self._guard_fd = write_fd
+
+    def _tell_guard(self, line: str) -> None:
+        if self._guard_fd is not None:
+            try:
+                os.write(self._guard_fd, line.encode())
+            except OSError:  # the guard is gone: nothing to tell
+                pass
+
+    def check_alive(self, exclude: tuple[str, ...] = ()) -> list[Proc]:
+        """``DeploymentError`` if an essential process exited; the non-essential ones
+        that exited since the last call (each reported once)."""
+        exited: list[Proc] = []
         for p in self.procs:
-            if p.name in exclude:
+            if p.name in exclude or p.reported:
                 continue
             rc = p.popen.poll()
-            if rc is not None:
+            if rc is None:
+                continue
+            if p.essential:
                 raise DeploymentError(
                     f"{p.name} exited with status {rc} during the run; last lines of "
-                    f"{p.log}:\n{p.tail()}"
-                )
+                    f"{p.log}:\n{p.tail()}", process=p.name, returncode=rc)
+            p.reported = True
+            exited.append(p)
+        return exited
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM every process group, wait ``grace`` seconds, then SIGKILL every
@@ -118,6 +160,48 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 pass
             p.handle.close()
+        self._release_guard()
+
+    def _release_guard(self) -> None:
+        """Every process is stopped: tell the guard there is nothing left to do."""
+        if self._guard_fd is None:
+            return
+        self._tell_guard("done\n")
+        os.close(self._guard_fd)
+        self._guard_fd = None
+        if self.guard is not None:
+            try:
+                self.guard.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.guard.kill()
+
+
+def guard(root: Path, fd: int, grace: float = 3.0) -> None:
+    """The guard's body (see the module docstring): wait for the pipe's end of file;
+    unless the supervisor said ``done`` first, stop every process of the deployment
+    (found by ``FLWR_HOME`` under ``root``, as :meth:`Deployment.stop` finds them, with
+    their descendants: not by remembered process ids, which may be reused)."""
+    buf = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except InterruptedError:
+            continue
+        if not chunk:
+            break
+        buf += chunk
+    if b"done\n" in buf:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0.2), (signal.SIGKILL, 0.2)):
+        found = deployment_processes(root, [])
+        for pid in deployment_processes(root, found):
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if not found:
+            return
+        time.sleep(wait)
 
 
 def become_subreaper() -> bool:
@@ -241,3 +325,11 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+if __name__ == "__main__":  # python -m fedvault.processes guard ROOT FD
+    if len(sys.argv) == 4 and sys.argv[1] == "guard":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # only the pipe's end stops it
+        guard(Path(sys.argv[2]), int(sys.argv[3]))
+    else:
+        sys.exit("usage: python -m fedvault.processes guard ROOT FD")

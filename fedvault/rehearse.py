@@ -69,7 +69,7 @@ from fedvault.site import (
     start_site,
     write_site_config,
 )
-from fedvault.summary import DeploymentBlock, RunSummary
+from fedvault.summary import DeploymentBlock, ProcessExit, RunSummary
 from fedvault.tables import save_table
 from fedvault.tasks import get_task
 from protocols.config import RunSettings
@@ -263,7 +263,8 @@ def rehearse(
                         auth_key=auth_key, runtime_port=free_port()))
                     for h in approvals.get(k, []):
                         approve(cfg, h, note="rehearsal")
-                    start_site(dep, cfg, node_config_file=node_config, env=base_env)
+                    start_site(dep, cfg, node_config_file=node_config, env=base_env,
+                               essential=False)
                     continue
                 status(f"starting flower-supernode {site_name(k)}")
                 security = (["--root-certificates", str(tls.ca_cert),
@@ -274,7 +275,7 @@ def rehearse(
                     [find_executable("flower-supernode"), *security, "--superlink",
                      f"127.0.0.1:{link_port}", "--port", str(free_port()),
                      "--node-config", str(node_config)],
-                    env={**base_env, "FLWR_HOME": str(home)},
+                    env={**base_env, "FLWR_HOME": str(home)}, essential=False,
                 )
                 wait_for_log(proc, "SuperNode ID")
 
@@ -292,9 +293,16 @@ def rehearse(
                  str(run_config), "--stream"],
                 env=cli_env, cwd=app,
             )
-            deadline = time.monotonic() + timeout
+            submitted = time.monotonic()
+            deadline = submitted + timeout
+            exits: list[ProcessExit] = []
             while runner.popen.poll() is None:
-                dep.check_alive(exclude=("flwr-run",))
+                for gone in dep.check_alive(exclude=("flwr-run",)):
+                    status(f"{gone.name} exited with status {gone.popen.returncode}; the "
+                           "run goes on without it")
+                    exits.append(ProcessExit(process=gone.name,
+                                             status=int(gone.popen.returncode or 0),
+                                             seconds=round(time.monotonic() - submitted, 1)))
                 if run_dir.summary.exists():
                     break
                 if time.monotonic() > deadline:
@@ -320,7 +328,7 @@ def rehearse(
                            "node authentication" if tls else
                            "Flower SuperLink Fleet API on loopback, INSECURE (no TLS, no "
                            "node authentication)"),
-                logs=str(dep_root / "logs")))
+                logs=str(dep_root / "logs"), exits=exits))
         finally:
             stop.set()
             status("stopping every process")

@@ -220,9 +220,11 @@ def runtime_shim(home: Path) -> Path:
 
 
 def start_site(dep: Deployment, cfg: SiteConfig, *, node_config_file: Path,
-               env: dict[str, str], name: str | None = None) -> tuple[Proc, Proc]:
+               env: dict[str, str], name: str | None = None, essential: bool = True
+               ) -> tuple[Proc, Proc]:
     """Start the site's SuperNode (``--isolation process``) and its superexec, whose
-    ClientApp processes run :mod:`client.runtime`; wait until the node has joined."""
+    ClientApp processes run :mod:`client.runtime`; wait until the node has joined.
+    ``essential=False``: the deployment goes on if they exit (a rehearsal's sites)."""
     label = name or cfg.name
     cfg.home.mkdir(parents=True, exist_ok=True)
     tls = ["--insecure"] if cfg.insecure else ["--root-certificates", cfg.root_certificates]
@@ -232,11 +234,11 @@ def start_site(dep: Deployment, cfg: SiteConfig, *, node_config_file: Path,
     node = dep.spawn(label, [find_executable("flower-supernode"), *tls, "--superlink",
                              cfg.superlink, "--isolation", "process", "--port",
                              str(cfg.runtime_port), "--node-config", str(node_config_file)],
-                     env=site_env)
+                     env=site_env, essential=essential)
     wait_for_log(node, "SuperNode ID")
     path = os.pathsep.join([str(runtime_shim(cfg.home)), site_env.get("PATH", os.defpath)])
     exec_ = dep.spawn(f"{label}-superexec", [
         find_executable("flower-superexec"), "--insecure", "--runtime-api-address",
         f"127.0.0.1:{cfg.runtime_port}", "--parent-pid", str(node.popen.pid)],
-        env={**site_env, "PATH": path})
+        env={**site_env, "PATH": path}, essential=essential)
     return node, exec_

@@ -39,6 +39,7 @@ class RoundRow(TypedDict, total=False):
     sites_sampled: int
     rejected: int
     errors: int
+    silent: int
     refused: int
     global_refused: int
     rolled_back_to: int | None
@@ -75,6 +76,7 @@ class Participant(TypedDict):
     trained: int
     rejected: int
     errors: int
+    silent: int
     refused: int
     global_refused: int
     dropped: int
@@ -145,11 +147,19 @@ class SimulationBlock(TypedDict, total=False):
     figures: list[str]
 
 
+class ProcessExit(TypedDict):
+    process: str
+    status: int
+    seconds: float  # after the run was submitted
+
+
 class DeploymentBlock(TypedDict):
     superlink: str
     supernodes: int
     transport: str
     logs: str
+    #: site processes that exited while the run went on (the rehearsal's supervisor saw it)
+    exits: list[ProcessExit]
 
 
 class RunSummary(TypedDict):

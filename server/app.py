@@ -120,6 +120,7 @@ def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str
                                                  for v in model.state_dict().values()),
                                   sampling_seed=sampling_seed)
         strategy.global_arrays = initial
+        strategy.round_timeout = settings.round_timeout
         budget = strategy.reply_byte_budget()
         if limit_reply_bytes(grid, budget):  # a deployment: Flower's HttpGrid
             recorder.events.append("reply_budget", bytes=max(budget, MIN_REPLY_BYTES))

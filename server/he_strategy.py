@@ -99,12 +99,12 @@ class EncryptedFedAvg(FedVaultFedAvg):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         # after a roll-back the strategy sends the last accepted model, not ``arrays``
         sent = self.global_arrays if self.global_arrays is not None else arrays
-        return self._as_encrypted(messages, sent, config)
+        return self.awaiting("train", self._as_encrypted(messages, sent, config))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return self._as_encrypted(super().configure_evaluate(server_round, arrays, config, grid),
-                                  arrays, config)
+        return self.awaiting("evaluate", self._as_encrypted(
+            super().configure_evaluate(server_round, arrays, config, grid), arrays, config))
 
     def reply_byte_budget(self) -> int:
         """Twice the ciphertexts of an honest update (each at most 1.5x a fresh one,

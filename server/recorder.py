@@ -39,6 +39,7 @@ class _SiteStats:
     trained: int = 0
     rejected: int = 0
     errors: int = 0
+    silent: int = 0
     refused: int = 0
     global_refused: int = 0
     last_reason: str = ""
@@ -52,6 +53,7 @@ class _RoundState:
     accepted: int = 0
     rejected: int = 0
     errors: int = 0
+    silent: int = 0
     refused: int = 0
     global_refused: int = 0
     rolled_back_to: int | None = None
@@ -152,6 +154,21 @@ class RunRecorder:
             self._sites[node_id].last_reason = reason
         self.events.append("update_rejected", round=server_round, node_id=node_id,
                            reason=reason)
+
+    def note_silent(self, server_round: int, node_ids: list[int], phase: str,
+                    reason: str) -> None:
+        """Sites that were sent a message this round and never replied (no reply, not
+        even an error, before the round's timeout)."""
+        if not node_ids:
+            return
+        with self._lock:
+            for n in node_ids:
+                self._rounds[server_round].silent += 1
+                self._sites[n].silent += 1
+                self._sites[n].last_reason = reason
+            names = [self._sites[n].name or f"node-{n}" for n in node_ids]
+        self.events.append("sites_silent", round=server_round, phase=phase,
+                           node_ids=sorted(node_ids), sites=sorted(names), reason=reason)
 
     def note_site_error(self, server_round: int, node_id: int, phase: str, reason: str) -> None:
         with self._lock:
@@ -285,6 +302,7 @@ class RunRecorder:
             "sites_sampled": st.sampled,
             "rejected": st.rejected,
             "errors": st.errors,
+            "silent": st.silent,
             "refused": st.refused,
             "global_refused": st.global_refused,
             "rolled_back_to": st.rolled_back_to,
@@ -326,7 +344,8 @@ class RunRecorder:
     def _participant(self, nid: int, s: _SiteStats) -> Participant:
         p: Participant = {"node_id": nid, "site": s.name, "sampled": s.sampled,
                           "trained": s.trained, "rejected": s.rejected, "errors": s.errors,
-                          "refused": s.refused, "global_refused": s.global_refused,
+                          "silent": s.silent, "refused": s.refused,
+                          "global_refused": s.global_refused,
                           "dropped": 0, "offline": 0, "timed_out": 0,
                           "last_reason": s.last_reason}
         for columns in self._site_columns:

@@ -18,6 +18,7 @@ from logging import WARNING
 from typing import Any, Protocol
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
@@ -96,6 +97,11 @@ class FedVaultFedAvg(FedAvg):
         self._sent_version = 0
         self._next_version = 0
         self._refusing: set[int] = set()  # nodes refusing the model of the current phase
+        #: the messages sent in the current phase ("train", "evaluate"); the grid gives
+        #: each its message id as it pushes it
+        self._awaiting: dict[str, list[Message]] = {}
+        #: the round's timeout (server/app.py sets the run's), named when a site is silent
+        self.round_timeout: float | None = None
 
     @contextmanager
     def _sampling(self, server_round: int, phase: int) -> Iterator[None]:
@@ -128,13 +134,48 @@ class FedVaultFedAvg(FedAvg):
         with self._sampling(server_round, 0):
             messages = list(super().configure_train(server_round, arrays, config, grid))
         self.recorder.note_sampled(server_round, [m.metadata.dst_node_id for m in messages])
-        return messages
+        return self.awaiting("train", messages)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         with self._sampling(server_round, 1):
-            return list(super().configure_evaluate(server_round, arrays, config, grid))
+            messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        return self.awaiting("evaluate", messages)
+
+    def awaiting(self, phase: str, messages: list[Message]) -> list[Message]:
+        """Remember the messages of ``phase`` as sent (``EncryptedFedAvg`` calls it again
+        with the messages it really sends), to know who never replied."""
+        self._awaiting[phase] = messages
+        return messages
+
+    def reply_source(self, msg: Message) -> int:
+        """The site a reply is about: its source, except for the error replies the
+        SuperLink itself makes for a message whose destination stopped sending
+        heartbeats (Flower's ``NODE_UNAVAILABLE``, from ``SUPERLINK_NODE_ID``): those
+        are the destination's, found by the message they reply to."""
+        src = msg.metadata.src_node_id
+        if src == SUPERLINK_NODE_ID and msg.has_error():
+            for phase in self._awaiting.values():
+                for sent in phase:
+                    if sent.metadata.message_id == msg.metadata.reply_to_message_id:
+                        return sent.metadata.dst_node_id
+        return src
+
+    def note_silent(self, server_round: int, phase: str, replied: set[int]) -> None:
+        """Record every site sent a message in ``phase`` that sent nothing back, not even
+        an error, within the round's timeout: its SuperNode or its ClientApp process is
+        down, it lost its connection, or it is slower than the timeout."""
+        sent = {m.metadata.dst_node_id for m in self._awaiting.pop(phase, [])}
+        silent = sorted(sent - replied)
+        if silent:
+            limit = f"{self.round_timeout:g} s" if self.round_timeout else "the round timeout"
+            log(WARNING, "Round %s: %d site(s) sent no %s reply within %s", server_round,
+                len(silent), phase, limit)
+            self.recorder.note_silent(
+                server_round, silent, phase,
+                f"no {phase} reply within {limit}: the site's node or ClientApp process "
+                "is down or disconnected, or slower than the timeout")
 
     def roll_back(self, server_round: int, *, refused: int) -> ArrayRecord:
         """The last accepted global model, recorded as a roll-back from ``refused``."""
@@ -226,10 +267,9 @@ class FedVaultFedAvg(FedAvg):
     def begin_round(self, server_round: int) -> None:
         """Called before a round's replies are parsed."""
 
-    def _not_an_update(self, server_round: int, msg: Message) -> bool:
+    def _not_an_update(self, server_round: int, msg: Message, node: int) -> bool:
         """True, after recording it, for an error reply, a refusal or a global-model
         refusal (each validated: a malformed one is rejected like a bad update)."""
-        node = msg.metadata.src_node_id
         if msg.has_error():
             self.recorder.note_site_error(server_round, node, "train",
                                           str(msg.error.reason or "unknown error"))
@@ -285,13 +325,13 @@ class FedVaultFedAvg(FedAvg):
         seen: set[int] = set()
         answered = 0  # sites that replied with something other than an error
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self.reply_source(msg)
             try:
                 if node in seen:
                     raise UpdateRejected("a second reply from this node in this round")
                 seen.add(node)
                 answered += 0 if msg.has_error() else 1
-                if self._not_an_update(server_round, msg):
+                if self._not_an_update(server_round, msg, node):
                     continue
                 parsed = self.parse_update(server_round, msg)
                 self.check_replay(parsed.digest)
@@ -306,6 +346,7 @@ class FedVaultFedAvg(FedAvg):
                 continue
             self._digests[parsed.digest] = (server_round, node)
             valid.append(parsed)
+        self.note_silent(server_round, "train", seen)
         self._refused_by_most(self._sent_version, answered)
         if len(valid) < self.min_sites:
             log(WARNING, "Round %s: %d valid updates < min-sites %d; no aggregate formed",
@@ -329,7 +370,7 @@ class FedVaultFedAvg(FedAvg):
         seen: set[int] = set()
         answered = 0
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self.reply_source(msg)
             try:
                 if node in seen:
                     raise UpdateRejected("a second reply from this node in this round")
@@ -355,6 +396,7 @@ class FedVaultFedAvg(FedAvg):
                 self._reject(server_round, node, f"evaluation reply: {exc}")
             except Exception as exc:  # one site's reply never ends the round
                 self._reject(server_round, node, f"evaluation reply: {type(exc).__name__}: {exc}")
+        self.note_silent(server_round, "evaluate", seen)
         self._refused_by_most(self._next_version, answered)
         if not valid:
             return None

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,3 +62,21 @@ def processes_with_flwr_home_under(root: Path) -> list[int]:
         if state != "Z" and any(v.startswith(prefix) for v in env.split(b"\0")):
             found.append(int(d.name))
     return found
+
+
+class MessageGrid:
+    """The part of Flower's ``Grid`` a strategy's configure_* calls (node ids, and
+    ``create_message`` building real Flower messages), for unit tests of strategies."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def create_message(self, content: Any, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Any:
+        from flwr.app import Message
+
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type,
+                       group_id=group_id)

@@ -14,6 +14,7 @@ from protocols.config import RunSettings
 from protocols.hashchain import read_chain
 from server.recorder import RunRecorder
 from server.strategy import FedVaultFedAvg
+from tests.helpers import MessageGrid
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 
@@ -111,3 +112,53 @@ def test_evaluate_aggregation_skips_bad_replies(strategy: FedVaultFedAvg) -> Non
         {"eval-acc": 0.0, "num-examples": -1})}), reply_to=_instruction(3))
     m = strategy.aggregate_evaluate(1, [good, good2, bad])
     assert m is not None and abs(float(m["eval-acc"]) - 0.875) < 1e-9  # type: ignore[arg-type]
+
+
+def test_a_site_that_never_replies_is_recorded_as_silent(strategy: FedVaultFedAvg) -> None:
+    """Three sites are sent the round's message; one sends nothing back, not even an
+    error (its ClientApp process was killed, say): the round goes on with the other two,
+    and the record names the silent site, the phase and the timeout."""
+    from flwr.app import ConfigRecord
+
+    strategy.round_timeout = 30.0
+    grid: Any = MessageGrid([1, 2, 3])
+    sent = strategy.configure_train(1, _arrays(0.0), ConfigRecord(), grid)
+    assert sorted(m.metadata.dst_node_id for m in sent) == [1, 2, 3]
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, _arrays(1.0), 5),
+                                             _reply(2, _arrays(2.0), 5)])
+    assert arrays is not None
+    strategy.configure_evaluate(1, arrays, ConfigRecord(), grid)
+    strategy.aggregate_evaluate(1, [])
+    silent = [e for e in read_chain(strategy.recorder.dir.events) if e["kind"] == "sites_silent"]
+    assert [(e["phase"], e["node_ids"]) for e in silent] == [("train", [3]),
+                                                              ("evaluate", [1, 2, 3])]
+    assert "no train reply within 30 s" in silent[0]["reason"]
+    summary = strategy.recorder.finish()
+    p3 = next(p for p in summary["participants"] if p["node_id"] == 3)
+    assert p3["silent"] == 2 and "no evaluate reply" in p3["last_reason"]
+
+
+def test_the_superlinks_node_unavailable_error_is_the_dead_sites(
+        strategy: FedVaultFedAvg) -> None:
+    """When a SuperNode stops sending heartbeats, the SuperLink answers its message itself
+    (Flower's NODE_UNAVAILABLE error, from the SuperLink's own node id 1): the record
+    names the site that went away, not node 1, and that site is not also 'silent'."""
+    from flwr.app import ConfigRecord
+    from flwr.server.superlink.linkstate.utils import (
+        create_message_error_unavailable_res_message,
+    )
+
+    grid: Any = MessageGrid([7, 8, 9])
+    sent = list(strategy.configure_train(1, _arrays(0.0), ConfigRecord(), grid))
+    for m in sent:  # as Flower's grids do when they push a message
+        m.metadata.__dict__["_message_id"] = m.object_id
+    dead = next(m for m in sent if m.metadata.dst_node_id == 9)
+    unavailable = create_message_error_unavailable_res_message(dead.metadata, "node_unavail")
+    assert unavailable.metadata.src_node_id == 1
+    arrays, _ = strategy.aggregate_train(1, [_reply(7, _arrays(1.0), 5),
+                                             _reply(8, _arrays(2.0), 5), unavailable])
+    assert arrays is not None
+    events = read_chain(strategy.recorder.dir.events)
+    errors = [e for e in events if e["kind"] == "site_error"]
+    assert [e["node_id"] for e in errors] == [9] and "heartbeat" in errors[0]["reason"]
+    assert not [e for e in events if e["kind"] == "sites_silent"]

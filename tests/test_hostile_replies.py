@@ -47,6 +47,7 @@ from server.strategy import FedVaultFedAvg
 from server.validation import capped_weights
 from simulations.hostile import Hostility, tamper_reply
 from simulations.scenario import Behaviour
+from tests.helpers import MessageGrid
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 RUN = 4242  # the run id the flower_identity fixture sets
@@ -463,17 +464,7 @@ def test_an_honest_site_refuses_a_corrupt_global_model_records_it_and_spends_not
 
 def test_a_refused_global_model_is_rolled_back(tmp_path: Path) -> None:
     s = _plain(tmp_path)
-
-    class _Grid:
-        def get_node_ids(self) -> list[int]:
-            return [1, 2, 3]
-
-        def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                           group_id: str, ttl: float | None = None) -> Message:
-            return Message(content=content, dst_node_id=dst_node_id, message_type=message_type,
-                           group_id=group_id)
-
-    grid: Any = _Grid()
+    grid: Any = MessageGrid([1, 2, 3])
     v0 = _arrays(_layers(0.0))
     s.configure_train(1, v0, ConfigRecord(), grid)
     v1, _ = s.aggregate_train(1, [_honest(1, 1.0, 10), _honest(2, 3.0, 10)])

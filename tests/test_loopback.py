@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -229,3 +230,70 @@ def test_an_unregistered_node_is_refused_by_the_superlink(tmp_path: Path) -> Non
     assert "Failed to activate SuperNode" in (dep / "logs" / "site-1.log").read_text()
     assert not (dep / "sites" / "site-1" / "privacy-ledger.jsonl").exists()
     assert processes_with_flwr_home_under(out) == []
+
+
+def _pid_of(root: Path, command: str) -> int | None:
+    """The live process under FLWR_HOME ``root`` whose command line runs ``command``."""
+    for pid in processes_with_flwr_home_under(root):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.decode(errors="replace").endswith(command) for a in argv[:2]):
+            return pid
+    return None
+
+
+def test_a_site_killed_mid_round_then_the_supervisor_killed(tmp_path: Path) -> None:
+    """A fault drill on real processes, TLS and node authentication on.
+
+    1. site-2's SuperNode is killed (SIGKILL) while site-2 trains round 1. The round
+       completes with the other two (min-sites 2); the SuperLink's "node unavailable"
+       answer is recorded as site-2's error (not as node 1's); the rehearsal reports the
+       exit and goes on; site-2's ledger verifies and keeps the reservation it made.
+    2. Then ``fedvault rehearse`` itself is killed (SIGKILL: no cleanup runs). Its guard
+       stops every process of the deployment: no ClientApp keeps training for a run
+       nobody follows."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedvault", "rehearse", "--sites", "3", "--min-sites", "2",
+         "--rounds", "20", "--no-he", "--out", str(out)], cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    site2 = out / "deployment" / "sites" / "site-2"
+    events = out / "events.jsonl"
+    try:
+        deadline = time.monotonic() + 180
+        killed = False
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "the rehearsal ended early"
+            ledger = site2 / "privacy-ledger.jsonl"
+            if not killed and ledger.exists() and '"reservation"' in ledger.read_text():
+                pid = _pid_of(site2, "flower-supernode")
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+            if killed and events.exists() and any(
+                    e["kind"] == "round_completed" and e["round"] == 1
+                    for e in read_chain(events)):
+                break
+            time.sleep(0.3)
+        else:
+            pytest.fail(f"round 1 did not complete (site-2 killed: {killed})")
+        assert len(processes_with_flwr_home_under(out)) >= 5
+        proc.kill()  # SIGKILL the supervisor
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while processes_with_flwr_home_under(out) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert processes_with_flwr_home_under(out) == []
+    log = read_chain(events)
+    row = next(e for e in log if e["kind"] == "round_completed" and e["round"] == 1)
+    assert row["sites_participated"] == 2 and row["errors"] == 1
+    err = next(e for e in log if e["kind"] == "site_error")
+    assert err["node_id"] != 1 and "heartbeat" in err["reason"]
+    assert verify_chain(site2 / "privacy-ledger.jsonl").ok
+    kinds = [e["kind"] for e in read_chain(site2 / "privacy-ledger.jsonl")]
+    assert "reservation" in kinds  # the round it never finished still counts

@@ -97,9 +97,12 @@ class RoundProgress:
 def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     t = RichTable(title=f"fedvault · {summary.get('mode')} · task {summary.get('task')} · "
                         f"{summary.get('sites')} sites")
-    for col in ("round", "accuracy", "loss", "sites", "refused", "rejected", "seconds"):
+    history = summary.get("history", [])
+    silent = any(h.get("silent") for h in history)  # sites that never replied
+    for col in ("round", "accuracy", "loss", "sites", "refused", "rejected",
+                *(["no reply"] if silent else []), "seconds"):
         t.add_column(col, justify="right")
-    for h in summary.get("history", []):
+    for h in history:
         t.add_row(
             str(h["round"]),
             "-" if h.get("accuracy") is None else f"{h['accuracy']:.4f}",
@@ -107,6 +110,7 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
             str(h.get("sites_participated", "")),
             str(h.get("refused", 0)),
             str(h.get("rejected", 0) + h.get("errors", 0)),
+            *([str(h.get("silent", 0))] if silent else []),
             f"{h.get('seconds', 0):.1f}",
         )
     console.print(t)

@@ -128,6 +128,10 @@ def cmd_rehearse(args: argparse.Namespace) -> int:
     code = finish(args, dict(summary), Path(settings.run_dir))
     if not args.json:
         console.print(f"logs:    {summary['deployment']['logs']}")
+    for gone in summary["deployment"].get("exits", []):
+        err_console.print(f"[yellow]{gone['process']} exited with status {gone['status']} "
+                          f"{gone['seconds']:.0f} s into the run; the run went on without "
+                          "it[/]")
     return code
 
 
