@@ -116,11 +116,21 @@ def pool_bounds(settings: RunSettings) -> FeatureBounds:
     return FeatureBounds(low=lo, high=np.where(hi > lo, hi, lo + 1.0).astype(np.float32))
 
 
-def central_test_table(task: Task, settings: RunSettings) -> Table | None:
-    """The held-out central test split, preprocessed; ``None`` when disabled."""
+def central_test_table(task: Task, settings: RunSettings, *, deployment: bool = False
+                       ) -> Table | None:
+    """The central test data, preprocessed: the central team's own table
+    (``central-test-path``), else in a simulation the held-out split of the pool;
+    ``None`` when disabled, and in a deployment without a table of its own (the embedded
+    data says nothing about the sites' data there)."""
     if not settings.central_eval:
         return None
-    _, test = pooled_table(task, settings)
+    if settings.central_test_path:
+        test = load_table(settings.central_test_path,
+                          label_column=settings.label_column or task.default_label_column)
+    elif deployment:
+        return None
+    else:
+        _, test = pooled_table(task, settings)
     # scaled like the simulated sites' data: declared bounds, never test-set statistics
     bounds = central_bounds(settings, task, test.num_features)
     return Table(x=task.preprocess(test.x, bounds), y=test.y)

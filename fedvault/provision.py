@@ -21,8 +21,15 @@ from typing import Any
 from fedvault.errors import ConfigError
 from fedvault.names import site_name
 from fedvault.pki import write_secret
-from fedvault.rundir import check_output_dir, write_json_atomic
-from privacy.federation import MANIFEST, PUBLIC_CTX, SECRET_CTX, SECRET_ENC, seal_secret
+from fedvault.rundir import check_output_dir
+from privacy.federation import (
+    MANIFEST,
+    PUBLIC_CTX,
+    SECRET_CTX,
+    SECRET_ENC,
+    seal_secret,
+    write_manifest,
+)
 from privacy.he import HEContext, HEParams, new_secret_context, public_bytes
 from protocols.hashchain import utc_now
 
@@ -71,7 +78,7 @@ def _provision(root: Path, *, sites: int, params: HEParams, passphrase: str | No
         "sites": [{"name": n, "he_context": f"sites/{n}/"
                    f"{SECRET_ENC if passphrase else SECRET_CTX}"} for n in names],
     }
-    write_json_atomic(root / MANIFEST, manifest)
+    write_manifest(root, manifest)
     return manifest
 
 

@@ -16,9 +16,13 @@ Layout under the run directory::
       superlink/            FLWR_HOME of the SuperLink (its unpacked app)
       cli/config.toml       FLWR_HOME of the `flwr` CLI: the SuperLink connection
       central/ca/           the central team's CA (ca.key, mode 0600)
+      central/test.csv      its own test data (the held-out split no site got)
       superlink/            also its TLS certificate and key (superlink.pem/.key, 0600)
+      federation/           what the central team relays: the sites' public keys, the
+                            public HE context (the server's) and the sealed secrets
       sites/site-K/         site K: data.csv (its private data), site.toml, node-config.toml,
-                            node-auth.key/.pub, its ledger and approvals,
+                            node-auth.key/.pub and kx.key/.pub (its keys), he/ (its own
+                            secret HE context), its ledger and approvals,
                             site.flwr-home/ (its FLWR_HOME)
       logs/*.log            every process's output
       run-config.toml       the run config submitted with `flwr run`
@@ -28,8 +32,11 @@ central team's CA (``central/ca``) signs the SuperLink's TLS certificate for 127
 every site generates its own node-authentication key pair (``sites/site-K/node-auth.key``,
 mode 0600, never copied) and the central team registers only its public half with
 ``flwr supernode register`` before the SuperLink, started with
-``--enable-supernode-auth``, lets the node in. ``secure=False`` (``fedvault rehearse
---insecure``) drops TLS and node authentication, loudly.
+``--enable-supernode-auth``, lets the node in. With HE, the key ceremony of
+:mod:`privacy.ceremony`: site-0 makes the HE keys and seals the secret to each other
+site's key-agreement key; the server gets the public context only. ``secure=False``
+(``fedvault rehearse --insecure``) drops TLS and node authentication and provisions HE
+as one party (``fedvault provision``), loudly.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from fedvault.datasets import pool_bounds, pooled_table
 from fedvault.errors import ConfigError, DeploymentError
 from fedvault.names import site_name
 from fedvault.partition import partition_indices
-from fedvault.pki import TLSFiles, new_ca, node_key_pair, server_certificate
+from fedvault.pki import NODE_KEY, TLSFiles, new_ca, node_key_pair, server_certificate
 from fedvault.processes import (
     Deployment,
     become_subreaper,
@@ -72,6 +79,8 @@ from fedvault.site import (
 from fedvault.summary import DeploymentBlock, ProcessExit, RunSummary
 from fedvault.tables import save_table
 from fedvault.tasks import get_task
+from privacy.ceremony import KX_KEY, add_site, kx_key_pair, make_he_keys, receive_he_keys
+from privacy.he import bfv_params_for
 from protocols.config import RunSettings
 from protocols.node_config import NodeConfig
 from simulations.runner import check_run, ensure_federation, tail_events
@@ -105,6 +114,18 @@ def write_site_data(settings: RunSettings, sites: int, root: Path) -> list[Path]
             for k, idx in enumerate(parts)]
 
 
+def write_central_test(settings: RunSettings, root: Path) -> RunSettings:
+    """The central team's own test data, as a deployment needs it for central evaluation:
+    the held-out split of the pool no site got (``central/test.csv``)."""
+    if not settings.central_eval or settings.central_test_path:
+        return settings
+    task = get_task(settings.task)
+    _, test = pooled_table(task, settings)
+    path = save_table(test, root / "central" / "test.csv",
+                      label_column=settings.label_column or task.default_label_column)
+    return settings.replace(central_test_path=str(path.resolve()))
+
+
 def write_declared_bounds(settings: RunSettings, root: Path) -> str | None:
     """The feature bounds the rehearsal's data owners declare (tabular data of the
     run's own file: the range of the whole public pool), as the JSON a real data owner
@@ -122,7 +143,7 @@ def write_declared_bounds(settings: RunSettings, root: Path) -> str | None:
 
 
 def site_node_config(settings: RunSettings, k: int, *, data: Path, label: str,
-                     bounds: str | None) -> NodeConfig:
+                     bounds: str | None, he_home: str | None = None) -> NodeConfig:
     """The node config the rehearsal's data owner ``site-k`` sets on its SuperNode."""
     home = data.parent
     return NodeConfig(
@@ -138,7 +159,7 @@ def site_node_config(settings: RunSettings, k: int, *, data: Path, label: str,
         release_eval_metrics=settings.site_release_eval_metrics,
         allow_insecure_noise=True if not settings.secure_mode else None,
         feature_bounds=bounds,
-        he_federation=settings.he_federation if settings.he else None)
+        he_federation=(he_home or settings.he_federation) if settings.he else None)
 
 
 def superlink_security(tls: TLSFiles | None) -> list[str]:
@@ -147,6 +168,22 @@ def superlink_security(tls: TLSFiles | None) -> list[str]:
         return ["--insecure"]
     return ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.cert),
             "--ssl-keyfile", str(tls.key), "--enable-supernode-auth"]
+
+
+def he_key_ceremony(settings: RunSettings, homes: list[Path], fed: Path
+                    ) -> tuple[RunSettings, dict[int, str]]:
+    """The key ceremony of :mod:`privacy.ceremony`, played: the central team collects each
+    site's public keys in ``fed``; site-0 makes the HE keys and seals the secret to every
+    other site; each opens its own. Returns the settings pointing the server at ``fed``
+    (public context only) and each site's own federation directory."""
+    for k, home in enumerate(homes):
+        add_site(fed, site_name(k), home)
+    he_homes = {0: str(homes[0] / "he")}
+    make_he_keys(fed, site=site_name(0), params=bfv_params_for(len(homes)), home=homes[0] / "he")
+    for k, home in enumerate(homes[1:], start=1):
+        receive_he_keys(fed, site=site_name(k), kx_key=home / KX_KEY, home=home / "he")
+        he_homes[k] = str(home / "he")
+    return settings.replace(he_federation=str(fed.resolve())), he_homes
 
 
 def register_node(public_key: Path, name: str, env: dict[str, str]) -> None:
@@ -203,9 +240,20 @@ def rehearse(
     dep_root = run_dir.root / "deployment"
     dep_root.mkdir(parents=True, exist_ok=True)
 
-    settings = ensure_federation(settings, sites, dep_root)
     status("writing each site's data file")
     data_files = write_site_data(settings, sites, dep_root)
+    settings = write_central_test(settings, dep_root)
+    homes = [f.parent for f in data_files]
+    he_homes: dict[int, str] = {}
+    if secure:
+        status("key ceremony: each site makes its keys")
+        for k, home in enumerate(homes):
+            node_key_pair(home, comment=site_name(k))
+            kx_key_pair(home)
+        if settings.he and not settings.he_federation:
+            status("key ceremony: site-0 makes the HE keys, sealed to each other site")
+            settings, he_homes = he_key_ceremony(settings, homes, dep_root / "federation")
+    settings = ensure_federation(settings, sites, dep_root)  # insecure: one party provisions
     task = get_task(settings.task)
     label = settings.label_column or task.default_label_column
     bounds_file = write_declared_bounds(settings, dep_root)
@@ -247,11 +295,11 @@ def rehearse(
             for k, path in enumerate(data_files):
                 home = path.parent
                 node = site_node_config(settings, k, data=path, label=label,
-                                        bounds=bounds_file)
+                                        bounds=bounds_file, he_home=he_homes.get(k))
                 node_config = node.write_toml(home / "node-config.toml")
                 auth_key = ""
                 if tls is not None:
-                    auth_key = str(node_key_pair(home, comment=site_name(k))[0])
+                    auth_key = str(home / NODE_KEY)
                     if register(k):
                         register_node(home / "node-auth.pub", site_name(k), cli_env)
                 if site_code == "installed":

@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from fedvault.errors import ConfigError, HEError
+from fedvault.pki import check_secret_file
+from fedvault.rundir import write_json_atomic
 from privacy.he import HEContext, HEParams
 
 MANIFEST = "manifest.json"
@@ -48,6 +50,11 @@ def open_secret(blob: bytes, passphrase: str) -> bytes:
         raise HEError("wrong passphrase for the encrypted secret context.") from None
 
 
+def write_manifest(root: str | Path, manifest: dict[str, Any]) -> None:
+    Path(root).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(root) / MANIFEST, manifest)
+
+
 def read_manifest(root: str | Path) -> dict[str, Any]:
     p = Path(root) / MANIFEST
     if not p.exists():
@@ -70,6 +77,8 @@ def load_context(root: str | Path, *, site: str | None,
         if entry is None:
             raise ConfigError(f"site {site!r} is not in the federation's manifest.")
         path = base / entry["he_context"]
+        if path.exists():  # a secret context others can read is refused (mode 0600)
+            check_secret_file(path, f"secret HE context of {site}")
         if path.name == SECRET_ENC:
             if not passphrase:
                 raise HEError(f"{path} is encrypted: a passphrase is needed.")

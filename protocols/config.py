@@ -86,6 +86,11 @@ class RunSettings:
         "Dirichlet concentration; smaller = more label skew",
         group="run")
     central_eval: bool = True
+    central_test_path: str = option(
+        "", "--central-test-path",
+        "the central team's own test table (CSV/Parquet/NPZ with the label column); a "
+        "deployment evaluates centrally only on it",
+        group="run")
     round_timeout: float = option(
         600.0, "--round-timeout",
         "seconds to wait for replies in a round",

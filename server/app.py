@@ -96,7 +96,13 @@ def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str
     root = Path(settings.run_dir) if settings.run_dir else default_run_dir(context.run_id)
     recorder = RunRecorder(RunDirectory(root), settings=settings, run_id=context.run_id, mode=mode)
     try:
-        test = central_test_table(task, settings)
+        deployment = mode == RunMode.DEPLOYMENT
+        test = central_test_table(task, settings, deployment=deployment)
+        if deployment and settings.central_eval and test is None:
+            recorder.events.append(
+                "central_evaluation_off", reason="no central-test-path: in a deployment the "
+                "server evaluates only on the central team's own test data; the accuracy "
+                "is the sites' federated evaluation")
         initial = ArrayRecord(model.state_dict())
         if wrap_grid is not None:
             grid = wrap_grid(grid, recorder)

@@ -214,3 +214,25 @@ def test_site_partition_of_embedded_data() -> None:
     with pytest.raises(ConfigError, match=r"partition-id must be in \[0, 3\]"):
         resolve_site_data(s, _node({"partition-id": 4, "num-partitions": 4}, sim=True),
                           key=KEY)
+
+
+def test_a_deployment_evaluates_centrally_only_on_the_central_teams_own_data(
+        tmp_path: Path) -> None:
+    """The embedded scikit-learn data says nothing about a real federation's data: a
+    deployment without ``central-test-path`` does no central evaluation (a simulation
+    still uses its held-out split); with one, it scores on that table."""
+    from fedvault.datasets import central_test_table
+    from fedvault.tables import save_table
+    from fedvault.tasks import embedded_split, get_task
+    from protocols.config import RunSettings
+
+    task = get_task("digits")
+    assert central_test_table(task, RunSettings(), deployment=True) is None
+    assert central_test_table(task, RunSettings(central_eval=False)) is None
+    held_out = central_test_table(task, RunSettings())
+    assert held_out is not None and len(held_out) > 100
+    _, test = embedded_split(task, seed=0)
+    own = save_table(test.subset(np.arange(40)), tmp_path / "mine.csv",
+                     label_column=task.default_label_column)
+    mine = central_test_table(task, RunSettings(central_test_path=str(own)), deployment=True)
+    assert mine is not None and len(mine) == 40

@@ -187,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--host", action="append", required=True,
                     help="an IP address or DNS name of the SuperLink (repeat for more)")
     ft.set_defaults(handler=_handler("federation", "cmd_federation_tls"))
+    fa = fsub.add_parser("add-site", help="add a site's public keys (key ceremony)",
+                         description="Copy a site's node-auth.pub and kx.pub into the "
+                         "federation directory FED (created if new) and its manifest. Compare "
+                         "their fingerprints with the data owner's first. Register the node "
+                         "with the SuperLink too: flwr supernode register KEYS/node-auth.pub.")
+    fa.add_argument("federation", type=Path, metavar="FED")
+    fa.add_argument("--name", required=True, help="the site's name in the federation")
+    fa.add_argument("--keys", type=Path, required=True, metavar="DIR",
+                    help="the directory holding the site's node-auth.pub and kx.pub")
+    fa.set_defaults(handler=_handler("federation", "cmd_federation_add_site"))
     fs = fsub.add_parser("show", help="fingerprints short enough to compare over the phone",
                          description="Print the fingerprint (first 128 bits of SHA-256) of "
                          "every certificate, node public key and HE federation manifest "
@@ -196,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("paths", type=Path, nargs="+", metavar="PATH")
     fs.set_defaults(handler=_handler("federation", "cmd_federation_show"))
 
-    st = sub.add_parser("site", help="a data owner's node: start it, approve apps",
+    st = sub.add_parser("site", help="a data owner's node: keys, start, approve apps, preview",
                         description="Run this site's node with the fedvault installed here "
                         "(never the code a SuperLink ships) and decide which apps it serves.")
     ssub = st.add_subparsers(dest="site_command", metavar="ACTION", required=True)
@@ -215,6 +225,35 @@ def build_parser() -> argparse.ArgumentParser:
     sk.add_argument("--dir", type=Path, required=True, metavar="DIR")
     sk.add_argument("--name", default="", help="a comment in the public key (the site's name)")
     sk.set_defaults(handler=_handler("site", "cmd_site_keygen"))
+    for name, helptext, desc in (
+            ("he-keys", "the key maker: make the federation's HE keys",
+             "At the one site agreed as key maker, once the central team added every site "
+             "(`fedvault federation add-site`): generate the HE context, keep its secret at "
+             "this site (--out), and write into the federation directory the public context "
+             "(no secret key: the server's) and, for every other site, the secret context "
+             "sealed to that site's kx.pub (X25519 + AES-256-GCM). The central team relays "
+             "what it cannot open."),
+            ("he-receive", "open the HE secret the key maker sealed to this site",
+             "Open sites/NAME/he-secret.sealed of the federation directory with this site's "
+             "kx.key, check the context against the manifest's fingerprint, and keep it at "
+             "this site (--out, mode 0600). Compare the printed fingerprint with the key "
+             "maker's over the phone.")):
+        sh = ssub.add_parser(name, help=helptext, description=desc)
+        sh.add_argument("--federation", type=Path, required=True, metavar="FED",
+                        help="the federation directory the central team relays")
+        sh.add_argument("--name", required=True, help="this site's name in the federation")
+        sh.add_argument("--keys", type=Path, required=True, metavar="DIR",
+                        help="this site's keys (from `fedvault site keygen`)")
+        sh.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="this site's own federation directory (node-config "
+                        "he-federation)")
+        sh.add_argument("--passphrase-env", default=None, metavar="VAR",
+                        help="encrypt the secret context at rest with the passphrase in VAR "
+                        "(then node-config he-passphrase-env = VAR)")
+        if name == "he-keys":
+            sh.add_argument("--scheme", choices=["bfv", "ckks"], default="bfv",
+                            help="bfv (default: exact integer sums) or ckks")
+        sh.set_defaults(handler=_handler("site", "cmd_site_" + name.replace("-", "_")))
     sa = ssub.add_parser("approve", help="serve runs of an app (by its FAB's SHA-256)",
                          description="Append an approval (or, with --revoke, its withdrawal) "
                          "to the site's hash-chained approvals file. Give the app as a "

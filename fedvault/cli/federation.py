@@ -14,6 +14,7 @@ from fedvault.cli.render import console
 from fedvault.errors import ConfigError
 from fedvault.pki import (
     CA_CERT,
+    NODE_PUB,
     SERVER_CERT,
     certificate_fingerprint,
     new_ca,
@@ -64,6 +65,17 @@ def cmd_federation_tls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_federation_add_site(args: argparse.Namespace) -> int:
+    from privacy.ceremony import KX_PUB, add_site, kx_fingerprint
+
+    m = add_site(args.federation, args.name, args.keys)
+    console.print(f"{args.name} added to {args.federation} ({len(m['sites'])} site(s)); "
+                  f"kx.pub {kx_fingerprint(args.keys / KX_PUB)}"
+                  + (f", node-auth.pub {public_key_fingerprint(args.keys / NODE_PUB)}"
+                     if (args.keys / NODE_PUB).exists() else ""), highlight=False)
+    return 0
+
+
 def fingerprints(paths: list[Path]) -> list[tuple[str, str, str]]:
     """``(file, what, fingerprint)`` for every certificate (``*.pem``), OpenSSH public key
     (``*.pub``) and federation manifest under ``paths``."""
@@ -80,11 +92,16 @@ def fingerprints(paths: list[Path]) -> list[tuple[str, str, str]]:
             what = ("CA certificate" if f.name == CA_CERT else
                     "SuperLink TLS certificate" if f.name == SERVER_CERT else "certificate")
             rows.append((str(f), what, certificate_fingerprint(f)))
+        elif f.name == "kx.pub":
+            from privacy.ceremony import kx_fingerprint
+
+            rows.append((str(f), "key-agreement public key", kx_fingerprint(f)))
         elif f.suffix == ".pub":
             rows.append((str(f), "node public key", public_key_fingerprint(f)))
         elif f.name == "manifest.json":
-            fp = str(json.loads(f.read_text(encoding="utf-8"))["he"]["fingerprint"])
-            rows.append((str(f), "HE context (manifest)", short_hex(fp)))
+            he = json.loads(f.read_text(encoding="utf-8")).get("he")
+            if he:
+                rows.append((str(f), "HE context (manifest)", short_hex(str(he["fingerprint"]))))
     return rows
 
 

@@ -49,11 +49,65 @@ def cmd_site_start(args: argparse.Namespace) -> int:
 
 
 def cmd_site_keygen(args: argparse.Namespace) -> int:
+    from privacy.ceremony import kx_fingerprint, kx_key_pair
+
     priv, pub = node_key_pair(args.dir, comment=args.name)
-    console.print(f"node key:   {priv} (mode 0600: keep it here, back it up)\n"
-                  f"public key: {pub} (send it to the central team)\n"
-                  f"fingerprint: [bold]{public_key_fingerprint(pub)}[/] (read it to them: "
-                  "`fedvault federation show` prints the same)", highlight=False)
+    kx_priv, kx_pub = kx_key_pair(args.dir)
+    console.print(f"node key:          {priv} (mode 0600: never leaves this site)\n"
+                  f"key-agreement key: {kx_priv} (mode 0600: never leaves this site)\n"
+                  f"send to the central team: {pub}, {kx_pub}, and read them the "
+                  "fingerprints (`fedvault federation show` prints the same):\n"
+                  f"  node-auth.pub [bold]{public_key_fingerprint(pub)}[/]\n"
+                  f"  kx.pub        [bold]{kx_fingerprint(kx_pub)}[/]", highlight=False)
+    return 0
+
+
+def _passphrase(var: str | None) -> str | None:
+    import os
+
+    from fedvault.errors import ConfigError
+
+    if not var:
+        return None
+    value = os.environ.get(var)
+    if not value:
+        raise ConfigError(f"environment variable {var} is empty or unset.")
+    return value
+
+
+def _he_done(manifest: dict[str, object], home: Path, what: str) -> None:
+    from fedvault.pki import short_hex
+
+    he = manifest["he"]
+    assert isinstance(he, dict)
+    console.print(f"{what}; your secret context is in {home} (mode 0600): set node-config "
+                  f"he-federation = \"{home.resolve()}\".\nHE context fingerprint: "
+                  f"[bold]{short_hex(str(he['fingerprint']))}[/]  (made by {he['made_by']}): "
+                  "compare it with every site's over the phone; a different one means a "
+                  "substituted key: do not train.", highlight=False)
+
+
+def cmd_site_he_keys(args: argparse.Namespace) -> int:
+    from privacy.ceremony import make_he_keys
+    from privacy.federation import read_manifest
+    from privacy.he import bfv_params_for, ckks_params
+
+    sites = len(read_manifest(args.federation)["sites"])
+    params = ckks_params() if args.scheme == "ckks" else bfv_params_for(sites)
+    m = make_he_keys(args.federation, site=args.name, params=params, home=args.out,
+                     passphrase=_passphrase(args.passphrase_env))
+    _he_done(m, args.out, f"HE keys made; {args.federation} now holds the public context "
+             f"and a sealed secret for each of the other {sites - 1} site(s): return it to "
+             "the central team")
+    return 0
+
+
+def cmd_site_he_receive(args: argparse.Namespace) -> int:
+    from privacy.ceremony import KX_KEY, receive_he_keys
+
+    m = receive_he_keys(args.federation, site=args.name, kx_key=args.keys / KX_KEY,
+                        home=args.out, passphrase=_passphrase(args.passphrase_env))
+    _he_done(m, args.out, "HE secret context received and checked")
     return 0
 
 
