@@ -208,7 +208,6 @@ def rehearse(
     site_code: str = "installed",
     approved: list[str] | Mapping[int, list[str]] | None = None,
     secure: bool = True,
-    register: Callable[[int], bool] = lambda _k: True,
 ) -> RunSummary:
     """Run ``settings`` on a real loopback SuperLink with ``sites`` SuperNodes; ``app``
     is the Flower App directory ``flwr run`` ships (default: fedvault's own; the tests
@@ -221,9 +220,8 @@ def rehearse(
     and approved it). ``"shipped"`` is
     Flower's own behaviour: each SuperNode installs and runs the app it is sent.
 
-    ``secure`` (the default) runs TLS and node authentication (see the module
-    docstring); ``register(k)`` says whether the central team registers site ``k``'s
-    public key (the tests leave one out to see the SuperLink refuse it)."""
+    ``secure`` (the default) runs TLS, node authentication and the key ceremony (see
+    the module docstring)."""
     if site_code not in ("installed", "shipped"):
         raise ConfigError(f"site-code must be 'installed' or 'shipped'. Found {site_code!r}.")
     check_run(settings, sites)
@@ -300,8 +298,7 @@ def rehearse(
                 auth_key = ""
                 if tls is not None:
                     auth_key = str(home / NODE_KEY)
-                    if register(k):
-                        register_node(home / "node-auth.pub", site_name(k), cli_env)
+                    register_node(home / "node-auth.pub", site_name(k), cli_env)
                 if site_code == "installed":
                     status(f"starting site {site_name(k)} (its installed code)")
                     cfg = load_site_config(write_site_config(

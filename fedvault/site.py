@@ -48,6 +48,8 @@ from protocols.node_config import NodeConfig
 
 #: the script name Flower's superexec launches for a ClientApp task
 CLIENTAPP_COMMAND = "flwr-clientapp"
+#: node-config keys that name files (feature-bounds may instead be "LOW:HIGH")
+_NODE_PATHS = ("data-path", "ledger-path", "he-federation", "feature-bounds")
 _SITE_KEYS = {"name", "superlink", "insecure", "root-certificates", "auth-key",
               "runtime-port"}
 
@@ -127,6 +129,11 @@ def load_site_config(path: str | Path) -> SiteConfig:
         raise ConfigError(f"{p} [site] 'runtime-port' must be a port number.",
                           key="runtime-port")
     node_config = dict(doc.get("node-config", {}))
+    for key in _NODE_PATHS:  # relative to site.toml, like the [site] paths
+        v = node_config.get(key)
+        if isinstance(v, str) and v and not Path(v).expanduser().is_absolute() and (
+                key != "feature-bounds" or (p.parent / v).exists()):
+            node_config[key] = str(p.parent / v)
     node_config.setdefault("site-name", site["name"])
     if node_config["site-name"] != site["name"]:
         raise ConfigError(f"{p}: [node-config] site-name {node_config['site-name']!r} differs "

@@ -20,6 +20,22 @@ def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None
                           text=True, timeout=timeout, cwd=cwd or ROOT, env=env)
 
 
+def run_cli_together(*argvs: list[str], timeout: float = 600
+                     ) -> list[subprocess.CompletedProcess[str]]:
+    """Several ``run_cli`` calls at once (independent runs of the same command: on two
+    cores the start-up of one overlaps the work of the other)."""
+    env = {**os.environ, "COLUMNS": "120"}
+    procs = [subprocess.Popen([sys.executable, "-m", "fedvault", *argv], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+             for argv in argvs]
+    out = []
+    for argv, p in zip(argvs, procs, strict=True):
+        stdout, stderr = p.communicate(timeout=timeout)
+        out.append(subprocess.CompletedProcess([sys.executable, "-m", "fedvault", *argv],
+                                               p.returncode, stdout, stderr))
+    return out
+
+
 def cli_in_process(*args: str, timeout: float = 0, cwd: Path | None = None
                    ) -> subprocess.CompletedProcess[str]:
     """The real command line (``fedvault.cli.main``) called in this process, its output

@@ -11,7 +11,7 @@ import pytest
 from protocols.hashchain import read_chain
 from simulations.behaviour import OFFLINE, fate
 from simulations.scenario import load_scenario
-from tests.helpers import cli_in_process, run_cli
+from tests.helpers import cli_in_process, run_cli, run_cli_together
 
 pytestmark = pytest.mark.e2e
 
@@ -58,8 +58,8 @@ def test_unreliable_sites_are_counted_and_runs_are_reproducible(tmp_path: Path) 
     scenario = tmp_path / "unreliable.toml"
     scenario.write_text(UNRELIABLE)
     runs = [tmp_path / "a", tmp_path / "b"]
-    for run in runs:
-        r = run_cli("simulate", str(scenario), "--out", str(run))
+    for r in run_cli_together(*(["simulate", str(scenario), "--out", str(run)]
+                                for run in runs)):
         assert r.returncode == 0, r.stdout + r.stderr
     assert "simulated time" in r.stdout and "rounds.csv" in r.stdout
 
@@ -74,6 +74,8 @@ def test_unreliable_sites_are_counted_and_runs_are_reproducible(tmp_path: Path) 
         assert h["sites_participated"] == 5 - off  # the survivors, and only them
         # training-phase counts only, although evaluation samples half the sites
         assert h["dropped"] == 1 and h["timed_out"] == 1
+        # the server's own view: the sites it sent a message that never answered
+        assert h["silent"] >= 2
         assert h["train_seconds_simulated"] == pytest.approx(30.0)  # waited for the late
         if h["eval_missing"]:
             assert h["simulated_seconds"] == pytest.approx(60.0)
@@ -134,8 +136,8 @@ dropout-mode = "mid-upload"
 count = 3
 """)
     runs = [tmp_path / "a", tmp_path / "b"]
-    for run in runs:
-        r = run_cli("simulate", str(scenario), "--out", str(run), "--insecure-noise")
+    for r in run_cli_together(*(["simulate", str(scenario), "--out", str(run),
+                                 "--insecure-noise"] for run in runs)):
         assert r.returncode == 0, r.stdout + r.stderr
     assert "from each site's own ledger" in r.stdout and "max ε over sites" in r.stdout
     s = json.loads((runs[0] / "summary.json").read_text())

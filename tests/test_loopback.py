@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -56,36 +51,9 @@ def test_rehearsal_runs_a_real_deployment_and_cleans_up(tmp_path: Path) -> None:
     assert sorted(eps) == ["site-0", "site-1", "site-2"] and all(0 < e <= 8 for e in eps.values())
 
 
-def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedvault", "rehearse", "--sites", "2", "--min-sites", "2",
-         "--rounds", "20",
-         "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        events = out / "events.jsonl"
-        while time.monotonic() < deadline:
-            if events.exists() and '"round_completed"' in events.read_text():
-                break
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.5)
-        else:
-            pytest.fail("the run never started")
-        assert len(processes_with_flwr_home_under(out)) >= 3  # superlink + 2 supernodes
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
-    assert "interrupted" in err
-    assert processes_with_flwr_home_under(out) == []
-
-
 HOSTILE_PATCH = '''
 
-# -- appended by tests/test_loopback.py: site-2 and site-3 run modified code ----------
+# -- appended by tests/test_loopback.py: site-1 and site-2 run modified code ----------
 def _hostile(msg: Message, context: Context, call_next: Any) -> Message:
     import numpy as np
     from flwr.app import Array
@@ -95,9 +63,9 @@ def _hostile(msg: Message, context: Context, call_next: Any) -> Message:
     if (reply.has_error() or not msg.metadata.message_type.startswith("train")
             or "arrays" not in reply.content.array_records):
         return reply
-    if site == "site-2":  # claims a billion examples: ~100% of the FedAvg weight
+    if site == "site-1":  # claims a billion examples: ~100% of the FedAvg weight
         reply.content.metric_records["metrics"]["num-examples"] = 10**9
-    if site == "site-3":  # a 64 MiB layer
+    if site == "site-2":  # a 64 MiB layer
         rec = reply.content.array_records["arrays"]
         rec[next(iter(rec.keys()))] = Array(np.zeros(16 * 2**20, dtype=np.float32))
     return reply
@@ -109,10 +77,10 @@ app = build_client_app(mods=[_hostile])
 
 def test_sites_running_hostile_code_are_rejected_on_a_real_deployment(tmp_path: Path) -> None:
     """Two attack classes on real flower-superlink / flower-supernode processes: the app
-    `flwr run` ships is a modified copy in which site-2 claims 1e9 examples (the server
-    rejects it) and site-3 sends a 64 MiB layer (the ServerApp stops pulling it at its
-    reply budget, server/transport.py, and records the error for site-3); the two
-    honest sites carry the run."""
+    `flwr run` ships is a modified copy in which site-1 claims 1e9 examples (the server
+    rejects it) and site-2 sends a 64 MiB layer (the ServerApp stops pulling it at its
+    reply budget, server/transport.py, and records the error for site-2); the honest
+    site carries the run."""
     import shutil
 
     from fedvault.rehearse import rehearse
@@ -128,11 +96,11 @@ def test_sites_running_hostile_code_are_rejected_on_a_real_deployment(tmp_path: 
     # (one round: each costs ~1 min here, mostly Flower starting a ClientApp process per
     # message)
     # (site_code="shipped": the sites run the copy's code, Flower's default, which here
-    # stands for sites 2 and 3 running modified code of their own)
-    s = rehearse(RunSettings(run_dir=str(out), num_server_rounds=1, min_sites=2, he=False,
-                             dp=False), sites=4, app=app, timeout=400, site_code="shipped")
+    # stands for sites 1 and 2 running modified code of their own)
+    s = rehearse(RunSettings(run_dir=str(out), num_server_rounds=1, min_sites=1, he=False,
+                             dp=False), sites=3, app=app, timeout=400, site_code="shipped")
     assert s["status"] == "completed" and s["rounds_completed"] == 1
-    assert s["history"][1]["sites_participated"] == 2
+    assert s["history"][1]["sites_participated"] == 1
     assert (s["history"][1]["rejected"], s["history"][1]["errors"]) == (1, 1)
     # (the server never learns their names: their replies carry no valid privacy record)
     liar = [p for p in s["participants"] if p["rejected"]]
@@ -164,11 +132,11 @@ def test_a_modified_app_cannot_overspend_a_site(tmp_path: Path) -> None:
     """The central team ships an app whose client/budget.py ignores the site's limit
     (Flower's own SuperNode would install and run it: in a hand deployment this trained
     every site to epsilon 7.996 against a limit of 1.0) and whose client/app.py writes
-    what it finds into the site's FLWR_HOME when imported. Sites 0 and 1 approved that
-    app (a data owner who did not read the diff), site 2 only the honest one: every site
-    runs the fedvault installed at the site, so 0 and 1 refuse the run's epsilon 8 as
-    their own limit of 1 demands, 2 refuses the unapproved app; no site reserved any
-    epsilon and none of the shipped code ran at a site."""
+    what it finds into the site's FLWR_HOME when imported. Site 0 approved that app (a
+    data owner who did not read the diff), site 1 only the honest one: every site runs
+    the fedvault installed at the site, so 0 refuses the run's epsilon 8 as its own
+    limit of 1 demands, 1 refuses the unapproved app; no site reserved any epsilon and
+    none of the shipped code ran at a site."""
     import shutil
 
     from fedvault.errors import DeploymentError
@@ -191,109 +159,17 @@ def test_a_modified_app_cannot_overspend_a_site(tmp_path: Path) -> None:
     with pytest.raises(DeploymentError, match="no round formed an aggregate"):
         rehearse(RunSettings(run_dir=str(out), num_server_rounds=1, min_sites=2, he=False,
                              site_max_epsilon=1.0, target_epsilon=8.0),
-                 sites=3, app=app, timeout=400,
-                 approved={0: [modified], 1: [modified], 2: [honest]})
+                 sites=2, app=app, timeout=400, approved={0: [modified], 1: [honest]})
     s = json.loads((out / "summary.json").read_text())
-    assert s["status"] == "failed" and s["history"][1]["refused"] == 3
+    assert s["status"] == "failed" and s["history"][1]["refused"] == 2
     reasons = {e["site"]: e["reason"] for e in read_chain(out / "events.jsonl")
                if e["kind"] == "site_refused"}
-    assert "privacy budget" in reasons["site-0"] and "privacy budget" in reasons["site-1"]
-    assert "is not approved at this site" in reasons["site-2"]
+    assert "privacy budget" in reasons["site-0"]
+    assert "is not approved at this site" in reasons["site-1"]
     sites = out / "deployment" / "sites"
-    for k in range(3):
+    for k in range(2):
         ledger = sites / f"site-{k}" / "privacy-ledger.jsonl"
         kinds = [e["kind"] for e in read_chain(ledger)] if ledger.exists() else []
         assert "reservation" not in kinds, (k, kinds)
     assert list(sites.rglob("shipped-code-ran")) == []
     assert processes_with_flwr_home_under(out) == []
-
-
-def test_an_unregistered_node_is_refused_by_the_superlink(tmp_path: Path) -> None:
-    """Secure by default: the SuperLink serves TLS with the rehearsal CA's certificate
-    and admits only the nodes whose public keys the central team registered. Site 1
-    made its key pair but was never registered: the SuperLink refuses to activate it,
-    the SuperNode exits at start-up, and the rehearsal stops naming it."""
-    from fedvault.errors import DeploymentError
-    from fedvault.rehearse import rehearse
-    from protocols.config import RunSettings
-
-    out = tmp_path / "run"
-    with pytest.raises(DeploymentError) as err:
-        rehearse(RunSettings(run_dir=str(out), num_server_rounds=1, min_sites=1, he=False),
-                 sites=2, register=lambda k: k != 1, timeout=120)
-    assert err.value.process == "site-1" and "at start-up" in str(err.value)
-    dep = out / "deployment"
-    link_log = (dep / "logs" / "superlink.log").read_text()
-    assert "Uvicorn running on https://" in link_log  # TLS
-    assert "No SuperNode found with the given public key" in link_log
-    assert "SuperNode ID" in (dep / "logs" / "site-0.log").read_text()  # registered: in
-    assert "Failed to activate SuperNode" in (dep / "logs" / "site-1.log").read_text()
-    assert not (dep / "sites" / "site-1" / "privacy-ledger.jsonl").exists()
-    assert processes_with_flwr_home_under(out) == []
-
-
-def _pid_of(root: Path, command: str) -> int | None:
-    """The live process under FLWR_HOME ``root`` whose command line runs ``command``."""
-    for pid in processes_with_flwr_home_under(root):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(a.decode(errors="replace").endswith(command) for a in argv[:2]):
-            return pid
-    return None
-
-
-def test_a_site_killed_mid_round_then_the_supervisor_killed(tmp_path: Path) -> None:
-    """A fault drill on real processes, TLS and node authentication on.
-
-    1. site-2's SuperNode is killed (SIGKILL) while site-2 trains round 1. The round
-       completes with the other two (min-sites 2); the SuperLink's "node unavailable"
-       answer is recorded as site-2's error (not as node 1's); the rehearsal reports the
-       exit and goes on; site-2's ledger verifies and keeps the reservation it made.
-    2. Then ``fedvault rehearse`` itself is killed (SIGKILL: no cleanup runs). Its guard
-       stops every process of the deployment: no ClientApp keeps training for a run
-       nobody follows."""
-    out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedvault", "rehearse", "--sites", "3", "--min-sites", "2",
-         "--rounds", "20", "--no-he", "--out", str(out)], cwd=ROOT,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    site2 = out / "deployment" / "sites" / "site-2"
-    events = out / "events.jsonl"
-    try:
-        deadline = time.monotonic() + 180
-        killed = False
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "the rehearsal ended early"
-            ledger = site2 / "privacy-ledger.jsonl"
-            if not killed and ledger.exists() and '"reservation"' in ledger.read_text():
-                pid = _pid_of(site2, "flower-supernode")
-                assert pid is not None
-                os.kill(pid, signal.SIGKILL)
-                killed = True
-            if killed and events.exists() and any(
-                    e["kind"] == "round_completed" and e["round"] == 1
-                    for e in read_chain(events)):
-                break
-            time.sleep(0.3)
-        else:
-            pytest.fail(f"round 1 did not complete (site-2 killed: {killed})")
-        assert len(processes_with_flwr_home_under(out)) >= 5
-        proc.kill()  # SIGKILL the supervisor
-        proc.wait(timeout=10)
-        deadline = time.monotonic() + 30
-        while processes_with_flwr_home_under(out) and time.monotonic() < deadline:
-            time.sleep(0.5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert processes_with_flwr_home_under(out) == []
-    log = read_chain(events)
-    row = next(e for e in log if e["kind"] == "round_completed" and e["round"] == 1)
-    assert row["sites_participated"] == 2 and row["errors"] == 1
-    err = next(e for e in log if e["kind"] == "site_error")
-    assert err["node_id"] != 1 and "heartbeat" in err["reason"]
-    assert verify_chain(site2 / "privacy-ledger.jsonl").ok
-    kinds = [e["kind"] for e in read_chain(site2 / "privacy-ledger.jsonl")]
-    assert "reservation" in kinds  # the round it never finished still counts
