@@ -27,8 +27,12 @@ demo: $(STAMP)
 rehearse: $(STAMP)
 	$(BIN)/fedvault rehearse --sites 3
 
+# two workers on two cores: the Ray simulations run one at a time on one worker, the
+# real-process deployments one at a time on the other (tests/conftest.py groups them),
+# the unit tests fill in; a deployment waiting for Flower's heartbeats or process
+# start-up leaves its core to the other worker
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 # the edit loop: unit and property tests only (no Ray simulations, no SuperLink)
 test-fast: $(STAMP)

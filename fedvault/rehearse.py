@@ -59,6 +59,7 @@ from fedvault.partition import partition_indices
 from fedvault.pki import NODE_KEY, TLSFiles, new_ca, node_key_pair, server_certificate
 from fedvault.processes import (
     Deployment,
+    Proc,
     become_subreaper,
     find_executable,
     free_port,
@@ -69,11 +70,14 @@ from fedvault.processes import (
 )
 from fedvault.rundir import RunDirectory
 from fedvault.site import (
+    SiteConfig,
     approve,
     fab_hash_of,
     flower_env,
     load_site_config,
-    start_site,
+    spawn_node,
+    spawn_runtime,
+    stage_app,
     write_site_config,
 )
 from fedvault.summary import DeploymentBlock, ProcessExit, RunSummary
@@ -186,15 +190,20 @@ def he_key_ceremony(settings: RunSettings, homes: list[Path], fed: Path
     return settings.replace(he_federation=str(fed.resolve())), he_homes
 
 
-def register_node(public_key: Path, name: str, env: dict[str, str]) -> None:
-    """The central team registers a site's node public key with the SuperLink
-    (``flwr supernode register``, over the Control API)."""
-    r = subprocess.run([find_executable("flwr"), "supernode", "register", str(public_key),
-                        CONNECTION_NAME, "--name", name], env=env, capture_output=True,
-                       text=True, timeout=120, stdin=subprocess.DEVNULL)
-    if r.returncode != 0:
-        raise DeploymentError(f"`flwr supernode register` of {name} failed:\n"
-                              f"{(r.stdout + r.stderr).strip()[-2000:]}")
+def register_nodes(keys: list[tuple[Path, str]], env: dict[str, str]) -> None:
+    """The central team registers each site's node public key with the SuperLink
+    (``flwr supernode register``, over the Control API; all at once)."""
+    procs = [(name, subprocess.Popen(
+        [find_executable("flwr"), "supernode", "register", str(key), CONNECTION_NAME,
+         "--name", name], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, stdin=subprocess.DEVNULL)) for key, name in keys]
+    failed = []
+    for name, p in procs:
+        out, _ = p.communicate(timeout=120)
+        if p.returncode != 0:
+            failed.append(f"{name}: {out.strip()[-1000:]}")
+    if failed:
+        raise DeploymentError("`flwr supernode register` failed:\n" + "\n".join(failed))
 
 
 def rehearse(
@@ -290,17 +299,20 @@ def rehearse(
                 encoding="utf-8")
             cli_env = {**base_env, "FLWR_HOME": str(cli_home)}
 
+            if tls is not None:
+                status(f"central team: registering the {sites} sites' node keys")
+                register_nodes([(h / "node-auth.pub", site_name(k))
+                                for k, h in enumerate(homes)], cli_env)
+            status(f"starting {sites} sites"
+                   + (" (their installed code)" if site_code == "installed" else ""))
+            starting: list[tuple[Proc, SiteConfig | None]] = []
             for k, path in enumerate(data_files):
                 home = path.parent
                 node = site_node_config(settings, k, data=path, label=label,
                                         bounds=bounds_file, he_home=he_homes.get(k))
                 node_config = node.write_toml(home / "node-config.toml")
-                auth_key = ""
-                if tls is not None:
-                    auth_key = str(home / NODE_KEY)
-                    register_node(home / "node-auth.pub", site_name(k), cli_env)
+                auth_key = str(home / NODE_KEY) if tls is not None else ""
                 if site_code == "installed":
-                    status(f"starting site {site_name(k)} (its installed code)")
                     cfg = load_site_config(write_site_config(
                         home / "site.toml", name=site_name(k),
                         superlink=f"127.0.0.1:{link_port}", node=node, insecure=tls is None,
@@ -308,21 +320,25 @@ def rehearse(
                         auth_key=auth_key, runtime_port=free_port()))
                     for h in approvals.get(k, []):
                         approve(cfg, h, note="rehearsal")
-                    start_site(dep, cfg, node_config_file=node_config, env=base_env,
-                               essential=False)
+                    starting.append((spawn_node(dep, cfg, node_config_file=node_config,
+                                                env=base_env, essential=False), cfg))
                     continue
-                status(f"starting flower-supernode {site_name(k)}")
                 security = (["--root-certificates", str(tls.ca_cert),
                              "--auth-supernode-private-key", auth_key] if tls else
                             ["--insecure"])
-                proc = dep.spawn(
+                starting.append((dep.spawn(
                     site_name(k),
                     [find_executable("flower-supernode"), *security, "--superlink",
                      f"127.0.0.1:{link_port}", "--port", str(free_port()),
                      "--node-config", str(node_config)],
                     env={**base_env, "FLWR_HOME": str(home)}, essential=False,
-                )
+                ), None))
+            for proc, site_cfg in starting:  # the nodes join in parallel
                 wait_for_log(proc, "SuperNode ID")
+                if site_cfg is not None:
+                    spawn_runtime(dep, site_cfg, proc, env=base_env, essential=False)
+            status("staging the app bundle")
+            staged = stage_app(app, dep_root / "app")
 
             run_config = dep_root / "run-config.toml"
             run_config.write_text(tomli_w.dumps(settings.to_config()), encoding="utf-8")
@@ -334,9 +350,9 @@ def rehearse(
             status("submitting the run with `flwr run`")
             runner = dep.spawn(
                 "flwr-run",
-                [find_executable("flwr"), "run", str(app), CONNECTION_NAME, "--run-config",
+                [find_executable("flwr"), "run", str(staged), CONNECTION_NAME, "--run-config",
                  str(run_config), "--stream"],
-                env=cli_env, cwd=app,
+                env=cli_env, cwd=staged,
             )
             submitted = time.monotonic()
             deadline = submitted + timeout

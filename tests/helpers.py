@@ -43,11 +43,15 @@ def cli_in_process(*args: str, timeout: float = 0, cwd: Path | None = None
     start-up nor a torch import per call. ``run_cli`` runs the installed entry point
     in a subprocess (the help, the end-to-end runs). ``timeout`` and ``cwd`` are
     accepted for symmetry with ``run_cli`` and ignored: these calls fail early."""
-    from fedvault.cli import main
+    from fedvault.cli import main, render
 
     out, err = io.StringIO(), io.StringIO()
     old = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = "120"
+    # rich fixes a console's width when it is made (at the first import of the CLI in
+    # this process, whichever test that was): give the calls here the width they'd have
+    widths = (render.console._width, render.err_console._width)
+    render.console.width = render.err_console.width = 120
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -55,6 +59,7 @@ def cli_in_process(*args: str, timeout: float = 0, cwd: Path | None = None
             except SystemExit as exc:  # argparse's own usage errors
                 code = exc.code if isinstance(exc.code, int) else 2
     finally:
+        render.console._width, render.err_console._width = widths
         if old is None:
             os.environ.pop("COLUMNS", None)
         else:
