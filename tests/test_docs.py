@@ -7,8 +7,9 @@ records the run left.
 
 The same deployment is the fault drill: a third node whose key was never registered is
 refused by the SuperLink; site B's SuperNode is killed (SIGKILL) while it trains, and
-the round completes with site A; then A's `fedvault site start` is killed outright and
-its guard stops the processes it started."""
+the round completes with site A; B's node is restarted and rejoins under the same node
+id; then A's `fedvault site start` is killed outright and its guard stops the processes
+it started."""
 
 from __future__ import annotations
 
@@ -276,6 +277,14 @@ def test_the_hand_deployment_in_the_guides_works_and_survives_faults(tmp_path: P
         assert Path(ce["REPORT"]).read_text().lower().startswith("<!doctype html>")
         assert verify_chain(Path(site_env[0]["LEDGER"])).ok
         mark("compliance done")
+        # -- site B's node restarted: it rejoins, its key still registered, same node id ---
+        _wait("for clinic-b's supervisor to stop", lambda: nodes[1].poll() is not None, 30)
+        assert nodes[1].returncode == 2  # its SuperNode died: it stopped and said so
+        again = Path(site_env[1]["SITE"]) / "start-again.log"
+        procs.append(_start(s["owner-start"][1], site_env[1], tmp_path, again))
+        _wait("for clinic-b to rejoin", lambda: "connected to" in again.read_text(), 90,
+              procs[-1])
+        assert f"SuperNode ID: {b_id.group(1)}" in (b_home / "logs" / "clinic-b.log").read_text()
         # -- site A's supervisor killed outright: its guard stops what it started ----------
         a_home = Path(site_env[0]["SITE"]) / "site.flwr-home"
         assert processes_with_flwr_home_under(a_home)
