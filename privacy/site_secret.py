@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from fedvault.errors import IntegrityError
+from fedvault.pki import write_secret
 from protocols.hashchain import follow_chain
 
-SECRET_MODE = 0o600
 SECRET_VERSION = 1
 
 
@@ -91,15 +91,8 @@ class SiteSecret:
         body = json.dumps({"version": SECRET_VERSION, "key": self.key.hex(),
                            "created": self.created, "anchor": self.anchor},
                           sort_keys=True).encode("utf-8")
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, SECRET_MODE)
-        try:
-            os.write(fd, body)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        os.chmod(self.path, SECRET_MODE)
+        tmp = write_secret(self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp"), body)
+        os.replace(tmp, self.path)  # atomic: the old secret or the new, never a torn one
 
     def keyed(self, purpose: str, data: bytes | str) -> str:
         """HMAC-SHA256 of ``data`` under the site key, domain-separated by ``purpose``."""
