@@ -79,7 +79,9 @@ def _model_from(msg: Message, settings: RunSettings, node: NodeConfig,
     if "he-global" in msg.content.config_records:
         he = site_context(settings, node)
         load_encrypted_global(model, msg.content.config_records["he-global"], he,
-                              min_sites=settings.min_sites, max_change=settings.he_max_change,
+                              min_sites=max(settings.min_sites,
+                                            node.aggregate_min_sites or 1),
+                              max_change=settings.he_max_change,
                               state=context.state)
         return model
     if "arrays" not in msg.content.array_records:

@@ -70,8 +70,13 @@ class SitePolicy:
     release_eval_metrics: bool | None = None
     evaluate_after_refusal: bool = False
     allow_insecure_noise: bool = False
+    #: the fewest sites this site lets its update be aggregated with (a floor under the
+    #: run's min-sites, which the central team sets)
+    min_sites: int = 1
 
     def __post_init__(self) -> None:
+        if self.min_sites < 1:
+            raise ConfigError(f"min-sites must be >= 1. Found {self.min_sites}.")
         if not (self.max_epsilon > 0 and not math.isnan(self.max_epsilon)):
             raise ConfigError(f"max-epsilon must be > 0. Found {self.max_epsilon}.")
         if not 0 < self.delta < 1:
@@ -129,6 +134,7 @@ def site_policy(settings: RunSettings, node: NodeConfig) -> SitePolicy:
         release_eval_metrics=pick(node.release_eval_metrics, base.release_eval_metrics),
         evaluate_after_refusal=pick(node.evaluate_after_refusal, base.evaluate_after_refusal),
         allow_insecure_noise=pick(node.allow_insecure_noise, base.allow_insecure_noise),
+        min_sites=pick(node.aggregate_min_sites, base.min_sites),
     )
 
 
@@ -153,6 +159,11 @@ def _calibrated(accountant: str, target_epsilon: float, delta: float, sample_rat
 
 def check_request(settings: RunSettings, policy: SitePolicy, noise_multiplier: float) -> None:
     """Refuse a server config that asks for weaker privacy than the site allows."""
+    if settings.min_sites < policy.min_sites:
+        raise PrivacyRefused(f"the run aggregates as few as {settings.min_sites} site(s); this "
+                             f"site requires at least {policy.min_sites} (node-config "
+                             "aggregate-min-sites): a smaller aggregate says more about each "
+                             "site")
     if not settings.dp:
         if policy.require_dp:
             raise PrivacyRefused("the run asks to train without differential privacy; "

@@ -60,6 +60,8 @@ class NodeConfig:
     release_eval_metrics: bool | None = _meta("send exact evaluation metrics")
     evaluate_after_refusal: bool | None = _meta("evaluate in a refused round")
     allow_insecure_noise: bool | None = _meta("train when the run asks for seeded noise")
+    aggregate_min_sites: int | None = _meta("refuse runs and encrypted aggregates of fewer "
+                                            "sites")
     he_federation: str | None = _meta("the provisioned federation directory")
     he_passphrase_env: str | None = _meta("environment variable of the HE passphrase")
     partition_id: int | None = _meta("simulation: the site's partition")

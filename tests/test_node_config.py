@@ -21,6 +21,7 @@ from fedvault.rehearse import site_node_config
 from fedvault.tables import save_table
 from fedvault.tasks import get_task
 from protocols.config import RunSettings
+from protocols.hashchain import read_chain
 from protocols.node_config import NodeConfig
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
@@ -126,3 +127,26 @@ def test_a_real_site_never_takes_the_runs_he_federation(tmp_path: Path) -> None:
         _train(node, tmp_path, he=True, he_federation=str(tmp_path / "servers-choice"),
                noise_multiplier=1.0)
     assert not (tmp_path / "ledger.jsonl").exists()  # no reservation was written
+
+
+def test_a_site_sets_the_fewest_sites_its_update_is_aggregated_with(tmp_path: Path) -> None:
+    """The central team sets the run's min-sites; a hostile one sets 1 and hands one
+    site's update back as the "aggregate". A site's own floor (node-config
+    aggregate-min-sites)
+    refuses such a run before it reserves anything, and an encrypted aggregate of fewer
+    sites than the floor is refused whatever the run says."""
+    node = {"data-path": str(_csv(tmp_path)), "label-column": "y", "aggregate-min-sites": 3,
+            "ledger-path": str(tmp_path / "ledger.jsonl")}
+    reply = _train(node, tmp_path, noise_multiplier=1.0, min_sites=1)
+    refusal = reply.content.config_records["refusal"]
+    assert "requires at least 3 (node-config aggregate-min-sites)" in str(refusal["reason"])
+    kinds = [e["kind"] for e in read_chain(tmp_path / "ledger.jsonl")]
+    assert "reservation" not in kinds
+    # at or above the floor the site trains
+    ok = _train(node, tmp_path, noise_multiplier=1.0, min_sites=3)
+    assert "refusal" not in ok.content.config_records
+    with pytest.raises(ConfigError, match="must be an integer"):
+        NodeConfig.parse({"data-path": "/d.csv", "aggregate-min-sites": 2.5})
+    with pytest.raises(ConfigError, match="min-sites must be >= 1"):
+        site_policy(RunSettings(),
+                    NodeConfig.parse({"data-path": "/d.csv", "aggregate-min-sites": 0}))
