@@ -194,7 +194,7 @@ def guard(root: Path, fd: int, grace: float = 3.0) -> None:
         return
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0.2), (signal.SIGKILL, 0.2)):
         found = deployment_processes(root, [])
-        for pid in deployment_processes(root, found):
+        for pid in found:
             try:
                 os.kill(pid, sig)
             except (ProcessLookupError, PermissionError):
@@ -235,8 +235,9 @@ def reap_orphans(timeout: float = 3.0) -> None:
 
 
 def deployment_processes(root: Path, roots: list[int]) -> list[int]:
-    """Live PIDs descending from ``roots`` or whose ``FLWR_HOME`` lies under ``root``
-    (Linux ``/proc``; elsewhere only the process groups are signalled)."""
+    """Live PIDs whose ``FLWR_HOME`` lies under ``root``, or descending from one of them
+    or from ``roots`` (Linux ``/proc``; elsewhere only the process groups are
+    signalled)."""
     proc = Path("/proc")
     if not proc.is_dir():
         return []
@@ -258,7 +259,7 @@ def deployment_processes(root: Path, roots: list[int]) -> list[int]:
             continue
         if any(v.startswith(prefix) for v in env.split(b"\0")):
             found.add(pid)
-    stack = list(roots)
+    stack = [*roots, *found]  # their descendants too (one that reset its environment)
     while stack:
         pid = stack.pop()
         for c in children.get(pid, []):

@@ -181,6 +181,7 @@ def make_he_keys(fed: Path, *, site: str, params: HEParams, home: Path,
     """At the key-maker site ``site``: generate the HE context; write the public context
     and a sealed secret for every other site into ``fed``; keep the secret at ``home``
     (this site's own federation directory). Returns the manifest."""
+    _check_home(home)  # before anything is written to the federation directory
     manifest = read_manifest(fed)
     if manifest.get("format") != FORMAT:
         raise ConfigError(f"{fed} is not a key-ceremony federation (`fedvault federation "
@@ -220,6 +221,7 @@ def receive_he_keys(fed: Path, *, site: str, kx_key: Path, home: Path,
                     passphrase: str | None = None) -> dict[str, Any]:
     """At every other site: open this site's sealed secret with its ``kx_key``, check it
     against the manifest's fingerprint, keep it at ``home``. Returns the manifest."""
+    _check_home(home)
     manifest = read_manifest(fed)
     if "he" not in manifest:
         raise ConfigError(f"{fed} has no HE keys yet: the key-maker site runs "
@@ -241,11 +243,14 @@ def receive_he_keys(fed: Path, *, site: str, kx_key: Path, home: Path,
     return manifest
 
 
+def _check_home(home: Path) -> None:
+    if (home / MANIFEST).exists():
+        raise ConfigError(f"{home} already holds a federation.")
+
+
 def _keep_at_home(home: Path, manifest: dict[str, Any], site: str, secret: bytes,
                   passphrase: str | None) -> None:
     """This site's own federation directory: the manifest, its secret context (0600)."""
-    if (home / MANIFEST).exists():
-        raise ConfigError(f"{home} already holds a federation.")
     name = SECRET_ENC if passphrase else SECRET_CTX
     path = home / "sites" / site / name
     write_secret(path, seal_secret(secret, passphrase) if passphrase else secret)

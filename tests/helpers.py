@@ -68,6 +68,17 @@ def cli_in_process(*args: str, timeout: float = 0, cwd: Path | None = None
                                        err.getvalue())
 
 
+def write_site_toml(tmp_path: Path, site: str = "insecure = true", node: str = "") -> Path:
+    """A ``site.toml`` for site "clinic" (its ``[site]`` lines beyond name and superlink,
+    its ``[node-config]`` lines beyond a one-row ``data.csv``)."""
+    data = tmp_path / "data.csv"
+    data.write_text("x,y\n1,0\n")
+    p = tmp_path / "site.toml"
+    p.write_text(f'[site]\nname = "clinic"\nsuperlink = "127.0.0.1:9092"\n{site}\n'
+                 f'[node-config]\ndata-path = "{data}"\n{node}')
+    return p
+
+
 def processes_with_flwr_home_under(root: Path) -> list[int]:
     """PIDs of live (non-zombie) processes whose FLWR_HOME lies under ``root``."""
     found = []

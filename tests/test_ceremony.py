@@ -5,6 +5,7 @@ relays or substituting its own key, a blob moved between sites, a secret left re
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -79,13 +80,7 @@ def test_the_central_team_cannot_open_a_sealed_secret(ceremony: Path, tmp_path: 
     with pytest.raises(HEError, match="does not open"):
         receive_he_keys(fed, site="clinic-b", kx_key=ceremony / "clinic-c" / "keys" / KX_KEY,
                         home=tmp_path / "b-by-c")
-    moved = tmp_path / "moved"
-    moved.mkdir()
-    for f in fed.rglob("*"):
-        if f.is_file():
-            dst = moved / f.relative_to(fed)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.write_bytes(f.read_bytes())
+    moved = shutil.copytree(fed, tmp_path / "moved")
     (moved / "sites" / "clinic-c" / SEALED).write_bytes(
         (fed / "sites" / "clinic-b" / SEALED).read_bytes())
     with pytest.raises(HEError, match="does not open"):
@@ -147,6 +142,11 @@ def test_the_ceremony_refuses_what_would_weaken_it(tmp_path: Path) -> None:
         make_he_keys(fed, site="z", params=bfv_params_for(1), home=tmp_path / "z")
     with pytest.raises(ConfigError, match="no HE keys yet"):
         receive_he_keys(fed, site="a", kx_key=a / KX_KEY, home=tmp_path / "a-he")
+    # a key maker whose home already holds a federation stops before writing to the relay
+    write_manifest(tmp_path / "taken", {"format": "x", "sites": []})
+    with pytest.raises(ConfigError, match="already holds a federation"):
+        make_he_keys(fed, site="a", params=bfv_params_for(1), home=tmp_path / "taken")
+    assert "he" not in read_manifest(fed) and not (fed / "server").exists()
     make_he_keys(fed, site="a", params=bfv_params_for(1), home=tmp_path / "a-he")
     with pytest.raises(ConfigError, match="new site needs a new ceremony"):
         add_site(fed, "b", _keys(tmp_path, "b"))

@@ -25,7 +25,7 @@ from fedvault.pki import (
     server_certificate,
 )
 from fedvault.site import load_site_config
-from tests.helpers import cli_in_process
+from tests.helpers import cli_in_process, write_site_toml
 
 
 def _mode(p: Path) -> int:
@@ -82,31 +82,22 @@ def test_secret_files_readable_by_others_are_refused(tmp_path: Path) -> None:
         check_secret_file(tmp_path / "none", "key")
 
 
-def _secure_site(tmp_path: Path, site: str) -> Path:
-    data = tmp_path / "data.csv"
-    data.write_text("x,y\n1,0\n")
-    p = tmp_path / "site.toml"
-    p.write_text(f'[site]\nname = "clinic"\nsuperlink = "10.0.0.5:9092"\n{site}\n'
-                 f'[node-config]\ndata-path = "{data}"\n')
-    return p
-
-
 def test_a_secure_site_needs_its_ca_and_a_private_node_key(tmp_path: Path) -> None:
     new_ca(tmp_path / "ca")
     with pytest.raises(ConfigError, match=r"auth-key.*fedvault site keygen"):
-        load_site_config(_secure_site(tmp_path, 'root-certificates = "ca/ca.pem"'))
+        load_site_config(write_site_toml(tmp_path, 'root-certificates = "ca/ca.pem"'))
     node_key_pair(tmp_path / "keys")
     # paths are relative to site.toml
-    cfg = load_site_config(_secure_site(
+    cfg = load_site_config(write_site_toml(
         tmp_path, 'root-certificates = "ca/ca.pem"\nauth-key = "keys/node-auth.key"'))
     assert cfg.root_certificates == str(tmp_path / "ca" / "ca.pem")
     assert cfg.auth_key == str(tmp_path / "keys" / "node-auth.key") and not cfg.insecure
     (tmp_path / "keys" / "node-auth.key").chmod(0o644)
     with pytest.raises(ConfigError, match="other users could read it"):
-        load_site_config(_secure_site(
+        load_site_config(write_site_toml(
             tmp_path, 'root-certificates = "ca/ca.pem"\nauth-key = "keys/node-auth.key"'))
     with pytest.raises(ConfigError, match="no file"):
-        load_site_config(_secure_site(
+        load_site_config(write_site_toml(
             tmp_path, 'root-certificates = "nope.pem"\nauth-key = "keys/node-auth.key"'))
 
 
@@ -129,3 +120,44 @@ def test_fingerprints_agree_between_keygen_tls_and_show(tmp_path: Path) -> None:
     assert r.returncode == 2 and "already holds a CA" in r.stderr
     r = cli_in_process("federation", "show", str(tmp_path / "site" / "node-auth.key"))
     assert r.returncode == 2 and "no certificate" in r.stderr
+
+
+@pytest.mark.loopback
+def test_a_site_refuses_a_superlink_whose_certificate_its_ca_did_not_sign(
+        tmp_path: Path) -> None:
+    """An impostor SuperLink: real flower-superlink serving a certificate from another CA.
+    A SuperNode given the federation's CA (``root-certificates``) never joins it; the
+    same node given the impostor's CA does (the control)."""
+    from fedvault.errors import DeploymentError
+    from fedvault.processes import Deployment, Proc, find_executable, free_port, wait_for_log
+    from fedvault.site import flower_env
+
+    new_ca(tmp_path / "ours")
+    new_ca(tmp_path / "theirs")
+    impostor = server_certificate(tmp_path / "theirs", tmp_path / "link")
+    port = free_port()
+    env = flower_env()
+    dep = Deployment(root=tmp_path)
+    try:
+        link = dep.spawn("superlink", [
+            find_executable("flower-superlink"), "--ssl-ca-certfile", str(impostor.ca_cert),
+            "--ssl-certfile", str(impostor.cert), "--ssl-keyfile", str(impostor.key),
+            "--port", str(port)], env={**env, "FLWR_HOME": str(tmp_path / "lh")})
+        wait_for_log(link, "Uvicorn running on https://")
+
+        def node(name: str, ca: Path) -> Proc:
+            return dep.spawn(name, [
+                find_executable("flower-supernode"), "--root-certificates", str(ca),
+                "--superlink", f"127.0.0.1:{port}", "--max-retries", "1",
+                "--max-wait-time", "5", "--port", str(free_port())],
+                env={**env, "FLWR_HOME": str(tmp_path / name)})
+
+        ours = node("ours", tmp_path / "ours" / "ca.pem")
+        with pytest.raises(DeploymentError, match="exited with status"):
+            wait_for_log(ours, "SuperNode ID", timeout=60)
+        log = (tmp_path / "logs" / "ours.log").read_text()
+        assert "SuperNode ID" not in log and "CERTIFICATE_VERIFY_FAILED" in log
+        fooled = node("fooled", impostor.ca_cert)
+        wait_for_log(fooled, "SuperNode ID", timeout=60)
+    finally:
+        dep.stop(grace=2)

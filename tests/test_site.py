@@ -14,19 +14,14 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from client.runtime import answer, approved_hashes
 from fedvault.errors import ConfigError, IntegrityError
 from fedvault.site import approve, fab_hash_of, load_site_config, runtime_shim
-from tests.helpers import ROOT, cli_in_process
+from tests.helpers import ROOT, cli_in_process, write_site_toml
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 H1, H2 = "a" * 64, "b" * 64
 
 
 def _site(tmp_path: Path, extra: str = "") -> Path:
-    data = tmp_path / "data.csv"
-    data.write_text("x,y\n1,0\n")
-    p = tmp_path / "site.toml"
-    p.write_text(f'[site]\nname = "clinic"\nsuperlink = "127.0.0.1:9092"\ninsecure = true\n'
-                 f'{extra}\n[node-config]\ndata-path = "{data}"\nmax-epsilon = 4.0\n')
-    return p
+    return write_site_toml(tmp_path, f"insecure = true\n{extra}", "max-epsilon = 4.0\n")
 
 
 def test_site_config_is_validated(tmp_path: Path) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from rich.table import Table as RichTable
 
+from fedvault.cli.options import passphrase_from_env
 from fedvault.cli.render import console
 from fedvault.errors import ConfigError
 from fedvault.pki import (
@@ -29,11 +29,7 @@ from privacy.he import bfv_params_for, ckks_params
 
 def cmd_provision(args: argparse.Namespace) -> int:
     check_output_dir(args.out)
-    passphrase = None
-    if args.passphrase_env:
-        passphrase = os.environ.get(args.passphrase_env)
-        if not passphrase:
-            raise ConfigError(f"environment variable {args.passphrase_env} is empty or unset.")
+    passphrase = passphrase_from_env(args.passphrase_env)
     params = ckks_params() if args.scheme == "ckks" else bfv_params_for(args.sites)
     m = provision(args.out, sites=args.sites, params=params, passphrase=passphrase)
     he = m["he"]

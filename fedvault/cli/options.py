@@ -99,3 +99,14 @@ def settings_from(args: argparse.Namespace, mode: str, **fixed: Any) -> RunSetti
         return RunSettings(**changes)
     except TypeError as exc:  # pragma: no cover - programming error
         raise ConfigError(str(exc)) from exc
+
+
+def passphrase_from_env(var: str | None) -> str | None:
+    """The passphrase in environment variable ``var`` (``--passphrase-env``); ``None``
+    without one; a ``ConfigError`` if it is named but empty or unset."""
+    if not var:
+        return None
+    value = os.environ.get(var)
+    if not value:
+        raise ConfigError(f"environment variable {var} is empty or unset.")
+    return value

@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.table import Table as RichTable
 
 from client.runtime import approved_hashes
+from fedvault.cli.options import passphrase_from_env
 from fedvault.cli.render import console, err_console
 from fedvault.pki import node_key_pair, public_key_fingerprint
 from fedvault.processes import Deployment, sigterm_as_interrupt
@@ -62,19 +63,6 @@ def cmd_site_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _passphrase(var: str | None) -> str | None:
-    import os
-
-    from fedvault.errors import ConfigError
-
-    if not var:
-        return None
-    value = os.environ.get(var)
-    if not value:
-        raise ConfigError(f"environment variable {var} is empty or unset.")
-    return value
-
-
 def _he_done(manifest: dict[str, object], home: Path, what: str) -> None:
     from fedvault.pki import short_hex
 
@@ -95,7 +83,7 @@ def cmd_site_he_keys(args: argparse.Namespace) -> int:
     sites = len(read_manifest(args.federation)["sites"])
     params = ckks_params() if args.scheme == "ckks" else bfv_params_for(sites)
     m = make_he_keys(args.federation, site=args.name, params=params, home=args.out,
-                     passphrase=_passphrase(args.passphrase_env))
+                     passphrase=passphrase_from_env(args.passphrase_env))
     _he_done(m, args.out, f"HE keys made; {args.federation} now holds the public context "
              f"and a sealed secret for each of the other {sites - 1} site(s): return it to "
              "the central team")
@@ -106,7 +94,7 @@ def cmd_site_he_receive(args: argparse.Namespace) -> int:
     from privacy.ceremony import KX_KEY, receive_he_keys
 
     m = receive_he_keys(args.federation, site=args.name, kx_key=args.keys / KX_KEY,
-                        home=args.out, passphrase=_passphrase(args.passphrase_env))
+                        home=args.out, passphrase=passphrase_from_env(args.passphrase_env))
     _he_done(m, args.out, "HE secret context received and checked")
     return 0
 
