@@ -41,7 +41,13 @@ from client.he_client import (
 )
 from client.site import SiteData, resolve_site_data
 from client.training import TrainResult, train_local
-from fedvault.errors import AggregateRefused, ConfigError, IntegrityError, PrivacyRefused
+from fedvault.errors import (
+    AggregateRefused,
+    ConfigError,
+    HEError,
+    IntegrityError,
+    PrivacyRefused,
+)
 from fedvault.tasks import Table, evaluate, flatten, get_task
 from privacy.ledger import PrivacyLedger
 from privacy.noise import SecureUniform
@@ -139,6 +145,14 @@ def _train_seed(settings: RunSettings, server_round: int, node: NodeConfig,
     return int(state[0]) % (2**31)
 
 
+def _weight_scale(msg: Message) -> int:
+    """The round's HE weight scale, as the server announced it in the config."""
+    v = _cfg(msg).get("he-weight-scale")
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise HEError(f"the training config's he-weight-scale must be an integer. Found {v!r}.")
+    return v
+
+
 def _train_reply(msg: Message, model: torch.nn.Module, result: TrainResult,
                  privacy: dict[str, Any] | None, *, settings: RunSettings, node: NodeConfig,
                  context: Context, server_round: int) -> Message:
@@ -156,7 +170,7 @@ def _train_reply(msg: Message, model: torch.nn.Module, result: TrainResult,
         records["he-update"] = encrypt_update(model, he, context=context,
                                               server_round=server_round,
                                               num_examples=result.num_examples,
-                                              weight_unit=settings.he_weight_unit,
+                                              weight_scale=_weight_scale(msg),
                                               rng=rng).to_record()
     else:
         records["arrays"] = ArrayRecord(model.state_dict())

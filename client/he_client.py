@@ -64,7 +64,7 @@ def load_encrypted_global(model: torch.nn.Module, record: ConfigRecord, he: HECo
         raise HEError("the global model was encrypted under another HE context "
                       "(fingerprint mismatch).")
     mean = he.verified_mean(list(g.ciphertexts), num_values=g.num_values, count=g.count,
-                            sites=g.sites, min_sites=min_sites)
+                            sites=g.sites, min_sites=min_sites, scale=g.weight_scale)
     if state is not None and max_change > 0 and LAST_ACCEPTED in state.array_records:
         last = state.array_records[LAST_ACCEPTED]["flat"].numpy()
         if last.shape == mean.shape:
@@ -86,12 +86,18 @@ def remember_global(state: RecordDict | None, flat: np.ndarray) -> None:
 
 
 def encrypt_update(model: torch.nn.Module, he: HEContext, *, context: Context,
-                   server_round: int, num_examples: int, weight_unit: int,
+                   server_round: int, num_examples: int, weight_scale: int,
                    rng: UniformSource | None = None) -> EncryptedUpdate:
+    """Encrypt the trained model at the round's weight scale (announced by the server
+    in the config as ``he-weight-scale``; refused if impossible for this context)."""
+    if not 1 <= weight_scale <= he.params.max_weight:
+        raise HEError(f"the server announced weight scale {weight_scale}; this federation's "
+                      f"HE parameters allow [1, {he.params.max_weight}].")
     flat = flatten(model.state_dict())
-    weight = he_weight(num_examples, weight_unit, he.params.max_weight)
+    weight = he_weight(num_examples, weight_scale)
     return EncryptedUpdate(
         scheme=he.params.scheme, fingerprint=he.fingerprint, num_values=len(flat),
         quant_bits=he.params.quant_bits, bound=he.params.bound, weight=weight,
-        num_examples=num_examples, run_id=context.run_id, round=server_round,
-        node_id=context.node_id, ciphertexts=tuple(he.encrypt(flat, rng, weight=weight)))
+        weight_scale=weight_scale, num_examples=num_examples, run_id=context.run_id,
+        round=server_round, node_id=context.node_id,
+        ciphertexts=tuple(he.encrypt(flat, rng, weight=weight, scale=weight_scale)))

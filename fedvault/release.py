@@ -24,7 +24,7 @@ from fedvault.tasks import get_task, unflatten
 from privacy.federation import load_context
 from protocols.config import RunSettings
 from protocols.hashchain import HashChainLog
-from protocols.he_update import ciphertexts_of, is_encrypted, sites_of
+from protocols.he_update import ciphertexts_of, is_encrypted, scale_of, sites_of
 
 RELEASES = "releases.jsonl"
 
@@ -69,7 +69,7 @@ def decrypt_model(run_dir: str | Path, *, federation: str | Path, site: str,
     # the same check a site makes before training on it: a corrupted aggregate (raw
     # slots, a weight lie, a single update) is refused here too (AggregateRefused)
     mean = he.verified_mean(cts, num_values=n, count=count, sites=sites,
-                            min_sites=settings.min_sites)
+                            min_sites=settings.min_sites, scale=scale_of(stored))
     plain = unflatten(mean, template)
     model.load_state_dict(plain, strict=True)
     target = Path(out) if out else run.root / f"model-round-{rnd:04d}.plaintext.pt"

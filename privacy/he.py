@@ -3,16 +3,21 @@
 Two schemes:
 
 ``bfv`` (default): quantised integers, exact sums.
-    Each value is clipped to ``[-bound, bound]`` and stochastically rounded to one
-    of ``2**quant_bits`` levels (unbiased: E[decode(q)] = the clipped value). Two
-    quantised values share one BFV slot (``lo + hi * 2**field_bits``), where
-    ``field_bits = quant_bits + weight_bits + ceil(log2(max_sites))`` leaves
-    headroom so that a sum over up to ``max_sites`` sites, each weighted by an
-    integer up to ``2**weight_bits`` (FedAvg by example count, in coarse units),
-    never carries from one field into the other nor wraps modulo the plaintext
-    modulus. The whole flattened update is
-    packed into ``ceil(n / (2 * N))`` ciphertexts (never one per layer) and no
-    context travels with the data.
+    Each value is clipped to ``[-bound, bound]``, multiplied by the site's weight
+    fraction ``weight / scale`` (its example count over the round's weight scale,
+    which the server announces; FedAvg's weights folded into the values, so they
+    cost no bits) and stochastically rounded to one of ``2**quant_bits`` levels
+    (unbiased: E[decode(q)] = the folded value). ``fields_per_slot`` quantised
+    values share one BFV slot (``v0 + v1 * 2**F + v2 * 2**2F``), where the field
+    width ``F = quant_bits + ceil(log2(max_sites))`` leaves headroom so that a sum
+    over up to ``max_sites`` sites never carries from one field into the next nor
+    wraps modulo the plaintext modulus (at most 60 bits in SEAL). The whole flattened
+    update is packed into ``ceil(n / (fields * N))`` ciphertexts (never one per
+    layer) and no context travels with the data. The decrypted weighted mean is
+    ``(sum q * 2 bound / L - sites * bound) * scale / total_weight`` with
+    ``L = 2**quant_bits - 1``; it is within ``step * sites * scale / total_weight``
+    of the exact example-weighted mean of the clipped values (``step = 2 bound / L``,
+    each site's rounding error at most one step), and unbiased.
 ``ckks``: approximate real arithmetic (N = 8192, moduli [60, 40, 60], scale 2**40),
     one value per slot; the alternative for models whose values are unbounded.
 
@@ -44,9 +49,12 @@ from privacy.noise import SecureUniform, UniformSource
 
 #: Max total coefficient-modulus bits for 128-bit classical security (HE standard, table 1).
 MAX_COEFF_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
-#: Values appended to every encrypted update: 1 (this site) and the site's weight. In the
-#: aggregate they count the sites and the weight it really holds (``verified_mean``).
+#: Values appended to every encrypted update: 1 (this site) and the site's integer weight
+#: (its example count, at most the round's weight scale). In the aggregate they count the
+#: sites and the weight it really holds (``verified_mean``).
 VERIFY_FIELDS = 2
+#: SEAL's largest plaintext modulus (bits).
+MAX_PLAIN_BITS = 60
 #: SEAL's default BFV coefficient moduli at 128-bit security (``CoeffModulus::BFVDefault``).
 SEAL_BFV_DEFAULT = {4096: (36, 36, 37), 8192: (43, 43, 44, 44, 44)}
 
@@ -97,9 +105,8 @@ class HEParams:
     scheme: str = "bfv"
     poly_modulus_degree: int = 4096
     coeff_mod_bit_sizes: tuple[int, ...] = ()
-    quant_bits: int = 16
+    quant_bits: int = 15
     max_sites: int = 16
-    weight_bits: int = 4
     bound: float = 8.0
     ckks_scale_bits: int = 40
 
@@ -121,12 +128,11 @@ class HEParams:
                 raise ConfigError(f"quant_bits must be in [2, 24]. Found {self.quant_bits}.")
             if not 1 <= self.max_sites <= 4096:
                 raise ConfigError(f"max_sites must be in [1, 4096]. Found {self.max_sites}.")
-            if not 0 <= self.weight_bits <= 8:
-                raise ConfigError(f"weight_bits must be in [0, 8]. Found {self.weight_bits}.")
-            if 2 * self.field_bits + 2 > 60:
+            if self.field_bits + 2 > MAX_PLAIN_BITS:
                 raise ConfigError(
                     f"quant_bits {self.quant_bits} with max_sites {self.max_sites} needs a "
-                    f"{2 * self.field_bits + 2}-bit plaintext modulus; SEAL allows 60.")
+                    f"{self.field_bits + 2}-bit plaintext modulus; SEAL allows "
+                    f"{MAX_PLAIN_BITS}.")
         if not (math.isfinite(self.bound) and self.bound > 0):
             raise ConfigError(f"bound must be > 0. Found {self.bound}.")
 
@@ -140,32 +146,44 @@ class HEParams:
 
     @property
     def field_bits(self) -> int:
-        """Bits of one packed field: the quantised value times the largest weight, plus
-        headroom for the sum over ``max_sites`` sites."""
-        return (self.quant_bits + self.weight_bits
-                + max(1, math.ceil(math.log2(self.max_sites))))
+        """Bits of one packed field: a quantised value plus headroom for the sum over
+        ``max_sites`` sites (the weights are folded into the values: no bits)."""
+        return self.quant_bits + max(1, math.ceil(math.log2(self.max_sites)))
+
+    @property
+    def fields_per_slot(self) -> int:
+        """Quantised values per BFV slot: as many fields as fit below ``t / 2`` with
+        ``t`` at most 60 bits (SEAL decodes batched values to the centred range)."""
+        return max(1, (MAX_PLAIN_BITS - 2) // self.field_bits)
 
     @property
     def max_weight(self) -> int:
-        """Largest integer weight one site's update may carry."""
-        return 1 << self.weight_bits
+        """Largest integer weight (and weight scale) of one site's update: the sum of
+        ``max_sites`` weights must fit one field, like the values."""
+        return (1 << self.quant_bits) - 1
 
     @property
     def plain_modulus(self) -> int:
-        # Two fields per slot, and the slot's value must stay below t/2 (SEAL decodes
-        # batched BFV values to the centred range), hence 2 * field_bits + 1 bits.
-        return batching_prime(2 * self.field_bits + 2, self.poly_modulus_degree)
+        return batching_prime(self.fields_per_slot * self.field_bits + 2,
+                              self.poly_modulus_degree)
 
     @property
     def values_per_ciphertext(self) -> int:
-        """BFV: two packed values in each of N slots; CKKS: one value in each of N/2."""
+        """BFV: ``fields_per_slot`` packed values in each of N slots; CKKS: one value in
+        each of N/2."""
         n = self.poly_modulus_degree
-        return 2 * n if self.scheme == "bfv" else n // 2
+        return self.fields_per_slot * n if self.scheme == "bfv" else n // 2
 
     @property
     def step(self) -> float:
-        """Quantisation step: the largest rounding error of one value (BFV)."""
+        """Quantisation step: the largest rounding error of one (folded) value (BFV)."""
         return 2 * self.bound / ((1 << self.quant_bits) - 1)
+
+    def error_bound(self, *, sites: int, total_weight: int, scale: int) -> float:
+        """Largest distance between a decrypted BFV mean and the exact example-weighted
+        mean of the clipped values: every site's rounding error is below one step of
+        its folded value, and the mean scales the sum by ``scale / total_weight``."""
+        return self.step * sites * scale / max(total_weight, 1)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -178,7 +196,7 @@ class HEParams:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HEParams:
         keys = {"scheme", "poly_modulus_degree", "coeff_mod_bit_sizes", "quant_bits",
-                "max_sites", "weight_bits", "bound", "ckks_scale_bits"}
+                "max_sites", "bound", "ckks_scale_bits"}
         kw = {k: d[k] for k in keys if k in d}
         kw["coeff_mod_bit_sizes"] = tuple(kw.get("coeff_mod_bit_sizes", ()))
         return cls(**kw)
@@ -186,8 +204,12 @@ class HEParams:
 
 def bfv_params_for(sites: int) -> HEParams:
     """Default BFV parameters with headroom for ``sites`` sites (at least 16, rounded up
-    to a power of two: the headroom is whole bits)."""
-    return HEParams(max_sites=max(16, 1 << max(0, sites - 1).bit_length()))
+    to a power of two: the headroom is whole bits). Three 19-bit fields fill a 59-bit
+    plaintext modulus: 15 quantisation bits up to 16 sites, one fewer per doubling of
+    the sites down to 12 bits (128 sites); beyond that two fields per slot."""
+    max_sites = max(16, 1 << max(0, sites - 1).bit_length())
+    site_bits = max(1, math.ceil(math.log2(max_sites)))
+    return HEParams(max_sites=max_sites, quant_bits=max(12, 19 - site_bits))
 
 
 def ckks_params(**kw: Any) -> HEParams:
@@ -197,45 +219,56 @@ def ckks_params(**kw: Any) -> HEParams:
 # ----------------------------------------------------------------------------------------
 # quantisation and packing (BFV)
 # ----------------------------------------------------------------------------------------
-def quantise(values: np.ndarray, params: HEParams, rng: UniformSource) -> np.ndarray:
-    """Clip to [-bound, bound] and stochastically round to integers in [0, 2**quant_bits).
+def quantise(values: np.ndarray, params: HEParams, rng: UniformSource,
+             fold: float = 1.0) -> np.ndarray:
+    """Clip to [-bound, bound], multiply by ``fold`` (the site's weight fraction, in
+    (0, 1]) and stochastically round to integers in [0, 2**quant_bits).
 
-    Unbiased: E[dequantise(quantise(x))] = clip(x). ``rng`` is the secret source of
+    Unbiased: E[dequantised] = fold * clip(x). ``rng`` is the secret source of
     the rounding (``privacy.noise.SecureUniform``, the OS CSPRNG, at every real site)."""
     levels = (1 << params.quant_bits) - 1
-    x = (np.clip(values.astype(np.float64), -params.bound, params.bound) + params.bound) / (
-        2 * params.bound) * levels
+    y = np.clip(values.astype(np.float64), -params.bound, params.bound) * fold
+    x = (y + params.bound) / (2 * params.bound) * levels
     floor = np.floor(x)
     q = floor + (rng.random(x.shape) < (x - floor))
     return np.clip(q, 0, levels).astype(np.int64)
 
 
-def dequantise_sum(q_sum: np.ndarray, total_weight: int, params: HEParams) -> np.ndarray:
-    """The weighted mean from the sum of weighted quantised values (weights summing
-    to ``total_weight``)."""
+def dequantise_sum(q_sum: np.ndarray, *, sites: int, total_weight: int, scale: int,
+                   params: HEParams) -> np.ndarray:
+    """The weighted mean from the sum of ``sites`` quantised, weight-folded updates
+    whose integer weights total ``total_weight`` at weight scale ``scale``."""
     levels = (1 << params.quant_bits) - 1
-    return (q_sum.astype(np.float64) / total_weight) / levels * (2 * params.bound) - params.bound
+    folded = q_sum.astype(np.float64) / levels * (2 * params.bound) - sites * params.bound
+    return folded * (scale / total_weight)
 
 
 def pack(q: np.ndarray, params: HEParams) -> list[np.ndarray]:
-    """Two quantised values per slot: slot i of chunk c holds values (lo, hi)."""
-    n = params.poly_modulus_degree
-    per = 2 * n
+    """``fields_per_slot`` quantised values per slot: slot i of chunk c holds values
+    i, N + i, 2N + i, ... of that chunk, value j in bits [j F, (j + 1) F)."""
+    n, k, f = params.poly_modulus_degree, params.fields_per_slot, params.field_bits
     chunks = []
-    for start in range(0, len(q), per):
-        part = q[start:start + per]
-        padded = np.zeros(per, dtype=np.int64)
+    for start in range(0, len(q), k * n):
+        padded = np.zeros(k * n, dtype=np.int64)
+        part = q[start:start + k * n]
         padded[:len(part)] = part
-        chunks.append(padded[:n] + (padded[n:] << params.field_bits))
+        lanes = padded.reshape(k, n)
+        slot = lanes[0].copy()
+        for j in range(1, k):
+            slot += lanes[j] << (j * f)
+        chunks.append(slot)
     return chunks
 
 
 def unpack(slots: list[np.ndarray], num_values: int, params: HEParams) -> np.ndarray:
-    mask = (1 << params.field_bits) - 1
+    k, f = params.fields_per_slot, params.field_bits
+    mask = (1 << f) - 1
     out = []
     for s in slots:
         s = np.asarray(s, dtype=np.int64)
-        out.append(np.concatenate([s & mask, s >> params.field_bits]))
+        # the top field keeps the sign: a slot that wrapped modulo t decodes negative
+        out.append(np.concatenate([(s >> (j * f)) & mask for j in range(k - 1)]
+                                  + [s >> ((k - 1) * f)]))
     return np.concatenate(out)[:num_values] if out else np.zeros(0, dtype=np.int64)
 
 
@@ -326,20 +359,25 @@ class HEContext:
 
     # -- encryption (sites) ----------------------------------------------------------------
     def encrypt(self, values: np.ndarray, rng: UniformSource | None = None, *,
-                weight: int = 1) -> list[bytes]:
-        """Quantise (BFV), multiply by the integer ``weight``, append the verification
-        block (1 for this site, then ``weight``), pack and encrypt; one bytes per
-        ciphertext. (CKKS multiplies the floats by ``weight``.)"""
+                weight: int = 1, scale: int = 1) -> list[bytes]:
+        """Quantise (BFV) the values folded by ``weight / scale``, append the
+        verification block (1 for this site, then ``weight``), pack and encrypt; one
+        bytes per ciphertext. ``scale`` is the round's weight scale, the same at every
+        site (``1 <= weight <= scale <= max_weight``). (CKKS multiplies the floats by
+        ``weight``; it has no scale.)"""
         ts = _ts()
         if not 1 <= weight <= self.params.max_weight:
             raise HEError(f"weight must be in [1, {self.params.max_weight}]. Found {weight}.")
+        if self.params.scheme == "bfv" and not weight <= scale <= self.params.max_weight:
+            raise HEError(f"weight scale must be in [{weight}, {self.params.max_weight}]. "
+                          f"Found {scale}.")
         flat = np.asarray(values, dtype=np.float64).ravel()
         out = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if self.params.scheme == "bfv":
-                q = quantise(flat, self.params, rng or SecureUniform())
-                full = np.concatenate([q * weight, np.array([1, weight], dtype=np.int64)])
+                q = quantise(flat, self.params, rng or SecureUniform(), fold=weight / scale)
+                full = np.concatenate([q, np.array([1, weight], dtype=np.int64)])
                 for chunk in pack(full, self.params):
                     out.append(ts.bfv_vector(self.ctx, chunk.tolist()).serialize())
             else:
@@ -443,25 +481,29 @@ class HEContext:
         return Decrypted(values=full[:num_values], sites=float(full[num_values]),
                          weight=float(full[num_values + 1]))
 
-    def decrypt_mean(self, chunks: list[bytes], *, num_values: int, count: int) -> np.ndarray:
-        """The weighted mean of an aggregate whose weights total ``count`` (unchecked: use
-        :meth:`verified_mean` for anything a site trains on or releases)."""
+    def decrypt_mean(self, chunks: list[bytes], *, num_values: int, count: int,
+                     scale: int = 1) -> np.ndarray:
+        """The weighted mean of an aggregate whose weights total ``count`` at weight
+        scale ``scale`` (unchecked: use :meth:`verified_mean` for anything a site
+        trains on or releases)."""
         if count < 1:
             raise HEError(f"count must be >= 1. Found {count}.")
         d = self.decrypt_sum(chunks, num_values=num_values)
         if self.params.scheme == "bfv":
-            return dequantise_sum(d.values, count, self.params)
+            return dequantise_sum(d.values, sites=round(d.sites), total_weight=count,
+                                  scale=scale, params=self.params)
         return (d.values / count).astype(np.float64)
 
     def verified_mean(self, chunks: list[bytes], *, num_values: int, count: int, sites: int,
-                      min_sites: int) -> np.ndarray:
+                      min_sites: int, scale: int = 1) -> np.ndarray:
         """Decrypt an aggregate the server says sums ``sites`` updates of total weight
-        ``count``, check it, and return its mean. Raises ``AggregateRefused`` when its
-        verification block disagrees (another number of sites or another weight than
-        claimed: a weight lie, a replayed or single update handed out as the aggregate,
-        a ciphertext under another key), when it holds fewer than ``min_sites`` sites, or
-        when a value lies outside what honest contributions can sum to (BFV: a value
-        beyond ``(2**quant_bits - 1) * count``, i.e. raw slots or a wrapped sum)."""
+        ``count`` at weight scale ``scale``, check it, and return its mean. Raises
+        ``AggregateRefused`` when its verification block disagrees (another number of
+        sites or another weight than claimed: a weight lie, a replayed or single update
+        handed out as the aggregate, a ciphertext under another key), when it holds
+        fewer than ``min_sites`` sites, when the scale is impossible, or when a value
+        lies outside what honest contributions can sum to (BFV: a value beyond
+        ``(2**quant_bits - 1) * sites``, i.e. raw slots or a wrapped sum)."""
         if count < 1 or sites < 1:
             raise AggregateRefused(f"the server claims {sites} sites of total weight {count}")
         d = self.decrypt_sum(chunks, num_values=num_values)
@@ -475,13 +517,17 @@ class HEContext:
             raise AggregateRefused(f"the aggregate holds {sites} sites, fewer than min-sites "
                                    f"{min_sites}")
         if self.params.scheme == "bfv":
-            top = ((1 << self.params.quant_bits) - 1) * count
+            if not 1 <= scale <= self.params.max_weight or count > sites * scale:
+                raise AggregateRefused(f"weight scale {scale} with {sites} sites cannot hold "
+                                       f"total weight {count}")
+            top = ((1 << self.params.quant_bits) - 1) * sites
             bad = int(np.count_nonzero((d.values < 0) | (d.values > top)))
             if bad:
                 raise AggregateRefused(f"{bad} of {num_values} values outside [0, {top}], the "
                                        "range honest quantised updates sum to (raw slots or "
                                        "a wrapped sum)")
-            return dequantise_sum(d.values, count, self.params)
+            return dequantise_sum(d.values, sites=sites, total_weight=count, scale=scale,
+                                  params=self.params)
         if not np.isfinite(d.values).all():
             raise AggregateRefused("non-finite values in the aggregate")
         return (d.values / count).astype(np.float64)

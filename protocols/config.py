@@ -128,7 +128,9 @@ class RunSettings:
     # -- encrypted aggregation (TenSEAL) --
     he: bool = False
     he_federation: str = ""
-    he_weight_unit: int = 16
+    # FedAvg weights under HE: each site's example count, exact up to the round's weight
+    # scale; 0 (default): the largest count accepted in the previous round (256 in round 1)
+    he_weight_scale: int = 0
     # refuse a decrypted global model whose change from the last one this site accepted
     # has an L2 norm above this factor times that model's norm (0 = no such check)
     he_max_change: float = 4.0
@@ -221,8 +223,9 @@ class RunSettings:
         if not (math.isfinite(self.he_max_change) and self.he_max_change >= 0):
             raise ConfigError(f"he-max-change must be >= 0 (0 = off). "
                               f"Found {self.he_max_change}.")
-        if self.he_weight_unit < 1:
-            raise ConfigError(f"he-weight-unit must be >= 1. Found {self.he_weight_unit}.")
+        if self.he_weight_scale < 0:
+            raise ConfigError(f"he-weight-scale must be >= 0 (0: adaptive). "
+                              f"Found {self.he_weight_scale}.")
         if self.accountant not in values(AccountantName):
             raise ConfigError(f"accountant must be 'prv' or 'rdp'. Found {self.accountant!r}.")
         if not self.site_min_noise_multiplier >= 0:

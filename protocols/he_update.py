@@ -1,17 +1,20 @@
 """Wire format of encrypted model updates and of the encrypted global model.
 
-Both travel in Flower ``ConfigRecord``s (which carry bytes). Version 2::
+Both travel in Flower ``ConfigRecord``s (which carry bytes). Version 3::
 
     "he-update" (site -> server)          "he-global" (server -> sites)
-      version        int = 2                version      int = 2
+      version        int = 3                version      int = 3
       scheme         "bfv" | "ckks"         scheme, fingerprint, num-values
       fingerprint    HE context SHA-256     count        total weight summed
       num-values     values encrypted       sites        updates summed
-      quant-bits     (bfv) bits per value   round        the round that formed it
+      quant-bits     (bfv) bits per value   weight-scale the round's weight scale
+      bound          (bfv) clipping bound   round        the round that formed it
                                             ciphertexts  list[bytes]
-      bound          (bfv) clipping bound
-      weight         integer in [1, 2**weight_bits]: FedAvg weight, from the site's
-                     example count in units of he-weight-unit (``he_weight``)
+      weight         FedAvg weight: the site's example count, capped at the round's
+                     weight scale (``he_weight``)
+      weight-scale   the weight scale the server announced for this round
+                     (config "he-weight-scale"); the values are folded by
+                     weight / weight-scale (``privacy.he``)
       num-examples   reported
       run-id, round, node-id               binding: a replay from another run or
       ciphertexts    list[bytes]           round, or for another node, is rejected
@@ -38,7 +41,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedvault.errors import HEError, UpdateRejected
 
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,6 +52,7 @@ class EncryptedUpdate:
     quant_bits: int
     bound: float
     weight: int
+    weight_scale: int
     num_examples: int
     run_id: int
     round: int
@@ -60,7 +64,8 @@ class EncryptedUpdate:
         return ConfigRecord({
             "version": self.version, "scheme": self.scheme, "fingerprint": self.fingerprint,
             "num-values": self.num_values, "quant-bits": self.quant_bits, "bound": self.bound,
-            "weight": self.weight, "num-examples": self.num_examples,
+            "weight": self.weight, "weight-scale": self.weight_scale,
+            "num-examples": self.num_examples,
             "run-id": str(self.run_id), "round": self.round, "node-id": str(self.node_id),
             "ciphertexts": list(self.ciphertexts),
         })
@@ -75,7 +80,8 @@ class EncryptedUpdate:
                        fingerprint=str(rec["fingerprint"]),
                        num_values=_int(rec, "num-values"), quant_bits=_int(rec, "quant-bits"),
                        bound=float(rec["bound"]),  # type: ignore[arg-type]
-                       weight=_int(rec, "weight"), num_examples=_int(rec, "num-examples"),
+                       weight=_int(rec, "weight"), weight_scale=_int(rec, "weight-scale"),
+                       num_examples=_int(rec, "num-examples"),
                        run_id=int(str(rec["run-id"])), round=_int(rec, "round"),
                        node_id=int(str(rec["node-id"])),
                        ciphertexts=tuple(bytes(c) for c in cts))  # type: ignore[arg-type]
@@ -92,14 +98,15 @@ def _int(rec: ConfigRecord, key: str, error: type[Exception] = UpdateRejected) -
     return v
 
 
-def he_weight(num_examples: int, unit: int, max_weight: int) -> int:
-    """FedAvg weight in coarse units: round(examples / unit), clamped to [1, max_weight]."""
-    return max(1, min(max_weight, round(num_examples / unit)))
+def he_weight(num_examples: int, scale: int) -> int:
+    """FedAvg weight: the example count, exact up to the round's weight scale, clamped
+    to [1, scale] (a site with more examples than the scale counts as the scale)."""
+    return max(1, min(scale, int(num_examples)))
 
 
 def check_update(u: EncryptedUpdate, *, scheme: str, fingerprint: str, num_values: int,
                  num_ciphertexts: int, run_id: int, server_round: int, node_id: int,
-                 max_weight: int = 1, weight_unit: int | None = None) -> None:
+                 weight_scale: int | None = None) -> None:
     """Raise ``UpdateRejected`` naming the first thing wrong with ``u``."""
     if u.version != WIRE_VERSION:
         raise UpdateRejected(f"wire version {u.version}, expected {WIRE_VERSION}")
@@ -117,22 +124,26 @@ def check_update(u: EncryptedUpdate, *, scheme: str, fingerprint: str, num_value
                              f"round {server_round} (replay)")
     if u.node_id != node_id:
         raise UpdateRejected(f"bound to node {u.node_id}, sent by node {node_id}")
-    if not 1 <= u.weight <= max_weight:
-        raise UpdateRejected(f"weight {u.weight} outside [1, {max_weight}] (the sum could wrap)")
+    if weight_scale is not None and u.weight_scale != weight_scale:
+        raise UpdateRejected(f"weight scale {u.weight_scale}, this round's is {weight_scale}")
+    if not 1 <= u.weight <= u.weight_scale:
+        raise UpdateRejected(f"weight {u.weight} outside [1, {u.weight_scale}] (the sum "
+                             "could wrap)")
     if u.num_examples < 1:
         raise UpdateRejected(f"num-examples must be >= 1. Found {u.num_examples}")
-    if weight_unit is not None:
-        expected = he_weight(u.num_examples, weight_unit, max_weight)
-        if u.weight != expected:
-            raise UpdateRejected(f"weight {u.weight} does not follow from {u.num_examples} "
-                                 f"examples (expected {expected})")
+    expected = he_weight(u.num_examples, u.weight_scale)
+    if u.weight != expected:
+        raise UpdateRejected(f"weight {u.weight} does not follow from {u.num_examples} "
+                             f"examples (expected {expected})")
 
 
 def global_record(*, scheme: str, fingerprint: str, num_values: int, count: int,
-                  sites: int, server_round: int, ciphertexts: list[bytes]) -> ConfigRecord:
+                  sites: int, weight_scale: int, server_round: int,
+                  ciphertexts: list[bytes]) -> ConfigRecord:
     return ConfigRecord({"version": WIRE_VERSION, "scheme": scheme, "fingerprint": fingerprint,
                          "num-values": num_values, "count": count, "sites": sites,
-                         "round": server_round, "ciphertexts": ciphertexts})
+                         "weight-scale": weight_scale, "round": server_round,
+                         "ciphertexts": ciphertexts})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -144,6 +155,7 @@ class EncryptedGlobal:
     num_values: int
     count: int  # total weight summed
     sites: int  # updates summed
+    weight_scale: int  # the weight scale of the round that formed it
     round: int
     ciphertexts: tuple[bytes, ...]
     version: int = WIRE_VERSION
@@ -161,6 +173,7 @@ class EncryptedGlobal:
             return cls(scheme=str(rec["scheme"]), fingerprint=str(rec["fingerprint"]),
                        num_values=_int(rec, "num-values", HEError),
                        count=_int(rec, "count", HEError), sites=_int(rec, "sites", HEError),
+                       weight_scale=_int(rec, "weight-scale", HEError),
                        round=_int(rec, "round", HEError),
                        ciphertexts=tuple(bytes(c) for c in cts),  # type: ignore[arg-type]
                        version=version)
@@ -170,14 +183,15 @@ class EncryptedGlobal:
 
 # The encrypted global model between rounds at the server (and as stored in the run
 # directory): an ArrayRecord of the ciphertext bytes (ct-NNNN, uint8) plus the total
-# weight summed (he-count), the number of sites summed (he-sites) and the round that
-# formed it (he-round).
+# weight summed (he-count), the number of sites summed (he-sites), the weight scale of
+# the round (he-scale) and the round that formed it (he-round).
 def encrypted_arrays(ciphertexts: list[bytes], *, count: int, server_round: int,
-                     sites: int) -> ArrayRecord:
+                     sites: int, weight_scale: int = 1) -> ArrayRecord:
     d = {f"ct-{i:04d}": Array(np.frombuffer(c, dtype=np.uint8).copy())
          for i, c in enumerate(ciphertexts)}
     d["he-count"] = Array(np.array([count], dtype=np.int64))
     d["he-sites"] = Array(np.array([sites], dtype=np.int64))
+    d["he-scale"] = Array(np.array([weight_scale], dtype=np.int64))
     d["he-round"] = Array(np.array([server_round], dtype=np.int64))
     return ArrayRecord(d)
 
@@ -190,6 +204,11 @@ def ciphertexts_of(arrays: ArrayRecord) -> tuple[list[bytes], int, int]:
     """(ciphertexts, total weight, round) of an ``encrypted_arrays`` record."""
     cts = [arrays[k].numpy().tobytes() for k in sorted(arrays.keys()) if k.startswith("ct-")]
     return cts, int(arrays["he-count"].numpy()[0]), int(arrays["he-round"].numpy()[0])
+
+
+def scale_of(arrays: ArrayRecord) -> int:
+    """The weight scale of the round that formed an ``encrypted_arrays`` record."""
+    return int(arrays["he-scale"].numpy()[0]) if "he-scale" in arrays else 1
 
 
 def version_of(arrays: ArrayRecord) -> int:

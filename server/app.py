@@ -81,7 +81,7 @@ def build_strategy(settings: RunSettings, *, recorder: RunRecorder, run_id: int,
                           "fingerprint": he.fingerprint}
     return EncryptedFedAvg(he=he, num_values=num_values, run_id=run_id, recorder=recorder,
                            min_sites=settings.min_sites, sampling_seed=sampling_seed,
-                           weight_unit=settings.he_weight_unit,
+                           weight_scale=settings.he_weight_scale,
                            max_examples=settings.max_examples_per_site,
                            max_weight_share=settings.max_weight_share, **flower)
 

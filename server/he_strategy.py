@@ -6,10 +6,13 @@ plaintext initial model (a random initialisation, public). Sites decrypt the
 aggregate with the shared secret context, divide by the total weight and train
 from it; server-side evaluation is
 impossible once the model is encrypted, so federated evaluation at the sites
-reports the metrics. Averaging is weighted by integer weights in
-[1, 2**weight_bits] that each site derives from its example count (in units of
-``he-weight-unit``): bounded, so the BFV sum provably stays below the plaintext
-modulus; the server checks each weight and sums them in the clear.
+reports the metrics. Averaging is weighted by each site's example count, exact
+up to the round's weight scale, which the server announces in the training
+config (``he-weight-scale``): fixed by the run config, or, by default, the
+largest example count accepted in the previous round (``FIRST_WEIGHT_SCALE`` in
+round 1). Sites fold their weight into the values (``privacy.he``), so weights
+cost no bits and the BFV sum provably stays below the plaintext modulus; the
+server checks each weight against the example count and sums them in the clear.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from protocols.he_update import (
     encrypted_arrays,
     global_record,
     is_encrypted,
+    scale_of,
     sites_of,
 )
 from server.strategy import FedVaultFedAvg, _floats
@@ -42,6 +46,9 @@ from server.validation import (
     parse_train_metrics,
     weighted_metrics,
 )
+
+#: The weight scale of an adaptive run's first round, before any example count is known.
+FIRST_WEIGHT_SCALE = 256
 
 
 @dataclass(slots=True)
@@ -67,7 +74,7 @@ class EncryptedFedAvg(FedVaultFedAvg):
     rejected for its site and the sum stays as it was."""
 
     def __init__(self, *, he: HEContext, num_values: int, run_id: int,
-                 weight_unit: int = 16, **kwargs: Any) -> None:
+                 weight_scale: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if he.has_secret_key:
             raise HEError("the server must not hold the secret key: give it the public context.")
@@ -76,8 +83,19 @@ class EncryptedFedAvg(FedVaultFedAvg):
         self.num_ciphertexts = he.num_ciphertexts(num_values)
         self.slots = he.slot_counts(num_values)
         self.run_id = run_id
-        self.weight_unit = weight_unit
+        if weight_scale < 0:
+            raise ValueError(f"weight_scale must be >= 0 (0: adaptive). Found {weight_scale}.")
+        self.weight_scale = weight_scale
+        self._scales: dict[int, int] = {}  # round -> the weight scale announced for it
+        self._largest_examples = 0  # in the last aggregated round
         self._sum: list[Any] | None = None
+
+    def scale_for(self, server_round: int) -> int:
+        """The weight scale announced for ``server_round`` (fixed once announced)."""
+        if server_round not in self._scales:
+            want = self.weight_scale or self._largest_examples or FIRST_WEIGHT_SCALE
+            self._scales[server_round] = max(1, min(self.he.params.max_weight, want))
+        return self._scales[server_round]
 
     def _as_encrypted(self, messages: Iterable[Message], arrays: ArrayRecord,
                       config: ConfigRecord) -> list[Message]:
@@ -89,13 +107,15 @@ class EncryptedFedAvg(FedVaultFedAvg):
             content = RecordDict({"he-global": global_record(
                 scheme=self.he.params.scheme, fingerprint=self.he.fingerprint,
                 num_values=self.num_values, count=count, sites=sites_of(arrays) or 0,
-                server_round=rnd, ciphertexts=cts), "config": config})
+                weight_scale=scale_of(arrays), server_round=rnd, ciphertexts=cts),
+                "config": config})
             for m in out:
                 m.content = content
         return out
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        config = ConfigRecord({**config, "he-weight-scale": self.scale_for(server_round)})
         messages = list(super().configure_train(server_round, arrays, config, grid))
         # after a roll-back the strategy sends the last accepted model, not ``arrays``
         sent = self.global_arrays if self.global_arrays is not None else arrays
@@ -125,8 +145,8 @@ class EncryptedFedAvg(FedVaultFedAvg):
         check_update(u, scheme=self.he.params.scheme, fingerprint=self.he.fingerprint,
                      num_values=self.num_values, num_ciphertexts=self.num_ciphertexts,
                      run_id=self.run_id, server_round=server_round,
-                     node_id=msg.metadata.src_node_id, max_weight=self.he.params.max_weight,
-                     weight_unit=self.weight_unit)
+                     node_id=msg.metadata.src_node_id,
+                     weight_scale=self.scale_for(server_round))
         if u.num_examples != metrics.num_examples:
             raise UpdateRejected(f"he-update claims {u.num_examples} examples, its metrics "
                                  f"{metrics.num_examples}")
@@ -172,9 +192,11 @@ class EncryptedFedAvg(FedVaultFedAvg):
         metrics = weighted_metrics([p.metrics.as_dict() for p in valid], weights)
         self.recorder.note_trained(server_round, nodes, aggregated=True, metrics=_floats(metrics))
         total = sum(p.weight for p in valid)
+        self._largest_examples = max(p.metrics.num_examples for p in valid)
         self._next_version = server_round
         return encrypted_arrays(summed, count=total, server_round=server_round,
-                                sites=len(valid)), metrics
+                                sites=len(valid), weight_scale=self.scale_for(server_round)
+                                ), metrics
 
 
 __all__ = ["EncryptedFedAvg", "EncryptedParsed"]

@@ -131,7 +131,7 @@ def inflated(content: RecordDict, h: Hostility) -> None:
     up = _he_update(content)
     if up is not None:  # a consistent lie: header and weight agree with the claim
         up["num-examples"] = 10**9
-        up["weight"] = h.he().params.max_weight
+        up["weight"] = int(up["weight-scale"])  # type: ignore[arg-type]
 
 
 def oversize(content: RecordDict, h: Hostility) -> None:
@@ -204,7 +204,8 @@ def foreign_key(content: RecordDict, h: Hostility) -> None:
     n = int(up["num-values"])  # type: ignore[arg-type]
     weight = int(up["weight"])  # type: ignore[arg-type]
     fake = np.random.default_rng().normal(0.0, 0.1, n)
-    up["ciphertexts"] = other.encrypt(fake, weight=weight)  # fingerprint field kept
+    scale = int(up["weight-scale"])  # type: ignore[arg-type]
+    up["ciphertexts"] = other.encrypt(fake, weight=weight, scale=scale)  # fingerprint kept
 
 
 #: one registry of reply attacks, like ``simulations.behaviour.ATTACKS``

@@ -39,16 +39,19 @@ def test_parameters_are_128_bit_and_wrap_free() -> None:
     p = HEParams()
     t = p.plain_modulus
     assert _is_prime(t) and t % (2 * p.poly_modulus_degree) == 1
-    # a full field (max_sites sites at the top level) fits twice in a slot below t/2
-    field_max = p.max_sites * p.max_weight * ((1 << p.quant_bits) - 1)
-    assert field_max < (1 << p.field_bits)  # no carry between the two fields
-    assert field_max * (1 + (1 << p.field_bits)) < t // 2  # no wrap modulo t
+    # a full field (max_sites sites at the top level) fits every field of a slot below t/2
+    field_max = p.max_sites * ((1 << p.quant_bits) - 1)
+    assert p.max_sites * p.max_weight <= field_max  # the weight field too
+    assert field_max < (1 << p.field_bits)  # no carry between fields
+    k = p.fields_per_slot
+    assert k == 3  # the default packs three values per slot
+    assert sum(field_max << (j * p.field_bits) for j in range(k)) < t // 2  # no wrap mod t
     with pytest.raises(ConfigError, match="below 128-bit security"):
         HEParams(poly_modulus_degree=4096, coeff_mod_bit_sizes=(60, 60))
     with pytest.raises(ConfigError, match="below 128-bit security"):
         HEParams(scheme="ckks", poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 60, 60, 60))
-    with pytest.raises(ConfigError, match="SEAL allows 60"):
-        HEParams(quant_bits=24, max_sites=4096)
+    wide = HEParams(quant_bits=24, max_sites=4096)  # 36-bit fields: one per slot
+    assert wide.fields_per_slot == 1 and wide.plain_modulus.bit_length() == 38
     with pytest.raises(ConfigError, match="scheme must be"):
         HEParams(scheme="paillier")
 
@@ -62,21 +65,27 @@ def test_decrypted_mean_equals_plaintext_fedavg_within_the_bound(
     secret, public = bfv
     rng = np.random.default_rng(seed)
     xs = [rng.normal(0, scale, n) for _ in range(sites)]
-    ws = data.draw(st.lists(st.integers(1, 16), min_size=sites, max_size=sites))
-    agg = public.add([secret.encrypt(x, rng, weight=w) for x, w in zip(xs, ws, strict=True)])
-    mean = secret.decrypt_mean(agg, num_values=n, count=sum(ws))
+    ws = data.draw(st.lists(st.integers(1, 5000), min_size=sites, max_size=sites))
+    w_scale = max(ws)  # exact example weights: the round's scale is the largest count
+    agg = public.add([secret.encrypt(x, rng, weight=w, scale=w_scale)
+                      for x, w in zip(xs, ws, strict=True)])
+    mean = secret.decrypt_mean(agg, num_values=n, count=sum(ws), scale=w_scale)
     ref = np.average([np.clip(x, -8, 8) for x in xs], axis=0, weights=ws)
-    assert np.abs(mean - ref).max() <= secret.params.step + 1e-9
+    bound = secret.params.error_bound(sites=sites, total_weight=sum(ws), scale=w_scale)
+    assert np.abs(mean - ref).max() <= bound + 1e-9
 
 
 def test_weighted_mean(bfv: tuple[HEContext, HEContext]) -> None:
     secret, public = bfv
     a, b = np.full(1000, 1.0), np.full(1000, -3.0)
-    agg = public.add([secret.encrypt(a, weight=3), secret.encrypt(b, weight=16)])
-    mean = secret.decrypt_mean(agg, num_values=1000, count=19)
+    agg = public.add([secret.encrypt(a, weight=3, scale=16), secret.encrypt(b, weight=16,
+                                                                            scale=16)])
+    mean = secret.decrypt_mean(agg, num_values=1000, count=19, scale=16)
     assert np.allclose(mean, (3 * 1.0 + 16 * -3.0) / 19, atol=secret.params.step)
+    with pytest.raises(HEError, match="weight scale must be in"):
+        secret.encrypt(a, weight=17, scale=16)
     with pytest.raises(HEError, match="weight must be in"):
-        secret.encrypt(a, weight=17)
+        secret.encrypt(a, weight=secret.params.max_weight + 1)
 
 
 def test_quantisation_is_unbiased() -> None:
@@ -90,7 +99,7 @@ def test_quantisation_is_unbiased() -> None:
 
 def test_pack_roundtrip() -> None:
     p = HEParams()
-    q = np.random.default_rng(0).integers(0, 1 << 16, 10_000)
+    q = np.random.default_rng(0).integers(0, 1 << p.field_bits, 30_000)
     assert np.array_equal(unpack(pack(q, p), len(q), p), q)
 
 
@@ -112,11 +121,11 @@ def test_garbage_ciphertext_is_a_clear_error(bfv: tuple[HEContext, HEContext]) -
         public.add([[b"a"], [b"a", b"b"]])
 
 
-def test_bfv_costs_under_16_bytes_per_parameter(bfv: tuple[HEContext, HEContext]) -> None:
+def test_bfv_costs_under_8_bytes_per_parameter(bfv: tuple[HEContext, HEContext]) -> None:
     secret, _ = bfv
-    n = 100_000
+    n = 1_000_000
     size = sum(len(c) for c in secret.encrypt(np.zeros(n)))
-    assert size / n < 16  # 4x the 4 bytes of a float32
+    assert size / n < 8  # 2x the 4 bytes of a float32
 
 
 def test_ckks_alternative() -> None:
@@ -170,3 +179,19 @@ def test_tampered_context_fails_the_fingerprint(tmp_path: Path) -> None:
                                                    .read_bytes())
     with pytest.raises(HEError, match="fingerprint"):
         load_context(fed, site=None)
+
+
+def test_the_largest_honest_sum_decrypts_exactly(bfv: tuple[HEContext, HEContext]) -> None:
+    """max_sites sites at the top of the range, at the largest weight: every field of
+    every slot at its maximum, under the real 59-bit plaintext modulus and SEAL's noise."""
+    secret, public = bfv
+    p = secret.params
+    top = np.full(3 * p.poly_modulus_degree, p.bound)  # whole ciphertexts, every field
+    w = p.max_weight
+    agg = public.add([secret.encrypt(top, weight=w, scale=w) for _ in range(p.max_sites)])
+    d = secret.decrypt_sum(agg, num_values=top.size)
+    assert np.all(d.values == p.max_sites * ((1 << p.quant_bits) - 1))
+    assert d.sites == p.max_sites and d.weight == p.max_sites * w
+    mean = secret.verified_mean(agg, num_values=top.size, count=p.max_sites * w,
+                                sites=p.max_sites, min_sites=1, scale=w)
+    assert np.allclose(mean, p.bound)

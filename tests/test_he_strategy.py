@@ -16,7 +16,7 @@ from privacy.federation import load_context
 from privacy.he import HEContext, HEParams
 from protocols.config import RunSettings
 from protocols.hashchain import read_chain
-from protocols.he_update import EncryptedUpdate, ciphertexts_of, is_encrypted
+from protocols.he_update import EncryptedUpdate, ciphertexts_of, is_encrypted, scale_of
 from server.he_strategy import EncryptedFedAvg
 from server.recorder import RunRecorder
 
@@ -32,17 +32,20 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _strategy(tmp_path: Path, fed: Path, min_sites: int = 2) -> EncryptedFedAvg:
+def _strategy(tmp_path: Path, fed: Path, min_sites: int = 2, weight_scale: int = 1
+              ) -> EncryptedFedAvg:
+    """A strategy at a fixed weight scale (1: every site weighs 1, an unweighted mean)."""
     rec = RunRecorder(RunDirectory(tmp_path / "run"), settings=RunSettings(he=True), run_id=RUN,
                       mode="test")
     return EncryptedFedAvg(he=load_context(fed, site=None), num_values=N, run_id=RUN,
-                           recorder=rec, min_sites=min_sites)
+                           recorder=rec, min_sites=min_sites, weight_scale=weight_scale)
 
 
 def _update(site: HEContext, x: np.ndarray, node: int, rnd: int = 1) -> EncryptedUpdate:
     return EncryptedUpdate(scheme="bfv", fingerprint=site.fingerprint, num_values=len(x),
-                           quant_bits=16, bound=8.0, weight=1, num_examples=10, run_id=RUN,
-                           round=rnd, node_id=node, ciphertexts=tuple(site.encrypt(x)))
+                           quant_bits=15, bound=8.0, weight=1, weight_scale=1, num_examples=10,
+                           run_id=RUN, round=rnd, node_id=node,
+                           ciphertexts=tuple(site.encrypt(x)))
 
 
 def _reply(node: int, u: EncryptedUpdate | None, **records: object) -> Message:
@@ -90,7 +93,8 @@ def _bad_cases(site: HEContext, other: HEContext) -> list[tuple[str, Message]]:
         ("does not parse", _reply(9, replace(good, ciphertexts=(
             b"\x00" * 100,) * len(good.ciphertexts)))),
         ("wire version", _reply(9, replace(good, version=1))),
-        ("outside [1, 16]", _reply(9, replace(good, weight=17))),
+        ("outside [1, 1]", _reply(9, replace(good, weight=17))),
+        ("this round's is 1", _reply(9, replace(good, weight_scale=64))),
         ("unexpected ['arrays']", _reply(9, good, arrays=ArrayRecord(numpy_ndarrays=[x]))),
         ("missing ['he-update']", _reply(9, None)),
     ]
@@ -116,16 +120,19 @@ def test_each_malformed_or_replayed_update_is_rejected_and_the_round_completes(
 
 
 def test_weights_are_summed_in_the_clear(tmp_path: Path, fed: Path) -> None:
-    s = _strategy(tmp_path, fed)
+    s = _strategy(tmp_path, fed, weight_scale=16)
     site = load_context(fed, site="site-0")
-    u1 = replace(_update(site, np.full(N, 1.0), 1), weight=4, num_examples=64,
-                 ciphertexts=tuple(site.encrypt(np.full(N, 1.0), weight=4)))
-    u2 = _update(site, np.full(N, 0.0), 2)
+    u1, u2 = (replace(_update(site, np.full(N, x), k), weight=w, num_examples=w,
+                      weight_scale=16,
+                      ciphertexts=tuple(site.encrypt(np.full(N, x), weight=w, scale=16)))
+              for k, x, w in ((1, 1.0, 4), (2, 0.0, 1)))
     arrays, _ = s.aggregate_train(1, [_reply(1, u1), _reply(2, u2)])
     assert arrays is not None
     cts, total, _ = ciphertexts_of(arrays)
-    assert total == 5
-    assert np.allclose(site.decrypt_mean(cts, num_values=N, count=total), 0.8, atol=1e-3)
+    assert total == 5 and scale_of(arrays) == 16
+    bound = site.params.error_bound(sites=2, total_weight=5, scale=16)
+    assert np.allclose(site.decrypt_mean(cts, num_values=N, count=total, scale=16), 0.8,
+                       atol=bound)
 
 
 def test_duplicate_from_one_node_is_rejected(tmp_path: Path, fed: Path) -> None:
@@ -163,10 +170,11 @@ def test_release_record_counts_sites_not_weights(tmp_path: Path, fed: Path) -> N
     rec = RunRecorder(run, settings=RunSettings(he=True, min_sites=2), run_id=RUN, mode="test")
     rec.start(num_sites=2, num_parameters=n)
     s = EncryptedFedAvg(he=load_context(fed, site=None), num_values=n, run_id=RUN,
-                        recorder=rec, min_sites=2)
+                        recorder=rec, min_sites=2, weight_scale=16)
     site = load_context(fed, site="site-0")
-    ups = [replace(_update(site, x, k), num_values=n, weight=w, num_examples=16 * w,
-                   ciphertexts=tuple(site.encrypt(x, weight=w))) for k, w in ((1, 12), (2, 4))]
+    ups = [replace(_update(site, x, k), num_values=n, weight=w, num_examples=w, weight_scale=16,
+                   ciphertexts=tuple(site.encrypt(x, weight=w, scale=16)))
+           for k, w in ((1, 12), (2, 4))]
     arrays, _ = s.aggregate_train(1, [_reply(1, ups[0]), _reply(2, ups[1])])
     assert arrays is not None
     rec.end_round(1, arrays, None)

@@ -270,16 +270,22 @@ def _he_settings(fed: Path, **kw: Any) -> RunSettings:
 
 
 def _encrypted(tmp_path: Path, fed: Path, **kw: Any) -> EncryptedFedAvg:
+    kw.setdefault("weight_scale", SCALE)
     return EncryptedFedAvg(he=load_context(fed, site=None), num_values=N, run_id=RUN,
                            recorder=_recorder(tmp_path / "run", he=True), min_sites=3, **kw)
 
 
+#: the weight scale of the test rounds: 16 examples (every honest reply's) weigh 16
+SCALE = 16
+
+
 def _he_reply(site: HEContext, x: np.ndarray, node: int, n: int = 16, rnd: int = 1
               ) -> Message:
-    w = he_weight(n, 16, site.params.max_weight)
+    w = he_weight(n, SCALE)
     u = EncryptedUpdate(scheme="bfv", fingerprint=site.fingerprint, num_values=len(x),
-                        quant_bits=16, bound=8.0, weight=w, num_examples=n, run_id=RUN,
-                        round=rnd, node_id=node, ciphertexts=tuple(site.encrypt(x, weight=w)))
+                        quant_bits=15, bound=8.0, weight=w, weight_scale=SCALE, num_examples=n,
+                        run_id=RUN, round=rnd, node_id=node,
+                        ciphertexts=tuple(site.encrypt(x, weight=w, scale=SCALE)))
     return _reply(node, {"he-update": u.to_record(),
                          "metrics": MetricRecord({"num-examples": n, "steps": 1})})
 
@@ -310,14 +316,16 @@ def test_each_malformed_encrypted_reply_is_rejected(tmp_path: Path, fed: Path,
     arrays, _ = s.aggregate_train(1, [honest[0], bad, *honest[1:]])
     assert arrays is not None and sites_of(arrays) == 3
     cts, count, _ = ciphertexts_of(arrays)
-    mean = site.verified_mean(cts, num_values=N, count=count, sites=3, min_sites=3)
+    mean = site.verified_mean(cts, num_values=N, count=count, sites=3, min_sites=3,
+                              scale=SCALE)
     assert np.allclose(mean, 0.5, atol=1e-3)
     assert reason in _rejected(s)[9]
 
 
 @pytest.mark.parametrize(("change", "reason"), [
     ({"num_examples": -200}, "num-examples must be >= 1"),
-    ({"weight": 16}, "does not follow from 16 examples"),
+    ({"weight": 15}, "does not follow from 16 examples"),
+    ({"weight_scale": 32}, "this round's is 16"),
     ({"node_id": 8}, "sent by node 9"),
 ])
 def test_encrypted_header_lies_are_rejected(tmp_path: Path, fed: Path, change: dict[str, Any],
@@ -354,11 +362,13 @@ def test_a_ckks_vector_at_another_scale_is_rejected(tmp_path: Path) -> None:
     site = HEContext(ctx, params)
     public = HEContext.load(site.ctx.serialize(save_secret_key=False), params)
     s = EncryptedFedAvg(he=public, num_values=N, run_id=RUN,
-                        recorder=_recorder(tmp_path / "run", he=True), min_sites=2)
+                        recorder=_recorder(tmp_path / "run", he=True), min_sites=2,
+                        weight_scale=1)
 
     def reply(node: int, cts: list[bytes]) -> Message:
         u = EncryptedUpdate(scheme="ckks", fingerprint=site.fingerprint, num_values=N,
-                            quant_bits=16, bound=8.0, weight=1, num_examples=16, run_id=RUN,
+                            quant_bits=16, bound=8.0, weight=1, weight_scale=1,
+                            num_examples=16, run_id=RUN,
                             round=1, node_id=node, ciphertexts=tuple(cts))
         return _reply(node, {"he-update": u.to_record(),
                              "metrics": MetricRecord({"num-examples": 16})})
@@ -433,7 +443,8 @@ def _digits_global(fed: Path, values: np.ndarray, *, sites: int, count: int) -> 
     he = load_context(fed, site="site-0")
     cts = he.encrypt(values)
     rec = global_record(scheme="bfv", fingerprint=he.fingerprint, num_values=len(values),
-                        count=count, sites=sites, server_round=2, ciphertexts=cts)
+                        count=count, sites=sites, weight_scale=1, server_round=2,
+                        ciphertexts=cts)
     return Message(content=RecordDict({"he-global": rec, "config": ConfigRecord(
         {"server-round": 3, "local-epochs": 1, "batch-size": 64, "learning-rate": 0.1,
          "momentum": 0.9})}), dst_node_id=11, message_type="train")
@@ -507,7 +518,7 @@ def test_a_site_refuses_a_global_model_that_moved_too_far(fed: Path) -> None:
 
     def global_of(values: np.ndarray) -> ConfigRecord:
         return global_record(scheme="bfv", fingerprint=site.fingerprint, num_values=len(values),
-                             count=3, sites=3, server_round=4, ciphertexts=[
+                             count=3, sites=3, weight_scale=1, server_round=4, ciphertexts=[
                                  c for c in site.add([site.encrypt(values) for _ in range(3)])])
 
     state = RecordDict()
@@ -536,12 +547,13 @@ def test_model_decrypt_refuses_a_forged_aggregate(tmp_path: Path, fed: Path) -> 
     rec = RunRecorder(run, settings=RunSettings(he=True, min_sites=3), run_id=RUN, mode="test")
     rec.start(num_sites=4, num_parameters=n)
     s = EncryptedFedAvg(he=load_context(fed, site=None), num_values=n, run_id=RUN, recorder=rec,
-                        min_sites=3)
+                        min_sites=3, weight_scale=1)
     site = load_context(fed, site="site-0")
 
     def reply(node: int, values: np.ndarray) -> Message:
         u = EncryptedUpdate(scheme="bfv", fingerprint=site.fingerprint, num_values=n,
-                            quant_bits=16, bound=8.0, weight=1, num_examples=16, run_id=RUN,
+                            quant_bits=15, bound=8.0, weight=1, weight_scale=1,
+                            num_examples=16, run_id=RUN,
                             round=1, node_id=node, ciphertexts=tuple(site.encrypt(values)))
         return _reply(node, {"he-update": u.to_record(),
                              "metrics": MetricRecord({"num-examples": 16})})
