@@ -85,9 +85,12 @@ class Accountant(ABC):
 
     def check(self, history: Sequence[SubsampledGaussianEvent],
               planned: Sequence[SubsampledGaussianEvent], *, delta: float,
-              limit: float) -> BudgetCheck:
-        """Would ``planned`` on top of ``history`` exceed ``limit``? Changes nothing."""
-        before = self.epsilon(history, delta=delta)
+              limit: float, epsilon_before: float | None = None) -> BudgetCheck:
+        """Would ``planned`` on top of ``history`` exceed ``limit``? Changes nothing.
+        ``epsilon_before``: the history's epsilon as already computed (the ledger's last
+        reservation recorded it); it is reported, and never decides the verdict."""
+        before = (self.epsilon(history, delta=delta) if epsilon_before is None
+                  else epsilon_before)
         after = self.epsilon([*history, *planned], delta=delta)
         return BudgetCheck(epsilon_before=before, epsilon_after=after, limit=limit, delta=delta)
 
@@ -120,17 +123,35 @@ class PRVAccountant(Accountant):
     ``eps_error = rel_error * max(epsilon_RDP, 1)`` (0.1% by default), where
     epsilon_RDP, the RDP bound over integer orders, is at least the PRV value, so
     small and large epsilons are about equally exact and large ones stay fast.
+
+    **Bounded cost.** The PRV grid needs ``~ sqrt(steps)`` points for a fixed
+    relative error (the privacy loss spreads as the steps grow, Gopi et al. 2021,
+    Sec. 5), so a history's epsilon would cost more every round. Past ``max_grid``
+    points (2**18: the first rounds of a typical site) the grid is coarsened to
+    ``max_grid`` points instead, so every reservation check costs the same,
+    and the answer is made provably no lower than the full-resolution one: Opacus's
+    ``compute_epsilon`` relies on the sandwich ``delta_Y(e + err) - d_err <=
+    delta_disc(e) <= delta_Y(e - err) + d_err`` between the true and the
+    discretised privacy curves (Gopi et al. 2021, Sec. 5), from which the
+    full-resolution upper bound ``U_f(delta) <= eps_true(delta - 2 d_err) + 2 err_f``;
+    the coarse grid's upper bound at ``delta - 2 d_err`` is at least
+    ``eps_true(delta - 2 d_err)``, so adding ``2 err_f`` gives at least ``U_f``.
+    (``hypothesis`` checks it: ``tests/test_accountants.py``.) The price is a
+    slightly looser epsilon on long subsampled histories (``bench/accounting.py``).
     """
 
     name = "prv"
 
-    def __init__(self, rel_error: float = 1e-3) -> None:
+    def __init__(self, rel_error: float = 1e-3, max_grid: int = 1 << 18) -> None:
         if not 0 < rel_error < 0.1:
             raise ValueError(f"rel_error must be in (0, 0.1). Found {rel_error}.")
+        if max_grid < 1024:
+            raise ValueError(f"max_grid must be >= 1024. Found {max_grid}.")
         self.rel_error = rel_error
+        self.max_grid = max_grid
 
     def _key(self) -> tuple[object, ...]:
-        return (type(self).__name__, self.rel_error)
+        return (type(self).__name__, self.rel_error, self.max_grid)
 
     def _guess(self, *, target_epsilon: float, delta: float, sample_rate: float,
                steps: int) -> float | None:
@@ -157,14 +178,31 @@ class PRVAccountant(Accountant):
                 return gaussian_epsilon(mu=mu, delta=delta)
             sub.append(SubsampledGaussianEvent(noise_multiplier=1.0 / mu, sample_rate=1.0,
                                                steps=1))
-        acc = _PRVWithFastDomain()
-        acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in sub]
+        parts = [(e.noise_multiplier, e.sample_rate, e.steps) for e in sub]
         # The error scale: RDP's epsilon (integer orders, cached per (q, sigma)), an upper
         # bound of the PRV value, so one PRV pass suffices where a coarse PRV pass
         # used to estimate it (for large epsilon the coarse pass cost as much).
-        scale = _rdp_epsilon(acc.history, delta)
-        return float(acc.get_epsilon(delta=delta,
-                                     eps_error=self.rel_error * max(scale, 1.0)))
+        err = self.rel_error * max(_rdp_epsilon(parts, delta), 1.0)
+        if _safe_domain(parts, err, delta / 1000).size <= self.max_grid:
+            return _prv_upper(parts, delta, err)
+        # Coarser grid at delta' = delta - 2 d_err (d_err = delta / 1000, Opacus's
+        # default), plus twice the full-resolution error: >= the full-resolution answer.
+        lower_delta = delta * (1 - 2e-3)
+        coarse = err
+        while _safe_domain(parts, coarse, lower_delta / 1000).size > self.max_grid:
+            coarse *= _safe_domain(parts, coarse, lower_delta / 1000).size / self.max_grid * 1.01
+        try:
+            return _prv_upper(parts, lower_delta, coarse) + 2 * err
+        except RuntimeError:  # Opacus: "Cannot compute epsilon" on too coarse a grid
+            return _prv_upper(parts, delta, err)  # the full resolution: slower, exact
+
+
+def _prv_upper(parts: Sequence[tuple[float, float, int]], delta: float, eps_error: float
+               ) -> float:
+    """Opacus's PRV upper bound of epsilon for ``parts`` (sigma, q, steps)."""
+    acc = _PRVWithFastDomain()
+    acc.history = list(parts)
+    return float(acc.get_epsilon(delta=delta, eps_error=eps_error))
 
 
 class RDPAccountant(Accountant):
@@ -199,33 +237,40 @@ def _rdp_epsilon(parts: Sequence[tuple[float, float, int]], delta: float) -> flo
     return float(eps)
 
 
+def _safe_domain(parts: Sequence[tuple[float, float, int]], eps_error: float,
+                 delta_error: float) -> Domain:
+    """The PRV grid of ``parts`` (sigma, q, steps) for these errors: Opacus's safe
+    domain rule (Gopi et al. 2021, Remark 5.6, as ``compute_safe_domain_size`` applies
+    it) with its bound from RDP over integer orders, and Opacus's mesh."""
+    total = sum(n for _, _, n in parts)
+    l_max = _rdp_epsilon(parts, delta_error / 4)
+    for sigma, q, _ in parts:
+        l_max = max(l_max, _rdp_epsilon([(sigma, q, 1)], delta_error / (8 * total)))
+    size = max(l_max, eps_error) + 3
+    mesh = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
+    d = Domain.create_aligned(-size, size, mesh)
+    # Extend to a 5-smooth (and even) number of points: the composition is an FFT of
+    # this length, many times faster at such sizes; a larger domain is still safe.
+    # (extended equally on both sides: the composition assumes the domain's layout)
+    n = next_fast_len(d.size, real=True)
+    while n % 2 or (n - d.size) % 4:
+        n = next_fast_len(n + 1, real=True)
+    k = (n - d.size) // 2
+    return Domain(t_min=d.t_min - k * d.dt, t_max=d.t_max + k * d.dt, size=n)
+
+
 class _PRVWithFastDomain(_OpacusPRV):
-    """Opacus's PRV accountant with the same safe-domain rule (Gopi et al. 2021,
-    Remark 5.6, as Opacus's ``compute_safe_domain_size`` applies it) bounded by RDP
-    over integer orders, cached per (q, sigma). Opacus's own bound evaluates RDP at
-    fractional orders on every call: 75% of a PRV epsilon's time. Fewer orders give
-    a looser (larger) bound, so the domain stays safe; the PRV result's error bounds
-    are unchanged."""
+    """Opacus's PRV accountant with the same safe-domain rule bounded by RDP over
+    integer orders, cached per (q, sigma) (:func:`_safe_domain`). Opacus's own bound
+    evaluates RDP at fractional orders on every call: 75% of a PRV epsilon's time.
+    Fewer orders give a looser (larger) bound, so the domain stays safe; the PRV
+    result's error bounds are unchanged."""
 
     def _get_domain(self, prvs: list[object], num_self_compositions: list[int],
                     eps_error: float, delta_error: float) -> Domain:
-        total = sum(num_self_compositions)
         parts = [(p.noise_multiplier, p.sample_rate, n)  # type: ignore[attr-defined]
                  for p, n in zip(prvs, num_self_compositions, strict=True)]
-        l_max = _rdp_epsilon(parts, delta_error / 4)
-        for sigma, q, _ in parts:
-            l_max = max(l_max, _rdp_epsilon([(sigma, q, 1)], delta_error / (8 * total)))
-        size = max(l_max, eps_error) + 3
-        mesh = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
-        d = Domain.create_aligned(-size, size, mesh)
-        # Extend to a 5-smooth (and even) number of points: the composition is an FFT of
-        # this length, many times faster at such sizes; a larger domain is still safe.
-        # (extended equally on both sides: the composition assumes the domain's layout)
-        n = next_fast_len(d.size, real=True)
-        while n % 2 or (n - d.size) % 4:
-            n = next_fast_len(n + 1, real=True)
-        k = (n - d.size) // 2
-        return Domain(t_min=d.t_min - k * d.dt, t_max=d.t_max + k * d.dt, size=n)
+        return _safe_domain(parts, eps_error, delta_error)
 
 
 @lru_cache(maxsize=1024)

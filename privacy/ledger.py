@@ -327,6 +327,25 @@ class PrivacyLedger:
         events = [SubsampledGaussianEvent.from_dict(ev) for e in mine for ev in e["events"]]
         return self.accountant.epsilon(events, delta=delta)
 
+    def recorded_epsilon(self, scope: str, *, delta: float,
+                         entries: Sequence[dict[str, Any]] | None = None) -> float | None:
+        """The scope's epsilon as its last reservation recorded it (``epsilon_after``: the
+        composition of every spend up to and including it), when that reservation is the
+        scope's last spend and was computed by this ledger's accountant at ``delta``;
+        otherwise ``None`` (compute it). Each round's check then composes once, not
+        twice: the hash chain and the site's anchor vouch for the recorded number."""
+        spends = [e for e in (entries if entries is not None else self.entries())
+                  if e.get("kind") in SPEND_KINDS and entry_scope(e) in (scope, ANY_SCOPE)]
+        if not spends:
+            return 0.0
+        last = spends[-1]
+        if (last.get("kind") == "reservation" and entry_scope(last) == scope
+                and last.get("accountant") == self.accountant.name
+                and last.get("delta") == delta and isinstance(last.get("epsilon_after"),
+                                                              (int, float))):
+            return float(last["epsilon_after"])
+        return None
+
     def check(self, scope: str, planned: Sequence[SubsampledGaussianEvent], *,
               delta: float, limit: float) -> BudgetCheck:
         return self.accountant.check(self.history(scope), planned, delta=delta, limit=limit)
@@ -400,7 +419,9 @@ class PrivacyLedger:
         with self.lock():
             entries = self.entries()
             chk = self.accountant.check(self.history(scope, entries), planned,
-                                        delta=delta, limit=limit)
+                                        delta=delta, limit=limit,
+                                        epsilon_before=self.recorded_epsilon(
+                                            scope, delta=delta, entries=entries))
             if chk.exceeds:
                 reason = (f"privacy budget: scope {scope!r} has spent epsilon "
                           f"{chk.epsilon_before:.4f}; this round would bring it to "

@@ -20,6 +20,7 @@ unchanged on top of it. It
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -43,6 +44,9 @@ from simulations.scenario import Scenario, SiteProfile
 
 #: seconds the simulated nodes get to register (plus 1 s per 100 sites)
 JOIN_SECONDS = 60.0
+#: site queries outstanding at once during discovery, and the pause between polls
+DISCOVERY_WINDOW = 256
+DISCOVERY_POLL = 0.02
 
 
 def link_of(p: SiteProfile) -> Link:
@@ -109,9 +113,7 @@ class SimulatedGrid(Grid):
         if len(nodes) != n:
             raise SimulationError(f"the Simulation Engine started {len(nodes)} nodes; the "
                                 f"scenario has {n} sites.")
-        queries = [self.inner.create_message(RecordDict(), SITE_QUERY, nid, "discovery")
-                   for nid in nodes]
-        replies = list(self.inner.send_and_receive(queries, timeout=self.timeout))
+        replies = self._ask_each(nodes)
         for r in replies:
             if r.has_error():
                 raise SimulationError(f"node {r.metadata.src_node_id} did not say which site "
@@ -122,6 +124,38 @@ class SimulatedGrid(Grid):
             self.recorder.name_site(simulated_node_id(k), site_name(k))
         if len(self._real) != n:
             raise SimulationError(f"only {len(self._real)} of {n} simulated sites answered.")
+
+    def _ask_each(self, nodes: list[int]) -> list[Message]:
+        """One site query to every node, at most ``DISCOVERY_WINDOW`` outstanding at a
+        time: each poll then asks Flower's link state about the outstanding ones only
+        (Flower's ``send_and_receive`` polls every message still unanswered, every
+        0.1 s: O(sites) per poll, O(sites^2) in all), and the Simulation Engine's store
+        holds at most a window of queries while it looks for each node's next message."""
+        todo = iter(nodes)
+        outstanding: set[str] = set()
+        replies: list[Message] = []
+        deadline = time.monotonic() + self.timeout
+
+        def refill() -> None:
+            room = DISCOVERY_WINDOW - len(outstanding)
+            batch = [Message(RecordDict(), nid, SITE_QUERY, group_id="discovery")
+                     for nid in itertools.islice(todo, max(0, room))]
+            if batch:
+                outstanding.update(self.inner.push_messages(batch))
+
+        refill()
+        while outstanding:
+            if time.monotonic() > deadline:
+                raise SimulationError(f"{len(outstanding) + len(nodes) - len(replies)} "
+                                      f"simulated sites did not say which site they are "
+                                      f"within {self.timeout:.0f} s.")
+            got = list(self.inner.pull_messages(outstanding))
+            outstanding.difference_update(r.metadata.reply_to_message_id for r in got)
+            replies.extend(got)
+            refill()
+            if not got:
+                time.sleep(DISCOVERY_POLL)
+        return replies
 
     def _sampling_round(self) -> int:
         # Flower's loop samples training of round r+1 after evaluating round r, and

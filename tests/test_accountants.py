@@ -213,3 +213,48 @@ def test_replace_one_by_group_privacy() -> None:
     e1 = acc.epsilon(hist, delta=d1)
     assert eps == pytest.approx(2 * e1) and (1 + np.exp(e1)) * d1 <= 1e-5
     assert eps > 2 * acc.epsilon(hist, delta=1e-5)  # the delta split costs something
+
+
+#: an uncapped PRV accountant: the full-resolution recomputation (grid as large as needed)
+FULL = PRVAccountant(max_grid=1 << 40)
+
+
+@settings(max_examples=15, deadline=None)
+@given(parts=st.lists(st.tuples(st.floats(0.6, 6.0), st.floats(0.005, 0.6),
+                                st.integers(1, 3000)), min_size=1, max_size=3),
+       max_grid=st.sampled_from([1024, 4096, 16384]), delta=st.sampled_from([1e-5, 1e-7]))
+def test_a_bounded_grid_is_never_below_the_full_recomputation(
+        parts: list[tuple[float, float, int]], max_grid: int, delta: float) -> None:
+    """The bounded-cost PRV (a coarser grid past ``max_grid`` points, at delta - 2 d_err,
+    plus twice the fine error) against the full-resolution PRV: never lower."""
+    events = [_event(s, q, t) for s, q, t in parts]
+    capped = PRVAccountant(max_grid=max_grid).epsilon(events, delta=delta)
+    full = FULL.epsilon(events, delta=delta)
+    assert capped >= full
+    if max_grid >= 16384:
+        assert capped <= full * 1.10 + 0.05  # and still a useful bound
+
+
+def test_the_check_costs_the_same_in_round_100_as_in_round_1() -> None:
+    """The grid of a history's composition stops growing with its steps: the check
+    of round 100 runs on no more points than round 1's (constant cost per round)."""
+    import privacy.accountants as accountants
+
+    sizes: list[int] = []
+    original = accountants._safe_domain
+
+    def spy(*args: object, **kw: object) -> object:
+        d = original(*args, **kw)  # type: ignore[arg-type]
+        sizes.append(d.size)
+        return d
+
+    acc = PRVAccountant()
+    for rounds in (1, 100):
+        sizes.clear()
+        accountants._cached_epsilon.cache_clear()
+        accountants._safe_domain = spy
+        try:
+            acc.epsilon([_event(1.43, 0.1, 80 * rounds)], delta=1e-5)
+        finally:
+            accountants._safe_domain = original
+        assert max(sizes[-1:]) <= acc.max_grid  # the grid composed is bounded

@@ -204,7 +204,8 @@ def test_list_and_bad_scenarios_from_the_command_line(tmp_path: Path) -> None:
     # (the real main() in this process: these fail, or list, before anything starts)
     r = cli_in_process("simulate", "--list")
     assert r.returncode == 0
-    for name in ("hospitals", "cross-device-1000", "poisoning", "hostile-replies"):
+    for name in ("hospitals", "cross-device-1000", "cross-device-10k", "poisoning",
+                 "hostile-replies"):
         assert name in r.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "x"\n[[sites]]\ncount = 2\nuplink-mbps = -1\n')

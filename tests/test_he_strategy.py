@@ -185,3 +185,27 @@ def test_release_record_counts_sites_not_weights(tmp_path: Path, fed: Path) -> N
     out = torch.load(entry["output"], weights_only=True)
     for k, v in model.state_dict().items():
         assert torch.allclose(out[k], v, atol=1e-3)
+
+
+def test_a_sum_that_fails_midway_is_undone(tmp_path: Path, fed: Path) -> None:
+    """The running sum is added to in place; if TenSEAL refuses the second ciphertext of
+    an update, the first one is subtracted again: the sum stands as it was."""
+    from server.he_strategy import EncryptedParsed
+    from server.validation import TrainMetrics
+
+    s = _strategy(tmp_path, fed)
+    site = load_context(fed, site="site-0")
+    other_root = tmp_path / "other"
+    provision(other_root, sites=1, params=HEParams(poly_modulus_degree=8192))
+    other = load_context(other_root, site="site-0")
+    x = np.linspace(-1, 1, 2 * site.params.values_per_ciphertext)
+    s._sum = [s.he.parse(c) for c in site.encrypt(x)]
+    good = s.he.parse(site.encrypt(np.ones_like(x))[0])
+    foreign = other.parse(other.encrypt(np.ones(10))[0])  # another ring: add_ raises
+    p = EncryptedParsed(node_id=7,
+                        metrics=TrainMetrics(num_examples=1, steps=1, train_loss=None),
+                        privacy=None, weight=1, bytes_up=0, digest="d", vectors=[good, foreign])
+    with pytest.raises(Exception, match="homomorphic sum refused"):
+        s.include(1, p)
+    back = site.decrypt_mean([v.serialize() for v in s._sum], num_values=x.size, count=1)
+    assert np.allclose(back, x, atol=site.params.step)

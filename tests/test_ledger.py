@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedvault.errors import IntegrityError, PrivacyRefused
 from privacy.accountants import PRVAccountant
@@ -311,3 +313,40 @@ def test_run_spent_is_the_epsilon_of_that_run_alone(tmp_path: Path) -> None:
     assert second < alone < led.spent(FP, delta=1e-5)
     assert led.run_spent(FP, run_id="run-1", delta=1e-5) == pytest.approx(alone, rel=1e-9)
     assert led.run_spent(FP, run_id="never", delta=1e-5) == 0.0
+
+
+@settings(max_examples=8, deadline=None)
+@given(rounds=st.lists(st.tuples(st.floats(0.7, 4.0), st.sampled_from([0.05, 0.2, 0.5, 1.0]),
+                                 st.integers(1, 400)), min_size=1, max_size=6))
+def test_the_per_round_check_is_never_below_the_full_recomputation(
+        tmp_path_factory: pytest.TempPathFactory,
+        rounds: list[tuple[float, float, int]]) -> None:
+    """Each reservation composes once, at a bounded cost: epsilon before is the last
+    entry's recorded epsilon after, and epsilon after is the bounded-grid PRV. Both are
+    never below a full-resolution recomputation of the whole history."""
+    full = PRVAccountant(max_grid=1 << 40)
+    led = PrivacyLedger(tmp_path_factory.mktemp("l") / "ledger.jsonl")
+    led.register(FP, source="test", rows=100)
+    led.accountant = PRVAccountant(max_grid=4096)  # reach the bound in the first rounds
+    history: list[SubsampledGaussianEvent] = []
+    for r, (s, q, t) in enumerate(rounds, 1):
+        ev = SubsampledGaussianEvent(noise_multiplier=s, sample_rate=q, steps=t)
+        res = led.reserve(FP, [ev], run_id="run", server_round=r, delta=1e-5, limit=1e9)
+        assert res["epsilon_before"] >= full.epsilon(history, delta=1e-5)
+        history.append(ev)
+        assert res["epsilon_after"] >= full.epsilon(history, delta=1e-5)
+        led.complete(res, steps_taken=t)
+    before = [e["epsilon_before"] for e in led.entries() if e["kind"] == "reservation"]
+    after = [e["epsilon_after"] for e in led.entries() if e["kind"] == "reservation"]
+    assert before[1:] == after[:-1]  # reused, not recomputed
+
+
+def test_the_recorded_epsilon_is_reused_only_when_it_covers_the_history(
+        tmp_path: Path) -> None:
+    led = _ledger(tmp_path, rounds=2)
+    last = [e for e in led.entries() if e["kind"] == "reservation"][-1]
+    assert led.recorded_epsilon(FP, delta=1e-5) == last["epsilon_after"]
+    assert led.recorded_epsilon(FP, delta=1e-6) is None  # another delta: recompute
+    assert led.recorded_epsilon("other-scope", delta=1e-5) == 0.0  # nothing spent there
+    rdp = PrivacyLedger(tmp_path / "ledger.jsonl", accountant="rdp")
+    assert rdp.recorded_epsilon(FP, delta=1e-5) is None  # another accountant: recompute

@@ -123,7 +123,8 @@ def test_groups_expand_in_file_order_with_defaults() -> None:
 
 def test_builtin_scenarios_load_and_match_the_issue() -> None:
     names = builtin_scenarios()
-    assert set(names) == {"hospitals", "cross-device-1000", "poisoning", "hostile-replies"}
+    assert set(names) == {"hospitals", "cross-device-1000", "cross-device-10k", "poisoning",
+                          "hostile-replies"}
     hosp = load_scenario("hospitals")
     s = hosp.settings(run_dir="/tmp/x")
     assert hosp.num_sites == 10 and s.dp and s.he and hosp.data.partition == "dirichlet"
@@ -131,6 +132,9 @@ def test_builtin_scenarios_load_and_match_the_issue() -> None:
     xd = load_scenario("cross-device-1000")
     assert xd.num_sites == 1000 and xd.settings(run_dir="/x").fraction_train == 0.1
     assert all(xd.site(k).dropout == 0.2 for k in (0, 999))
+    big = load_scenario("cross-device-10k")  # ten times the phones, the same sampled
+    assert big.num_sites == 10_000 and big.data == xd.data
+    assert round(big.settings(run_dir="/x").fraction_train * 10_000) == 100
     poison = load_scenario("poisoning")
     attackers = sum(n for role, n in poison.roles().items() if role != "honest")
     assert poison.num_sites == 10 and 1 <= attackers <= 3
