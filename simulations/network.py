@@ -4,9 +4,11 @@
 ServerApp, so every strategy (plaintext, encrypted, client-level DP) runs
 unchanged on top of it. It
 
-* learns once which Flower node is which scenario site (a one-off query: node
-  ids are random in every run) and shows the strategy stable node ids
-  ``site index + 1``, so sampling and records are the same in every run;
+* learns once which Flower node is which scenario site (node ids are random in
+  every run: from the order the Simulation Engine registered the nodes, checked
+  against every reply, or else a one-off query to every node) and shows the
+  strategy stable node ids ``site index + 1``, so sampling and records are the
+  same in every run;
 * shows the strategy only the sites online in the round being sampled (a
   real SuperLink knows which nodes are disconnected);
 * measures the bytes of every message it sends and every reply it receives
@@ -69,6 +71,7 @@ class SimulatedGrid(Grid):
         self._last: tuple[int, str] = (0, "evaluate")  # (round, phase) last sent
         self._online: dict[int, list[int]] = {}  # round -> online virtual ids
         self._short: set[int] = set()  # rounds with fewer than min-sites online
+        self._claimed = False  # identities from registration order, checked per reply
 
     @property
     def num_sites(self) -> int:
@@ -113,6 +116,14 @@ class SimulatedGrid(Grid):
         if len(nodes) != n:
             raise SimulationError(f"the Simulation Engine started {len(nodes)} nodes; the "
                                 f"scenario has {n} sites.")
+        order = self._registration_order(nodes)
+        if order is not None:
+            for k, nid in enumerate(order):
+                self._real[simulated_node_id(k)] = nid
+                self._virtual[nid] = simulated_node_id(k)
+                self.recorder.name_site(simulated_node_id(k), site_name(k))
+            self._claimed = True
+            return
         replies = self._ask_each(nodes)
         for r in replies:
             if r.has_error():
@@ -124,6 +135,24 @@ class SimulatedGrid(Grid):
             self.recorder.name_site(simulated_node_id(k), site_name(k))
         if len(self._real) != n:
             raise SimulationError(f"only {len(self._real)} of {n} simulated sites answered.")
+
+    def _registration_order(self, nodes: list[int]) -> list[int] | None:
+        """The nodes in the order the Simulation Engine registered them, which is the
+        order of their partitions (Flower's ``vce_api._register_nodes`` registers node
+        ``i`` for partition ``i``, and the link state stamps each registration with its
+        time to the microsecond); ``None`` when the grid does not say, or two stamps
+        tie. It is a claim, not a fact: every reply says which site sent it, and
+        ``send_and_receive`` stops the run on a mismatch. It spares 10,000 queries,
+        each of which Flower's engine would match against every stored message."""
+        try:
+            infos = list(self.inner.get_nodes())
+        except Exception:  # a grid without node information
+            return None
+        stamps = {int(i.node_id): str(getattr(i, "registered_at", "") or "") for i in infos}
+        if set(stamps) != set(nodes) or not all(stamps.values()) \
+                or len(set(stamps.values())) != len(stamps):
+            return None
+        return sorted(stamps, key=lambda nid: stamps[nid])
 
     def _ask_each(self, nodes: list[int]) -> list[Message]:
         """One site query to every node, at most ``DISCOVERY_WINDOW`` outstanding at a
@@ -248,6 +277,11 @@ class SimulatedGrid(Grid):
             if r is not None and not r.has_error() and "simulation" in r.content.config_records:
                 sim = dict(r.content.config_records["simulation"])
                 del r.content["simulation"]
+                if "site" in sim and simulated_node_id(int(sim["site"])) != vid:  # type: ignore[arg-type]
+                    raise SimulationError(
+                        f"the node taken for {site_name(vid - 1)} is {site_name(int(sim['site']))}"  # type: ignore[arg-type]
+                        " (site identities from the Simulation Engine's registration order "
+                        "are wrong: this Flower version registers nodes differently)")
             # a hostile site (duplicate-replies) gets its reply delivered several times
             copies[vid] = max(1, int(sim.get("copies", 1)))
             fates[vid] = str(sim.get("fate", "online" if r is not None else "no-reply"))
