@@ -277,11 +277,12 @@ class SimulatedGrid(Grid):
             if r is not None and not r.has_error() and "simulation" in r.content.config_records:
                 sim = dict(r.content.config_records["simulation"])
                 del r.content["simulation"]
-                if "site" in sim and simulated_node_id(int(sim["site"])) != vid:  # type: ignore[arg-type]
+                said = int(sim.get("site", vid - 1))
+                if simulated_node_id(said) != vid:
                     raise SimulationError(
-                        f"the node taken for {site_name(vid - 1)} is {site_name(int(sim['site']))}"  # type: ignore[arg-type]
-                        " (site identities from the Simulation Engine's registration order "
-                        "are wrong: this Flower version registers nodes differently)")
+                        f"the node taken for {site_name(vid - 1)} is {site_name(said)} (site "
+                        "identities from the Simulation Engine's registration order are "
+                        "wrong: this Flower version registers nodes differently)")
             # a hostile site (duplicate-replies) gets its reply delivered several times
             copies[vid] = max(1, int(sim.get("copies", 1)))
             fates[vid] = str(sim.get("fate", "online" if r is not None else "no-reply"))

@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
+from fedvault.errors import SimulationError
 from fedvault.names import simulated_node_id
 from fedvault.rundir import RunDirectory
 from protocols.config import RunSettings
 from server.recorder import RunRecorder
 from simulations import network
 from simulations.behaviour import SITE_QUERY
-from fedvault.errors import SimulationError
 from simulations.network import SimulatedGrid
 from simulations.scenario import load_scenario
 
