@@ -30,6 +30,11 @@ class Scheme(StrEnum):
     CKKS = "ckks"
 
 
+#: HE parameter profiles by name (``fedvault provision --scheme``, ``site he-keys``;
+#: :func:`privacy.he.params_for`)
+HE_PROFILES = ("bfv", "bfv-compact", "ckks")
+
+
 class RunMode(StrEnum):
     """Who ran the ServerApp (``summary.json`` ``mode``)."""
 

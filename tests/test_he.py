@@ -195,3 +195,26 @@ def test_the_largest_honest_sum_decrypts_exactly(bfv: tuple[HEContext, HEContext
     mean = secret.verified_mean(agg, num_values=top.size, count=p.max_sites * w,
                                 sites=p.max_sites, min_sites=1, scale=w)
     assert np.allclose(mean, p.bound)
+
+
+def test_the_compact_profile_sums_sixteen_sites_at_the_top_exactly() -> None:
+    """bfv-compact: a 60-bit data-level prime and a 50-bit plaintext modulus; SEAL's
+    noise after 16 sites at the top of every field still decrypts exactly."""
+    from fedvault.errors import ConfigError as CE
+    from privacy.he import bfv_compact_params_for, params_for
+
+    p = bfv_compact_params_for(10)
+    assert p == params_for("bfv-compact", 10)
+    assert p.fields_per_slot == 3 and p.plain_modulus.bit_length() == 50
+    ctx = new_secret_context(p)
+    secret, public = HEContext(ctx, p), HEContext.load(public_bytes(ctx), p)
+    top = np.full(3 * p.poly_modulus_degree, p.bound)
+    w = p.max_weight
+    agg = public.add([secret.encrypt(top, weight=w, scale=w) for _ in range(p.max_sites)])
+    assert np.all(secret.decrypt_sum(agg, num_values=top.size).values
+                  == p.max_sites * ((1 << p.quant_bits) - 1))
+    assert sum(len(c) for c in secret.encrypt(np.zeros(10**6))) / 10**6 < 5.5
+    with pytest.raises(CE, match="at most 16 sites"):
+        bfv_compact_params_for(17)
+    with pytest.raises(CE, match="HE profile must be one of"):
+        params_for("paillier", 3)

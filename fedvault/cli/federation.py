@@ -24,13 +24,13 @@ from fedvault.pki import (
 )
 from fedvault.provision import provision
 from fedvault.rundir import check_output_dir
-from privacy.he import bfv_params_for, ckks_params
+from privacy.he import params_for
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
     check_output_dir(args.out)
     passphrase = passphrase_from_env(args.passphrase_env)
-    params = ckks_params() if args.scheme == "ckks" else bfv_params_for(args.sites)
+    params = params_for(args.scheme, args.sites)
     m = provision(args.out, sites=args.sites, params=params, passphrase=passphrase)
     he = m["he"]
     console.print(f"federation of {args.sites} sites in {args.out}")

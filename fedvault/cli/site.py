@@ -78,10 +78,10 @@ def _he_done(manifest: dict[str, object], home: Path, what: str) -> None:
 def cmd_site_he_keys(args: argparse.Namespace) -> int:
     from privacy.ceremony import make_he_keys
     from privacy.federation import read_manifest
-    from privacy.he import bfv_params_for, ckks_params
+    from privacy.he import params_for
 
     sites = len(read_manifest(args.federation)["sites"])
-    params = ckks_params() if args.scheme == "ckks" else bfv_params_for(sites)
+    params = params_for(args.scheme, sites)
     m = make_he_keys(args.federation, site=args.name, params=params, home=args.out,
                      passphrase=passphrase_from_env(args.passphrase_env))
     _he_done(m, args.out, f"HE keys made; {args.federation} now holds the public context "
