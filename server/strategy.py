@@ -99,7 +99,9 @@ class FedVaultFedAvg(FedAvg):
         self._refusing: set[int] = set()  # nodes refusing the model of the current phase
         #: the messages sent in the current phase ("train", "evaluate"); the grid gives
         #: each its message id as it pushes it
-        self._awaiting: dict[str, list[Message]] = {}
+        # phase -> (message, its destination as the strategy addressed it): a grid in
+        # between (the simulated network) rewrites the message's destination in place
+        self._awaiting: dict[str, list[tuple[Message, int]]] = {}
         #: the round's timeout (server/app.py sets the run's), named when a site is silent
         self.round_timeout: float | None = None
 
@@ -146,7 +148,7 @@ class FedVaultFedAvg(FedAvg):
     def awaiting(self, phase: str, messages: list[Message]) -> list[Message]:
         """Remember the messages of ``phase`` as sent (``EncryptedFedAvg`` calls it again
         with the messages it really sends), to know who never replied."""
-        self._awaiting[phase] = messages
+        self._awaiting[phase] = [(m, m.metadata.dst_node_id) for m in messages]
         return messages
 
     def reply_source(self, msg: Message) -> int:
@@ -157,16 +159,16 @@ class FedVaultFedAvg(FedAvg):
         src = msg.metadata.src_node_id
         if src == SUPERLINK_NODE_ID and msg.has_error():
             for phase in self._awaiting.values():
-                for sent in phase:
+                for sent, dst in phase:
                     if sent.metadata.message_id == msg.metadata.reply_to_message_id:
-                        return sent.metadata.dst_node_id
+                        return dst
         return src
 
     def note_silent(self, server_round: int, phase: str, replied: set[int]) -> None:
         """Record every site sent a message in ``phase`` that sent nothing back, not even
         an error, within the round's timeout: its SuperNode or its ClientApp process is
         down, it lost its connection, or it is slower than the timeout."""
-        sent = {m.metadata.dst_node_id for m in self._awaiting.pop(phase, [])}
+        sent = {dst for _, dst in self._awaiting.pop(phase, [])}
         silent = sorted(sent - replied)
         if silent:
             limit = f"{self.round_timeout:g} s" if self.round_timeout else "the round timeout"

@@ -138,6 +138,24 @@ def test_a_site_that_never_replies_is_recorded_as_silent(strategy: FedVaultFedAv
     assert p3["silent"] == 2 and "no evaluate reply" in p3["last_reason"]
 
 
+def test_a_grid_that_readdresses_the_messages_makes_nobody_silent(
+        strategy: FedVaultFedAvg) -> None:
+    """The simulated network rewrites each message's destination to Flower's node id in
+    place, and hands back replies under the ids the strategy addressed: every site that
+    replied is not silent (it recorded all 150 sampled phones of every round as silent,
+    because it compared the rewritten ids)."""
+    from flwr.app import ConfigRecord
+
+    grid: Any = MessageGrid([1, 2, 3])
+    sent = list(strategy.configure_train(1, _arrays(0.0), ConfigRecord(), grid))
+    for m in sent:  # as SimulatedGrid._to_real does before pushing
+        m.metadata.dst_node_id = 1000 + m.metadata.dst_node_id
+    arrays, _ = strategy.aggregate_train(1, [_reply(k, _arrays(float(k)), 5) for k in (1, 2)])
+    assert arrays is not None
+    silent = [e for e in read_chain(strategy.recorder.dir.events) if e["kind"] == "sites_silent"]
+    assert [e["node_ids"] for e in silent] == [[3]]
+
+
 def test_the_superlinks_node_unavailable_error_is_the_dead_sites(
         strategy: FedVaultFedAvg) -> None:
     """When a SuperNode stops sending heartbeats, the SuperLink answers its message itself
