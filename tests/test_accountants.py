@@ -132,7 +132,9 @@ def test_prv_tracks_pld_everywhere(sigma: float, q: float, steps: int) -> None:
     ours = PRVAccountant().epsilon(events, delta=1e-5)
     ref = pld_epsilon(events, 1e-5)
     assert ours >= ref * 0.99
-    assert ours <= ref * 1.01 + 1e-3
+    # past the bounded grid (2**18 points) the answer adds twice the fine error, at
+    # least 0.002 absolute (``PRVAccountant``): the floor for epsilons below 1
+    assert ours <= ref * 1.01 + 5e-3
 
 
 def test_registry() -> None:
@@ -219,9 +221,9 @@ def test_replace_one_by_group_privacy() -> None:
 FULL = PRVAccountant(max_grid=1 << 40)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(parts=st.lists(st.tuples(st.floats(0.6, 6.0), st.floats(0.005, 0.6),
-                                st.integers(1, 3000)), min_size=1, max_size=3),
+                                st.integers(1, 2000)), min_size=1, max_size=3),
        max_grid=st.sampled_from([1024, 4096, 16384]), delta=st.sampled_from([1e-5, 1e-7]))
 def test_a_bounded_grid_is_never_below_the_full_recomputation(
         parts: list[tuple[float, float, int]], max_grid: int, delta: float) -> None:

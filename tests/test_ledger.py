@@ -315,9 +315,9 @@ def test_run_spent_is_the_epsilon_of_that_run_alone(tmp_path: Path) -> None:
     assert led.run_spent(FP, run_id="never", delta=1e-5) == 0.0
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(rounds=st.lists(st.tuples(st.floats(0.7, 4.0), st.sampled_from([0.05, 0.2, 0.5, 1.0]),
-                                 st.integers(1, 400)), min_size=1, max_size=6))
+                                 st.integers(1, 400)), min_size=1, max_size=5))
 def test_the_per_round_check_is_never_below_the_full_recomputation(
         tmp_path_factory: pytest.TempPathFactory,
         rounds: list[tuple[float, float, int]]) -> None:
