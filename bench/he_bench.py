@@ -260,21 +260,10 @@ def worker(model: str, scheme: str, sites: int, seed: int) -> dict[str, Any]:
 
     else:
         from client.he_client import encrypt_update, load_encrypted_global
-        from privacy.he import (
-            HEContext,
-            HEParams,
-            bfv_params_for,
-            new_secret_context,
-            public_bytes,
-        )
+        from privacy.he import HEContext, new_secret_context, params_for, public_bytes
         from server.he_strategy import EncryptedFedAvg
 
-        params = bfv_params_for(sites)
-        if scheme.endswith("compact"):
-            # one 60-bit data-level prime (SEAL's serialisation is then incompressible:
-            # no zstd) and 12-bit quantisation: three 16-bit fields in a 50-bit modulus
-            params = HEParams(max_sites=params.max_sites, quant_bits=12,
-                              coeff_mod_bit_sizes=(60, 40))
+        params = params_for("bfv-compact" if scheme.endswith("compact") else "bfv", sites)
         sctx = new_secret_context(params)
         he_site = HEContext(sctx, params)
         he_server = HEContext.load(public_bytes(sctx), params)

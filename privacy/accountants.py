@@ -189,8 +189,8 @@ class PRVAccountant(Accountant):
         # default), plus twice the full-resolution error: >= the full-resolution answer.
         lower_delta = delta * (1 - 2e-3)
         coarse = err
-        while _safe_domain(parts, coarse, lower_delta / 1000).size > self.max_grid:
-            coarse *= _safe_domain(parts, coarse, lower_delta / 1000).size / self.max_grid * 1.01
+        while (size := _safe_domain(parts, coarse, lower_delta / 1000).size) > self.max_grid:
+            coarse *= size / self.max_grid * 1.01
         try:
             return _prv_upper(parts, lower_delta, coarse) + 2 * err
         except RuntimeError:  # Opacus: "Cannot compute epsilon" on too coarse a grid

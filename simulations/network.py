@@ -71,7 +71,6 @@ class SimulatedGrid(Grid):
         self._last: tuple[int, str] = (0, "evaluate")  # (round, phase) last sent
         self._online: dict[int, list[int]] = {}  # round -> online virtual ids
         self._short: set[int] = set()  # rounds with fewer than min-sites online
-        self._claimed = False  # identities from registration order, checked per reply
 
     @property
     def num_sites(self) -> int:
@@ -119,22 +118,22 @@ class SimulatedGrid(Grid):
         order = self._registration_order(nodes)
         if order is not None:
             for k, nid in enumerate(order):
-                self._real[simulated_node_id(k)] = nid
-                self._virtual[nid] = simulated_node_id(k)
-                self.recorder.name_site(simulated_node_id(k), site_name(k))
-            self._claimed = True
+                self._assign(k, nid)
             return
-        replies = self._ask_each(nodes)
-        for r in replies:
+        for r in self._ask_each(nodes):
             if r.has_error():
                 raise SimulationError(f"node {r.metadata.src_node_id} did not say which site "
                                     f"it is: {r.error.reason}")
             k = int(r.content.config_records["simulation"]["site"])  # type: ignore[arg-type]
-            self._real[simulated_node_id(k)] = r.metadata.src_node_id
-            self._virtual[r.metadata.src_node_id] = simulated_node_id(k)
-            self.recorder.name_site(simulated_node_id(k), site_name(k))
+            self._assign(k, r.metadata.src_node_id)
         if len(self._real) != n:
             raise SimulationError(f"only {len(self._real)} of {n} simulated sites answered.")
+
+    def _assign(self, k: int, node_id: int) -> None:
+        """Flower node ``node_id`` is site ``k`` (the strategy sees it as ``k + 1``)."""
+        self._real[simulated_node_id(k)] = node_id
+        self._virtual[node_id] = simulated_node_id(k)
+        self.recorder.name_site(simulated_node_id(k), site_name(k))
 
     def _registration_order(self, nodes: list[int]) -> list[int] | None:
         """The nodes in the order the Simulation Engine registered them, which is the
@@ -175,9 +174,8 @@ class SimulatedGrid(Grid):
         refill()
         while outstanding:
             if time.monotonic() > deadline:
-                raise SimulationError(f"{len(outstanding) + len(nodes) - len(replies)} "
-                                      f"simulated sites did not say which site they are "
-                                      f"within {self.timeout:.0f} s.")
+                raise SimulationError(f"{len(nodes) - len(replies)} simulated sites did not "
+                                      f"say which site they are within {self.timeout:.0f} s.")
             got = list(self.inner.pull_messages(outstanding))
             outstanding.difference_update(r.metadata.reply_to_message_id for r in got)
             replies.extend(got)
