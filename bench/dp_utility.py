@@ -30,10 +30,10 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client.dp import plan_round, train_dp  # noqa: E402
-from client.site import resolve_site_data  # noqa: E402
+from client.dp_sgd import plan_round, train_dp  # noqa: E402
+from client.site_data import resolve_site_data  # noqa: E402
 from client.training import train_local  # noqa: E402
-from fedvault.tasks import get_task  # noqa: E402
+from fedvault_tasks.tasks import get_task  # noqa: E402
 from protocols.config import RunSettings  # noqa: E402
 from protocols.node_config import NodeConfig  # noqa: E402
 from simulations.runner import simulate  # noqa: E402

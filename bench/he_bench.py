@@ -160,8 +160,8 @@ def _instruction(node: int) -> Any:
 
 
 def _recorder(tmp: Path, **settings: Any) -> Any:
-    from fedvault.rundir import RunDirectory
     from protocols.config import RunSettings
+    from protocols.rundir import RunDirectory
     from server.recorder import RunRecorder
 
     rec = RunRecorder(RunDirectory(tmp / "run"), settings=RunSettings(**settings), run_id=RUN,
@@ -175,7 +175,7 @@ def worker(model: str, scheme: str, sites: int, seed: int) -> dict[str, Any]:
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedvault.tasks import flatten
+    from fedvault_tasks.tasks import flatten
 
     torch.set_num_threads(1)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN, 1
@@ -255,7 +255,7 @@ def worker(model: str, scheme: str, sites: int, seed: int) -> dict[str, Any]:
             total = int(rec["total"])
             flat = np.concatenate([np.asarray(ts.ckks_vector_from(ctx, v).decrypt()) / total
                                    for v in rec["vectors"]])
-            from fedvault.tasks import unflatten
+            from fedvault_tasks.tasks import unflatten
             receiver.load_state_dict(unflatten(flat, receiver.state_dict()))
 
     else:

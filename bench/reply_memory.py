@@ -178,7 +178,7 @@ def site_worker(work: Path, hostile_mib: int) -> None:
     from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-    from fedvault.tasks import get_task
+    from fedvault_tasks.tasks import get_task
     from protocols.config import RunSettings
 
     _set_identity()
@@ -246,10 +246,10 @@ def server_worker(wire: Path, out: Path) -> None:
     from flwr.serverapp import Grid
     from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
-    from fedvault.rundir import RunDirectory
-    from fedvault.tasks import get_task
+    from fedvault_tasks.tasks import get_task
     from protocols.config import RunSettings
     from protocols.hashchain import read_chain
+    from protocols.rundir import RunDirectory
     from server.app import build_strategy
     from server.recorder import RunRecorder
 
@@ -539,10 +539,10 @@ def _ensure_stopped(root: Path) -> list[int]:
 def run_rehearsal(name: str, work: Path, hostile_mib: int, say: Any) -> dict[str, Any]:
     """One rehearsal (DEPLOYMENT_SCENARIOS ``name``) under ``work``; its measurements."""
     from fedvault.rehearse import rehearse
-    from fedvault.rundir import RunDirectory
-    from fedvault.summary import read as read_summary
     from protocols.config import RunSettings
     from protocols.hashchain import read_chain
+    from protocols.rundir import RunDirectory
+    from protocols.summary import read as read_summary
 
     app = _app_copy(work / "app", hostile_mib=None if name == "honest" else hostile_mib,
                     budget=name != "before")

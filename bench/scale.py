@@ -60,7 +60,7 @@ def plain_flower(scenario_name: str, rounds: int, work: Path) -> dict[str, Any]:
 
     from client.data import load_table, split_site
     from client.training import train_local
-    from fedvault.tasks import (
+    from fedvault_tasks.tasks import (
         TEST_FRACTION,
         FeatureBounds,
         Table,

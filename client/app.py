@@ -32,27 +32,27 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from client.budget import SitePolicy, check_request, noise_multiplier_for_run, site_policy
-from client.dp import plan_round, train_dp
+from client.dp_sgd import plan_round, train_dp
 from client.he_client import (
     encrypt_update,
     load_encrypted_global,
     remember_global,
     site_context,
 )
-from client.site import SiteData, resolve_site_data
+from client.site_data import SiteData, resolve_site_data
 from client.training import TrainResult, train_local
-from fedvault.errors import (
+from fedvault_tasks.tasks import Table, evaluate, flatten, get_task
+from privacy.ledger import PrivacyLedger
+from privacy.noise import SecureUniform
+from privacy.site_secret import SiteSecret, secret_path_for
+from protocols.config import RunSettings
+from protocols.errors import (
     AggregateRefused,
     ConfigError,
     HEError,
     IntegrityError,
     PrivacyRefused,
 )
-from fedvault.tasks import Table, evaluate, flatten, get_task
-from privacy.ledger import PrivacyLedger
-from privacy.noise import SecureUniform
-from privacy.site_secret import SiteSecret, secret_path_for
-from protocols.config import RunSettings
 from protocols.hashchain import HashChainLog, utc_now
 from protocols.node_config import NodeConfig
 

@@ -39,10 +39,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from fedvault.errors import ConfigError, PrivacyRefused
 from privacy.accountants import ACCOUNTANTS, get_accountant
 from privacy.ledger import SITE_SCOPE, check_scope
 from protocols.config import RunSettings
+from protocols.errors import ConfigError, PrivacyRefused
 from protocols.node_config import NodeConfig
 
 logger = logging.getLogger("fedvault.client")

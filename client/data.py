@@ -8,7 +8,7 @@ config (``data-path``); the file never leaves the site. Supported formats:
 * ``.parquet``: the same columns (needs ``pyarrow``: ``pip install fedvault[parquet]``).
 * ``.npz``: arrays ``x`` (rows x features) and ``y`` (integer labels).
 
-Every failure is a :class:`~fedvault.errors.DataError` naming the file and the
+Every failure is a :class:`~protocols.errors.DataError` naming the file and the
 problem in one line.
 """
 
@@ -18,13 +18,13 @@ import hashlib
 
 import numpy as np
 
-from fedvault.tables import Table, load_table, save_table
+from fedvault_tasks.tables import Table, load_table, save_table
 
 #: Fraction of a site's data kept for federated evaluation.
 VALIDATION_FRACTION = 0.2
 
 
-def fingerprint(table: Table) -> str:
+def table_fingerprint(table: Table) -> str:
     """SHA-256 of the data as loaded, invariant to the order of its rows and of its
     feature columns (a re-export that only reorders them is the same dataset). It
     stays on the site: what leaves is a keyed hash of it
@@ -75,4 +75,4 @@ def split_site(table: Table, *, key: bytes) -> tuple[Table, Table]:
     return table.subset(np.flatnonzero(~to_val)), table.subset(np.flatnonzero(to_val))
 
 
-__all__ = ["fingerprint", "load_table", "record_keys", "save_table", "split_site"]
+__all__ = ["load_table", "record_keys", "save_table", "split_site", "table_fingerprint"]

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
-from fedvault.errors import AggregateRefused, ConfigError, HEError
-from fedvault.tasks import flatten, unflatten
+from fedvault_tasks.tasks import flatten, unflatten
 from privacy.federation import load_context
 from privacy.he import HEContext
 from privacy.noise import UniformSource
 from protocols.config import RunSettings
+from protocols.errors import AggregateRefused, ConfigError, HEError
 from protocols.he_update import EncryptedGlobal, EncryptedUpdate, he_weight
 from protocols.node_config import NodeConfig
 

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from client.budget import check_request, noise_multiplier_for_run, site_policy
-from client.dp import plan_round
+from client.dp_sgd import plan_round
 from client.he_client import site_context
-from client.site import resolve_site_data
-from fedvault.errors import ConfigError, FedvaultError
+from client.site_data import resolve_site_data
 from privacy.accountants import get_accountant
 from privacy.ledger import PrivacyLedger
 from privacy.site_secret import SiteSecret, secret_path_for
 from protocols.config import RunSettings
+from protocols.errors import ConfigError, FedvaultError
 from protocols.node_config import NodeConfig
 
 #: what leaves the site each round (README "What leaves a site")

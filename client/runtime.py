@@ -49,7 +49,7 @@ from flwr.supercore.telemetry import EventType
 from flwr.supercore.tls import validate_and_resolve_root_certificates
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-from fedvault.errors import IntegrityError
+from protocols.errors import IntegrityError
 from protocols.hashchain import read_chain, verify_chain
 
 #: the environment variable naming the site's approvals file
@@ -184,7 +184,7 @@ def site_logging() -> None:
     log_.propagate = False
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def clientapp_main(argv: Sequence[str] | None = None) -> None:
     """``flwr-clientapp`` as ``fedvault site start`` puts it on the superexec's PATH
     (the same arguments as Flower's)."""
     site_logging()
@@ -203,4 +203,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    clientapp_main()

@@ -1,5 +1,5 @@
 """Local training at a site (plain PyTorch; DP-SGD wraps this). Evaluation is shared
-with the server and lives in :mod:`fedvault.tasks`."""
+with the server and lives in :mod:`fedvault_tasks.tasks`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedvault.tasks import Table, to_loader
+from fedvault_tasks.tasks import Table, to_loader
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

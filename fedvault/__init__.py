@@ -1,21 +1,25 @@
 """fedvault: privacy-preserving federated learning on Flower.
 
-The distribution ships several top-level packages laid out as a Flower App
-(see ``../shared/DESIGN.md``): ``server`` (ServerApp), ``client`` (ClientApp),
-``privacy``, ``protocols`` and ``simulations``. This package holds what fits
-none of them: the built-in tasks, the run directory, the ``fedvault`` command
-line and the exception hierarchy.
-Public names are imported on first use (:mod:`fedvault.lazy`).
+The distribution ships its layers as top-level packages of a Flower App, each
+importing only the ones below it (``docs/explanation/architecture.md``):
+``fedvault`` (this roof: the command line, the rehearsal, the data owner's node
+tooling, compliance reports, process supervision) → ``simulations`` →
+``server`` (ServerApp) | ``client`` (ClientApp) → ``privacy`` | ``fedvault_tasks``
+(built-in tasks, models, embedded data, partitioning) → ``protocols`` (wire
+formats, configuration and the base modules: errors, names, the run directory).
+The exception hierarchy (:mod:`protocols.errors`) is re-exported here.
+Public names are imported on first use (:mod:`protocols.lazy`).
 """
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from typing import TYPE_CHECKING
 
-from fedvault.lazy import lazy_exports
+from protocols.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from fedvault.errors import (
+    from protocols.errors import (
         ConfigError,
         DataError,
         DeploymentError,
@@ -27,18 +31,18 @@ if TYPE_CHECKING:
         UpdateRejected,
     )
 
-__version__ = "0.1.0"
+__version__ = version("fedvault")
 
 _EXPORTS: dict[str, str] = {
-    "ConfigError": "fedvault.errors",
-    "DataError": "fedvault.errors",
-    "DeploymentError": "fedvault.errors",
-    "FedvaultError": "fedvault.errors",
-    "HEError": "fedvault.errors",
-    "IntegrityError": "fedvault.errors",
-    "PrivacyRefused": "fedvault.errors",
-    "TaskError": "fedvault.errors",
-    "UpdateRejected": "fedvault.errors",
+    "ConfigError": "protocols.errors",
+    "DataError": "protocols.errors",
+    "DeploymentError": "protocols.errors",
+    "FedvaultError": "protocols.errors",
+    "HEError": "protocols.errors",
+    "IntegrityError": "protocols.errors",
+    "PrivacyRefused": "protocols.errors",
+    "TaskError": "protocols.errors",
+    "UpdateRejected": "protocols.errors",
 }
 
 # (a literal list: linters and type checkers read it)

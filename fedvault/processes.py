@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from fedvault.errors import DeploymentError
+from protocols.errors import DeploymentError
 
 STARTUP_TIMEOUT = 60.0
 

@@ -2,7 +2,7 @@
 
 ``fedvault rehearse --sites 3`` starts one real ``flower-superlink`` and N sites on
 127.0.0.1, each as ``fedvault site start`` starts a data owner's node
-(:mod:`fedvault.site`: a ``flower-supernode --isolation process`` whose ClientApps
+(:mod:`fedvault.node`: a ``flower-supernode --isolation process`` whose ClientApps
 run the fedvault installed here, for the approved app only), each with its own
 ``FLWR_HOME``, ``site.toml`` and node config (its own data file, written from its
 partition of the task's data), submits the run with ``flwr run``, follows the
@@ -51,12 +51,17 @@ from typing import Any
 
 import tomli_w
 
-from fedvault import summary as run_summary
-from fedvault.datasets import pool_bounds, pooled_table
-from fedvault.errors import ConfigError, DeploymentError
-from fedvault.names import site_name
-from fedvault.partition import partition_indices
-from fedvault.pki import NODE_KEY, TLSFiles, new_ca, node_key_pair, server_certificate
+from fedvault.node import (
+    SiteConfig,
+    approve,
+    fab_hash_of,
+    flower_env,
+    load_site_config,
+    spawn_node,
+    spawn_runtime,
+    stage_app,
+    write_site_config,
+)
 from fedvault.processes import (
     Deployment,
     Proc,
@@ -68,25 +73,20 @@ from fedvault.processes import (
     wait_for_log,
     wait_for_port,
 )
-from fedvault.rundir import RunDirectory
-from fedvault.site import (
-    SiteConfig,
-    approve,
-    fab_hash_of,
-    flower_env,
-    load_site_config,
-    spawn_node,
-    spawn_runtime,
-    stage_app,
-    write_site_config,
-)
-from fedvault.summary import DeploymentBlock, ProcessExit, RunSummary
-from fedvault.tables import save_table
-from fedvault.tasks import get_task
+from fedvault_tasks.datasets import pool_bounds, pooled_table
+from fedvault_tasks.partition import partition_indices
+from fedvault_tasks.tables import save_table
+from fedvault_tasks.tasks import get_task
 from privacy.ceremony import KX_KEY, add_site, kx_key_pair, make_he_keys, receive_he_keys
 from privacy.he import bfv_params_for
+from privacy.pki import NODE_KEY, TLSFiles, new_ca, node_key_pair, server_certificate
+from protocols import summary as run_summary
 from protocols.config import RunSettings
+from protocols.errors import ConfigError, DeploymentError
+from protocols.names import site_name
 from protocols.node_config import NodeConfig
+from protocols.rundir import RunDirectory
+from protocols.summary import DeploymentBlock, ProcessExit, RunSummary
 from simulations.runner import check_run, ensure_federation, tail_events
 
 CONNECTION_NAME = "fedvault-rehearsal"
@@ -146,7 +146,7 @@ def write_declared_bounds(settings: RunSettings, root: Path) -> str | None:
     return str(p)
 
 
-def site_node_config(settings: RunSettings, k: int, *, data: Path, label: str,
+def rehearsal_node_config(settings: RunSettings, k: int, *, data: Path, label: str,
                      bounds: str | None, he_home: str | None = None) -> NodeConfig:
     """The node config the rehearsal's data owner ``site-k`` sets on its SuperNode."""
     home = data.parent
@@ -308,7 +308,7 @@ def rehearse(
             starting: list[tuple[Proc, SiteConfig | None]] = []
             for k, path in enumerate(data_files):
                 home = path.parent
-                node = site_node_config(settings, k, data=path, label=label,
+                node = rehearsal_node_config(settings, k, data=path, label=label,
                                         bounds=bounds_file, he_home=he_homes.get(k))
                 node_config = node.write_toml(home / "node-config.toml")
                 auth_key = str(home / NODE_KEY) if tls is not None else ""

@@ -3,14 +3,14 @@ site's hash-chained privacy ledger and its site secret (keyed ids, ledger anchor
 and CSPRNG noise and sampling for secure-mode DP-SGD.
 Homomorphic encryption: parameter sets checked at 128-bit security, quantisation
 and packing, TenSEAL contexts (``privacy.he``).
-Public names are imported on first use (:mod:`fedvault.lazy`).
+Public names are imported on first use (:mod:`protocols.lazy`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedvault.lazy import lazy_exports
+from protocols.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from privacy.accountants import (

@@ -37,9 +37,9 @@ from opacus.accountants.analysis.prv import Domain
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from scipy.fft import next_fast_len
 
-from fedvault.names import AccountantName
 from privacy.analysis import calibrate_noise_multiplier, gaussian_epsilon
 from privacy.events import SubsampledGaussianEvent, compress
+from protocols.names import AccountantName
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -2,7 +2,7 @@
 sealed to their own keys, so the central team, which relays everything, holds none.
 
 1. **Each site** makes its keys (``fedvault site keygen``): a node-authentication pair
-   (:mod:`fedvault.pki`) and an X25519 key-agreement pair (``kx.key``, mode 0600, and
+   (:mod:`privacy.pki`) and an X25519 key-agreement pair (``kx.key``, mode 0600, and
    ``kx.pub``). Only the public halves leave the site.
 2. **The central team** collects the public keys in the federation directory
    (``fedvault federation add-site``: ``FED/sites/NAME/{node-auth.pub,kx.pub}`` and the
@@ -42,8 +42,6 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedvault.errors import ConfigError, HEError
-from fedvault.pki import NODE_PUB, check_secret_file, fingerprint, write_secret
 from privacy.federation import (
     MANIFEST,
     PUBLIC_CTX,
@@ -54,6 +52,8 @@ from privacy.federation import (
     write_manifest,
 )
 from privacy.he import HEContext, HEParams, new_secret_context, public_bytes
+from privacy.pki import NODE_PUB, check_secret_file, digest_fingerprint, write_secret
+from protocols.errors import ConfigError, HEError
 from protocols.hashchain import utc_now
 
 KX_KEY = "kx.key"
@@ -82,7 +82,7 @@ def kx_key_pair(directory: Path) -> tuple[Path, Path]:
 
 def kx_fingerprint(path: Path) -> str:
     """The fingerprint of a key-agreement public key (of its 32 raw bytes)."""
-    return fingerprint(_raw(load_kx_public(path)))
+    return digest_fingerprint(_raw(load_kx_public(path)))
 
 
 def load_kx_public(path: Path) -> X25519PublicKey:

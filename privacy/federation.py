@@ -1,6 +1,6 @@
 """The federation directory's format: the manifest, the context files, sealed secrets.
 
-``fedvault provision`` writes a federation directory (see :mod:`fedvault.provision`);
+``fedvault provision`` writes a federation directory (see :mod:`privacy.provision`);
 the server and the sites only read it, through this module, so the format sits in
 the privacy layer below both of them.
 """
@@ -16,10 +16,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from fedvault.errors import ConfigError, HEError
-from fedvault.pki import check_secret_file
-from fedvault.rundir import write_json_atomic
 from privacy.he import HEContext, HEParams
+from privacy.pki import check_secret_file
+from protocols.errors import ConfigError, HEError
+from protocols.rundir import write_json_atomic
 
 MANIFEST = "manifest.json"
 PUBLIC_CTX = "he-public.ctx"

@@ -28,7 +28,7 @@ coefficient modulus may have at most 27, 54, 109, 218, 438 or 881 bits for
 N = 1024 ... 32768. Anything weaker is refused with a clear error.
 
 One secret context is shared by every site (the known limit of single-key HE,
-see DESIGN.md); the server only ever holds the public context, which cannot
+see docs/explanation/threat-model.md); the server only ever holds the public context, which cannot
 decrypt.
 """
 
@@ -43,9 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from fedvault.errors import AggregateRefused, ConfigError, HEError
-from fedvault.names import HE_PROFILES, Scheme, values
 from privacy.noise import SecureUniform, UniformSource
+from protocols.errors import AggregateRefused, ConfigError, HEError
+from protocols.names import HE_PROFILES, Scheme, values
 
 #: Max total coefficient-modulus bits for 128-bit classical security (HE standard, table 1).
 MAX_COEFF_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
@@ -334,7 +334,7 @@ def public_bytes(ctx: Any) -> bytes:
     return data
 
 
-def fingerprint(public_context: bytes, params: HEParams) -> str:
+def context_fingerprint(public_context: bytes, params: HEParams) -> str:
     """What every party checks: SHA-256 over the parameters and the public context."""
     h = hashlib.sha256(b"fedvault-he-v1")
     h.update(repr(sorted(params.to_dict().items())).encode())
@@ -350,7 +350,7 @@ class HEContext:
         self.params = params
         self._ref: tuple[int, list[int], float] | None = None
         self._pub = public_bytes(ctx)
-        self.fingerprint = fingerprint(self._pub, params)
+        self.fingerprint = context_fingerprint(self._pub, params)
 
     @property
     def has_secret_key(self) -> bool:

@@ -66,10 +66,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedvault.errors import IntegrityError, PrivacyRefused
 from privacy.accountants import Accountant, BudgetCheck, get_accountant
 from privacy.events import ADD_REMOVE_ONE, SubsampledGaussianEvent
 from privacy.site_secret import SiteSecret, anchor_problem, secret_path_for
+from protocols.errors import IntegrityError, PrivacyRefused
 from protocols.hashchain import (
     HashChainLog,
     read_chain,

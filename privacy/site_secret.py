@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedvault.errors import IntegrityError
-from fedvault.pki import write_secret
+from privacy.pki import write_secret
+from protocols.errors import IntegrityError
 from protocols.hashchain import follow_chain
 
 SECRET_VERSION = 1

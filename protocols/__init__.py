@@ -1,13 +1,13 @@
 """Formats shared by client, server and tools: the run configuration and the
 hash-chained record format (run events, privacy ledgers, releases).
-Public names are imported on first use (:mod:`fedvault.lazy`).
+Public names are imported on first use (:mod:`protocols.lazy`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedvault.lazy import lazy_exports
+from protocols.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from protocols.config import RunSettings

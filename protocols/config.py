@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from fedvault.errors import ConfigError
-from fedvault.names import AccountantName, Partitioner, values
+from protocols.errors import ConfigError
+from protocols.names import AccountantName, Partitioner, values
 
 ConfigValue = bool | int | float | str
 

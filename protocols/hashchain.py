@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedvault.errors import Defect, IntegrityError
+from protocols.errors import Defect, IntegrityError
 
 GENESIS_HASH = "0" * 64
 RESERVED_KEYS = frozenset({"seq", "time", "prev_hash", "hash"})

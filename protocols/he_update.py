@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from fedvault.errors import HEError, UpdateRejected
+from protocols.errors import HEError, UpdateRejected
 
 WIRE_VERSION = 3
 

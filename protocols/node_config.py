@@ -4,7 +4,7 @@ The mirror of :class:`protocols.config.RunSettings` for the other side: the
 SuperNode's ``--node-config`` (``key=value`` pairs or a TOML file) is what the
 *data owner* decides, and it is the only place a real site's privacy limits come
 from. :meth:`NodeConfig.parse` checks every key and value and raises
-:class:`~fedvault.errors.ConfigError` naming the key: an unknown key (a typo such as
+:class:`~protocols.errors.ConfigError` naming the key: an unknown key (a typo such as
 ``max_epsilon`` or ``maxEpsilon``), a value of the wrong type or a missing
 ``data-path`` never lets the site train under a default it did not choose.
 
@@ -25,8 +25,8 @@ from typing import Any
 
 import tomli_w
 
-from fedvault.errors import ConfigError
-from fedvault.names import site_name
+from protocols.errors import ConfigError
+from protocols.names import site_name
 
 #: keys Flower's Simulation Engine sets on every simulated node
 FLOWER_SIMULATION_KEYS = ("partition-id", "num-partitions")

@@ -16,16 +16,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedvault.datasets import central_test_table
-from fedvault.errors import ConfigError, FedvaultError
-from fedvault.names import RunMode
-from fedvault.rundir import RunDirectory, default_run_dir
-from fedvault.tasks import Table, Task, evaluate, get_task
+from fedvault_tasks.datasets import central_test_table
+from fedvault_tasks.tasks import Table, Task, evaluate, get_task
 from privacy.federation import load_context
 from privacy.ledger import PrivacyLedger
 from protocols.config import RunSettings
+from protocols.errors import ConfigError, FedvaultError
 from protocols.he_update import is_encrypted
-from server.dp import ClientLevelDP
+from protocols.names import RunMode
+from protocols.rundir import RunDirectory, default_run_dir
+from server.client_level_dp import ClientLevelDP
 from server.he_strategy import EncryptedFedAvg
 from server.recorder import RunRecorder
 from server.strategy import FedVaultFedAvg

@@ -24,8 +24,8 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedvault.errors import HEError, UpdateRejected
 from privacy.he import HEContext
+from protocols.errors import HEError, UpdateRejected
 from protocols.he_update import (
     EncryptedUpdate,
     check_update,
@@ -39,7 +39,7 @@ from protocols.he_update import (
 from server.strategy import FedVaultFedAvg, _floats
 from server.validation import (
     ENCRYPTED_TRAIN,
-    SitePrivacy,
+    ReplyPrivacy,
     TrainMetrics,
     digest_of,
     parse_privacy,
@@ -58,7 +58,7 @@ class EncryptedParsed:
 
     node_id: int
     metrics: TrainMetrics
-    privacy: SitePrivacy | None
+    privacy: ReplyPrivacy | None
     weight: int
     bytes_up: int
     digest: str

@@ -3,7 +3,7 @@
 Every event goes into the hash-chained ``events.jsonl`` (the same format as the
 privacy ledgers and the release log), so progress is observable from outside
 the ServerApp process (``fedvault rehearse`` tails it) and checkable afterwards
-(``fedvault verify RUN_DIR``). The summary's schema is :mod:`fedvault.summary`.
+(``fedvault verify RUN_DIR``). The summary's schema is :mod:`protocols.summary`.
 """
 
 from __future__ import annotations
@@ -17,20 +17,20 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from typing import Any
 
 import flwr
 import torch
 from flwr.app import ArrayRecord
 
-import fedvault
-from fedvault import summary as run_summary
-from fedvault.plots import plot_accuracy
-from fedvault.rundir import RunDirectory, write_json_atomic
-from fedvault.summary import HEBlock, Participant, PrivacyBlock, RoundRow, RunSummary
+from protocols import summary as run_summary
 from protocols.config import RunSettings
 from protocols.hashchain import HashChainLog, utc_now
 from protocols.he_update import is_encrypted
+from protocols.rundir import RunDirectory, write_json_atomic
+from protocols.summary import HEBlock, Participant, PrivacyBlock, RoundRow, RunSummary
+from server.plots import plot_accuracy
 
 
 @dataclass
@@ -102,7 +102,7 @@ class RunRecorder:
                 "num_parameters": num_parameters,
                 "started": self.started,
                 "versions": {
-                    "fedvault": fedvault.__version__,
+                    "fedvault": version("fedvault"),
                     "flwr": flwr.__version__,
                     "torch": torch.__version__,
                     "python": platform.python_version(),

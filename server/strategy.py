@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from fedvault.errors import UpdateRejected
+from protocols.errors import UpdateRejected
 from server.recorder import RunRecorder
 from server.validation import (
     DECLINED,
@@ -31,7 +31,7 @@ from server.validation import (
     NPY_HEADER_ROOM,
     EvalReply,
     LayerSpec,
-    SitePrivacy,
+    ReplyPrivacy,
     TrainMetrics,
     capped_weights,
     model_spec,
@@ -56,7 +56,7 @@ class Parsed(Protocol):
     @property
     def metrics(self) -> TrainMetrics: ...
     @property
-    def privacy(self) -> SitePrivacy | None: ...
+    def privacy(self) -> ReplyPrivacy | None: ...
     @property
     def digest(self) -> str: ...
 

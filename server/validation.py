@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedvault.errors import UpdateRejected
+from protocols.errors import UpdateRejected
 
 #: Default of ``max-examples-per-site``: a site claiming more is lying or misconfigured.
 DEFAULT_MAX_EXAMPLES = 1_000_000
@@ -151,7 +151,7 @@ def _show(v: Any) -> str:
 
 # -- the parsed replies -----------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
-class SitePrivacy:
+class ReplyPrivacy:
     """What a site reports of its privacy after a round (validated)."""
 
     site: str
@@ -168,14 +168,14 @@ class SitePrivacy:
                 "sample-rate": self.sample_rate, "steps": self.steps}
 
 
-def parse_privacy(content: RecordDict) -> SitePrivacy | None:
+def parse_privacy(content: RecordDict) -> ReplyPrivacy | None:
     if "privacy" not in content.config_records:
         return None
     rec = content.config_records["privacy"]
     what = "privacy record"
     only_keys(rec, ("site", "epsilon", "delta", "accountant", "noise-multiplier",
                     "sample-rate", "steps"), what=what)
-    return SitePrivacy(site=text(rec, "site", what=what),
+    return ReplyPrivacy(site=text(rec, "site", what=what),
                        epsilon=real(rec, "epsilon", 0.0, what=what),
                        delta=real(rec, "delta", 0.0, 1.0, what=what),
                        accountant=text(rec, "accountant", what=what),
@@ -347,7 +347,7 @@ class PlainUpdate:
 
     node_id: int
     metrics: TrainMetrics
-    privacy: SitePrivacy | None
+    privacy: ReplyPrivacy | None
     arrays: tuple[np.ndarray, ...]
     digest: str
 
@@ -424,7 +424,7 @@ def weighted_metrics(rows: Sequence[Mapping[str, float]], weights: Sequence[floa
 
 
 __all__ = ["DEFAULT_MAX_EXAMPLES", "EvalReply", "GlobalRefused",
-           "LayerSpec", "PlainUpdate", "Refusal", "SitePrivacy", "capped_weights",
+           "LayerSpec", "PlainUpdate", "Refusal", "ReplyPrivacy", "capped_weights",
            "digest_of", "model_spec", "parse_evaluation", "parse_global_refused",
            "parse_plain_update", "parse_privacy", "parse_refusal", "weighted_mean",
            "weighted_metrics"]

@@ -42,9 +42,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.serde import recorddict_to_proto
 
-from fedvault.names import simulated_node_id, site_name
-from fedvault.tasks import Table, get_task
+from fedvault_tasks.tasks import Table, get_task
 from protocols.config import RunSettings
+from protocols.names import simulated_node_id, site_name
 from protocols.node_config import NodeConfig
 from simulations.hostile import DUPLICATE_COPIES, REPLY_ATTACKS, Hostility, tamper_reply
 from simulations.scenario import Behaviour, DropoutMode, Scenario, SiteProfile, load_compiled
@@ -106,7 +106,7 @@ def _site(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
-def site_node_config(profile: SiteProfile, site: int) -> dict[str, Any]:
+def simulated_node_config(profile: SiteProfile, site: int) -> dict[str, Any]:
     """The node config a real site with this profile would set on its SuperNode."""
     return {"site-name": site_name(site), "max-epsilon": profile.max_epsilon,
             "delta": profile.delta, "min-noise-multiplier": profile.min_noise_multiplier}
@@ -123,7 +123,7 @@ def simulation_mod(scenario_path: str, seed: int, settings: RunSettings | None =
         profile = scenario.site(k)
         if msg.metadata.message_type.startswith("query"):
             return call_next(msg, context)
-        context.node_config.update(site_node_config(profile, k))
+        context.node_config.update(simulated_node_config(profile, k))
         r = server_round_of(msg)
         f = fate(profile, seed=seed, site=k, server_round=r)
         record: dict[str, Any] = {"site": k, "fate": f.value}
@@ -220,7 +220,7 @@ class Attack:
     default_scale: float | Literal["sampled"] = 1.0
 
 
-#: one registry of attacks, like ``fedvault.tasks.TASKS``
+#: one registry of attacks, like ``fedvault_tasks.tasks.TASKS``
 ATTACKS: dict[Behaviour, Attack] = {
     Behaviour.HONEST: Attack(),
     Behaviour.LABEL_FLIP: Attack(data="flip-labels"),

@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedvault.errors import ConfigError
-from fedvault.rundir import RunDirectory
+from protocols.errors import ConfigError
+from protocols.rundir import RunDirectory
 from simulations.figures import elapsed, nan_of, plt, save, time_unit
 
 

@@ -9,7 +9,7 @@ import threading
 from collections import defaultdict
 from typing import Any
 
-from fedvault.summary import RoundRow
+from protocols.summary import RoundRow
 from server.recorder import RunRecorder
 
 

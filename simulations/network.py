@@ -30,8 +30,8 @@ from typing import Any
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedvault.errors import SimulationError
-from fedvault.names import simulated_node_id, site_name
+from protocols.errors import SimulationError
+from protocols.names import simulated_node_id, site_name
 from server.recorder import RunRecorder
 from simulations.behaviour import (
     OFFLINE,

@@ -12,14 +12,14 @@ from typing import Any
 
 import torch
 
-from fedvault.datasets import central_test_table
-from fedvault.names import simulated_node_id, site_name
-from fedvault.rundir import RunDirectory
-from fedvault.summary import RunSummary
-from fedvault.tasks import get_task
+from fedvault_tasks.datasets import central_test_table
+from fedvault_tasks.tasks import get_task
 from privacy.ledger import last_reservation
 from protocols.config import RunSettings
 from protocols.hashchain import read_chain
+from protocols.names import simulated_node_id, site_name
+from protocols.rundir import RunDirectory
+from protocols.summary import RunSummary
 from simulations.behaviour import ATTACKS, add_trigger, trigger_value
 from simulations.figures import plot_scenario
 from simulations.hostile import REPLY_ATTACKS

@@ -25,19 +25,19 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from client.app import build_client_app
-from fedvault import summary as run_summary
-from fedvault.datasets import central_test_table, pooled_table
-from fedvault.errors import ConfigError, FedvaultError, SimulationError
-from fedvault.names import RunMode
-from fedvault.partition import partition_indices
-from fedvault.provision import provision
-from fedvault.release import decrypt_model
-from fedvault.rundir import RunDirectory, check_output_dir
-from fedvault.summary import ReleasedModel, RunSummary
-from fedvault.tasks import evaluate, get_task
+from client.release import decrypt_model
+from fedvault_tasks.datasets import central_test_table, pooled_table
+from fedvault_tasks.partition import partition_indices
+from fedvault_tasks.tasks import evaluate, get_task
 from privacy.he import bfv_params_for
+from privacy.provision import provision
+from protocols import summary as run_summary
 from protocols.config import RunSettings
+from protocols.errors import ConfigError, FedvaultError, SimulationError
 from protocols.hashchain import follow_chain
+from protocols.names import RunMode
+from protocols.rundir import RunDirectory, check_output_dir
+from protocols.summary import ReleasedModel, RunSummary
 from server.app import build_server_app
 from server.recorder import RunRecorder
 from simulations.behaviour import SITE_QUERY, ScenarioBehaviour, answer_site_query, simulation_mod

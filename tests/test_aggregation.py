@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 
-from fedvault.rundir import RunDirectory
 from protocols.config import RunSettings
 from protocols.hashchain import read_chain
+from protocols.rundir import RunDirectory
 from server.recorder import RunRecorder
 from server.strategy import FedVaultFedAvg
 from tests.helpers import MessageGrid

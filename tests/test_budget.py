@@ -9,7 +9,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.app import build_client_app
-from fedvault.tasks import get_task
+from fedvault_tasks.tasks import get_task
 from protocols.config import RunSettings
 from protocols.hashchain import read_chain
 from tests.test_accountants import pld_epsilon

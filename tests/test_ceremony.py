@@ -11,9 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedvault.errors import ConfigError, HEError
-from fedvault.pki import node_key_pair
-from fedvault.provision import provision
 from privacy.ceremony import (
     KX_KEY,
     SEALED,
@@ -26,6 +23,9 @@ from privacy.ceremony import (
 )
 from privacy.federation import load_context, read_manifest, write_manifest
 from privacy.he import HEContext, HEParams, bfv_params_for, new_secret_context, public_bytes
+from privacy.pki import node_key_pair
+from privacy.provision import provision
+from protocols.errors import ConfigError, HEError
 
 SITES = ("clinic-a", "clinic-b", "clinic-c")
 

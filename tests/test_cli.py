@@ -179,7 +179,7 @@ def test_budget_report_of_a_ledger_with_a_malformed_entry(
 
 
 def test_budget_report_of_a_well_formed_hand_written_ledger(tmp_path: Path) -> None:
-    from fedvault.reports import ledger_report
+    from fedvault.compliance import ledger_report
 
     data = ledger_report(_ledger(tmp_path / "ledger.jsonl"))
     assert data["verified"]["entries"] == 2 and data["scopes"][0]["scope"] == "site"

@@ -14,10 +14,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.app import build_client_app
 from client.data import save_table
-from fedvault.errors import ConfigError, DataError
-from fedvault.tasks import get_task
+from fedvault_tasks.tasks import get_task
 from privacy.ledger import PrivacyLedger
 from protocols.config import RunSettings
+from protocols.errors import ConfigError, DataError
 from protocols.hashchain import read_chain, verify_chain
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
@@ -208,7 +208,7 @@ def test_replies_of_neighbouring_tables_differ_only_in_dp_fields(tmp_path: Path)
     for scale in np.linspace(1.01, 3.0, 200):
         x = table.x.copy()
         x[5] = x[5] * scale
-        from fedvault.tasks import Table
+        from fedvault_tasks.tasks import Table
 
         other = Table(x=x, y=table.y.copy())
         if (record_keys(other, key)[5] < 0.2) == side[5]:
@@ -251,10 +251,10 @@ def test_a_site_that_refused_to_train_does_not_evaluate_that_round(tmp_path: Pat
 
 
 def test_no_reply_carries_the_raw_data_hash(tmp_path: Path) -> None:
-    from client.data import fingerprint, load_table
+    from client.data import load_table, table_fingerprint
 
     p = _site_csv(tmp_path)
-    raw = fingerprint(load_table(p, label_column="y"))
+    raw = table_fingerprint(load_table(p, label_column="y"))
     app = build_client_app()
     ctx = _ctx(_real(tmp_path, p, **{"max-epsilon": 0.5}),
                _run(tmp_path, task="tabular", noise_multiplier=1.0))
@@ -270,7 +270,7 @@ def test_no_reply_carries_the_raw_data_hash(tmp_path: Path) -> None:
 
 def test_re_exporting_the_data_does_not_reset_the_budget(tmp_path: Path) -> None:
     from client.data import load_table
-    from fedvault.tasks import Table
+    from fedvault_tasks.tasks import Table
 
     p = _site_csv(tmp_path, rows=200)
     app = build_client_app()

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedvault.rundir import RunDirectory
 from privacy.accountants import PRVAccountant
 from privacy.events import SubsampledGaussianEvent
 from privacy.ledger import PrivacyLedger
 from protocols.config import RunSettings
 from protocols.hashchain import read_chain
-from server.dp import ClientLevelDP, federation_fingerprint
+from protocols.rundir import RunDirectory
+from server.client_level_dp import ClientLevelDP, federation_fingerprint
 from server.recorder import RunRecorder
 from server.strategy import FedVaultFedAvg
 

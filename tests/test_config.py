@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from fedvault.errors import ConfigError
 from protocols.config import RunSettings
+from protocols.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,8 +39,8 @@ def test_one_source_for_every_run_key() -> None:
 
     from fedvault.cli.options import add_run_options
     from protocols.config import cli_options, config_key
-    from simulations.scenario.model import _RUN_KEYS_ELSEWHERE
     from simulations.scenario.parse import _SITE_FIELDS
+    from simulations.scenario.spec import _RUN_KEYS_ELSEWHERE
 
     keys = {config_key(f.name) for f in fields(RunSettings)}
     with (ROOT / "pyproject.toml").open("rb") as fh:

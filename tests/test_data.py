@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.data import fingerprint, load_table, save_table, split_site
-from client.site import resolve_site_data
-from fedvault.errors import ConfigError, DataError, TaskError
-from fedvault.tasks import Table, get_task
+from client.data import load_table, save_table, split_site, table_fingerprint
+from client.site_data import resolve_site_data
+from fedvault_tasks.tasks import Table, get_task
 from protocols.config import RunSettings
+from protocols.errors import ConfigError, DataError, TaskError
 from protocols.node_config import NodeConfig
 
 
@@ -96,12 +96,12 @@ def test_fingerprint_follows_content_not_path(tmp_path: Path) -> None:
     b = tmp_path / "elsewhere" / "b.csv"
     b.parent.mkdir()
     shutil.copy(a, b)
-    fa = fingerprint(load_table(a, label_column="label"))
-    assert fa == fingerprint(load_table(b, label_column="label"))
+    fa = table_fingerprint(load_table(a, label_column="label"))
+    assert fa == table_fingerprint(load_table(b, label_column="label"))
     lines = b.read_text().splitlines()
     lines[3] = lines[3].replace(lines[3].split(",")[0], "123.0", 1)
     b.write_text("\n".join(lines) + "\n")
-    assert fingerprint(load_table(b, label_column="label")) != fa
+    assert table_fingerprint(load_table(b, label_column="label")) != fa
 
 
 def _node(config: dict[str, object], sim: bool = False) -> NodeConfig:
@@ -188,10 +188,10 @@ def test_fingerprint_ignores_row_and_column_order() -> None:
     rows = rng.permutation(120)
     cols = rng.permutation(t.num_features)
     shuffled = Table(x=t.x[rows][:, cols], y=t.y[rows])
-    assert fingerprint(shuffled) == fingerprint(t)
+    assert table_fingerprint(shuffled) == table_fingerprint(t)
     changed = Table(x=t.x.copy(), y=t.y.copy())
     changed.x[3, 4] = np.nextafter(changed.x[3, 4], np.float32(np.inf))
-    assert fingerprint(changed) != fingerprint(t)
+    assert table_fingerprint(changed) != table_fingerprint(t)
 
 
 def test_site_without_data_is_told_how_to_fix_it() -> None:
@@ -221,9 +221,9 @@ def test_a_deployment_evaluates_centrally_only_on_the_central_teams_own_data(
     """The embedded scikit-learn data says nothing about a real federation's data: a
     deployment without ``central-test-path`` does no central evaluation (a simulation
     still uses its held-out split); with one, it scores on that table."""
-    from fedvault.datasets import central_test_table
-    from fedvault.tables import save_table
-    from fedvault.tasks import embedded_split, get_task
+    from fedvault_tasks.datasets import central_test_table
+    from fedvault_tasks.tables import save_table
+    from fedvault_tasks.tasks import embedded_split, get_task
     from protocols.config import RunSettings
 
     task = get_task("digits")

@@ -130,9 +130,9 @@ def _pid(home: Path, command: str) -> int | None:
 
 @pytest.mark.loopback
 def test_the_hand_deployment_in_the_guides_works_and_survives_faults(tmp_path: Path) -> None:
+    from fedvault.node import stage_app
     from fedvault.processes import free_port
     from fedvault.rehearse import write_site_data
-    from fedvault.site import stage_app
     from protocols.config import RunSettings
 
     s = steps()

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import client.dp as dp
-from client.dp import plan_round, poisson_batches, train_dp
-from fedvault.tasks import get_task
+import client.dp_sgd as dp
+from client.dp_sgd import plan_round, poisson_batches, train_dp
+from fedvault_tasks.tasks import get_task
 from privacy.noise import SecureUniform
 
 

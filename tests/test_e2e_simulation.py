@@ -98,8 +98,8 @@ def test_encrypted_aggregation_end_to_end(tmp_path: Path) -> None:
     assert rel.returncode == 0, rel.stderr
     import torch
 
-    from fedvault.datasets import pooled_table
-    from fedvault.tasks import Table, evaluate, get_task
+    from fedvault_tasks.datasets import pooled_table
+    from fedvault_tasks.tasks import Table, evaluate, get_task
     from protocols.config import RunSettings
 
     task = get_task("digits")
@@ -133,7 +133,7 @@ def test_tabular_on_a_users_csv(tmp_path: Path) -> None:
     import numpy as np
 
     from client.data import save_table
-    from fedvault.tasks import get_task
+    from fedvault_tasks.tasks import get_task
 
     t = get_task("tabular").embedded()
     csv = save_table(t.subset(np.arange(len(t))), tmp_path / "bc.csv", label_column="diagnosis")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedvault.errors import IntegrityError
+from protocols.errors import IntegrityError
 from protocols.hashchain import GENESIS_HASH, HashChainLog, read_chain, verify_chain
 
 

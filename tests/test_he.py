@@ -12,8 +12,6 @@ import tenseal as ts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedvault.errors import ConfigError, HEError
-from fedvault.provision import provision
 from privacy.federation import load_context, read_manifest
 from privacy.he import (
     HEContext,
@@ -26,6 +24,8 @@ from privacy.he import (
     quantise,
     unpack,
 )
+from privacy.provision import provision
+from protocols.errors import ConfigError, HEError
 
 
 @pytest.fixture(scope="module")
@@ -200,8 +200,8 @@ def test_the_largest_honest_sum_decrypts_exactly(bfv: tuple[HEContext, HEContext
 def test_the_compact_profile_sums_sixteen_sites_at_the_top_exactly() -> None:
     """bfv-compact: a 60-bit data-level prime and a 50-bit plaintext modulus; SEAL's
     noise after 16 sites at the top of every field still decrypts exactly."""
-    from fedvault.errors import ConfigError as CE
     from privacy.he import bfv_compact_params_for, params_for
+    from protocols.errors import ConfigError as CE
 
     p = bfv_compact_params_for(10)
     assert p == params_for("bfv-compact", 10)

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedvault.errors import HEError
-from fedvault.provision import provision
-from fedvault.rundir import RunDirectory
 from privacy.federation import load_context
 from privacy.he import HEContext, HEParams
+from privacy.provision import provision
 from protocols.config import RunSettings
+from protocols.errors import HEError
 from protocols.hashchain import read_chain
 from protocols.he_update import EncryptedUpdate, ciphertexts_of, is_encrypted, scale_of
+from protocols.rundir import RunDirectory
 from server.he_strategy import EncryptedFedAvg
 from server.recorder import RunRecorder
 
@@ -160,8 +160,8 @@ def test_release_record_counts_sites_not_weights(tmp_path: Path, fed: Path) -> N
     number of sites in the aggregate (73 for the 10-site demo)."""
     import torch
 
-    from fedvault.release import RELEASES, decrypt_model
-    from fedvault.tasks import flatten, get_task
+    from client.release import RELEASES, decrypt_model
+    from fedvault_tasks.tasks import flatten, get_task
 
     model = get_task("digits").build_model()
     x = flatten(model.state_dict())

@@ -19,13 +19,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from fedvault.provision import provision
-from fedvault.rundir import RunDirectory
 from privacy.federation import load_context
 from privacy.he import HEContext, HEParams
+from privacy.provision import provision
 from protocols.config import RunSettings
 from protocols.hashchain import read_chain
 from protocols.he_update import EncryptedUpdate, ciphertexts_of, he_weight, sites_of
+from protocols.rundir import RunDirectory
 from server.he_strategy import EncryptedFedAvg
 from server.recorder import RunRecorder
 from server.strategy import FedVaultFedAvg

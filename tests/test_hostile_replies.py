@@ -24,13 +24,12 @@ from flwr.app import (
 )
 
 from client.app import build_client_app
-from fedvault.errors import AggregateRefused
-from fedvault.provision import provision
-from fedvault.rundir import RunDirectory
-from fedvault.tasks import flatten, get_task
+from fedvault_tasks.tasks import flatten, get_task
 from privacy.federation import load_context
 from privacy.he import HEContext, HEParams
+from privacy.provision import provision
 from protocols.config import RunSettings
+from protocols.errors import AggregateRefused
 from protocols.hashchain import read_chain
 from protocols.he_update import (
     EncryptedUpdate,
@@ -41,6 +40,7 @@ from protocols.he_update import (
     sites_of,
 )
 from protocols.node_config import NodeConfig
+from protocols.rundir import RunDirectory
 from server.he_strategy import EncryptedFedAvg
 from server.recorder import RunRecorder
 from server.strategy import FedVaultFedAvg
@@ -538,7 +538,7 @@ def test_a_site_refuses_a_global_model_that_moved_too_far(fed: Path) -> None:
 
 
 def test_model_decrypt_refuses_a_forged_aggregate(tmp_path: Path, fed: Path) -> None:
-    from fedvault.release import decrypt_model
+    from client.release import decrypt_model
 
     torch.manual_seed(0)
     x = flatten(get_task("digits").build_model().state_dict())

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedvault.errors import IntegrityError, PrivacyRefused
 from privacy.accountants import PRVAccountant
 from privacy.events import SubsampledGaussianEvent
 from privacy.ledger import PrivacyLedger
+from protocols.errors import IntegrityError, PrivacyRefused
 from protocols.hashchain import read_chain, verify_chain
 from tests.helpers import ROOT, run_cli
 
@@ -225,7 +225,7 @@ def test_two_processes_cannot_both_spend_the_last_budget(tmp_path: Path) -> None
         import sys
         from privacy.events import SubsampledGaussianEvent
         from privacy.ledger import PrivacyLedger
-        from fedvault.errors import PrivacyRefused
+        from protocols.errors import PrivacyRefused
         led = PrivacyLedger(sys.argv[1])
         ev = SubsampledGaussianEvent(noise_multiplier=1.0, sample_rate=0.2, steps=10)
         try:
@@ -258,7 +258,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import torch
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
     from client.app import build_client_app
-    from fedvault.tasks import get_task
+    from fedvault_tasks.tasks import get_task
     from protocols.config import RunSettings
     arrays = ArrayRecord(get_task("digits").build_model().state_dict())
     msg = Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(

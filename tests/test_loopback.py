@@ -139,10 +139,10 @@ def test_a_modified_app_cannot_overspend_a_site(tmp_path: Path) -> None:
     none of the shipped code ran at a site."""
     import shutil
 
-    from fedvault.errors import DeploymentError
+    from fedvault.node import fab_hash_of
     from fedvault.rehearse import rehearse
-    from fedvault.site import fab_hash_of
     from protocols.config import RunSettings
+    from protocols.errors import DeploymentError
 
     app = tmp_path / "app"
     shutil.copytree(ROOT, app, ignore=shutil.ignore_patterns(

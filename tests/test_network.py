@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from fedvault.errors import SimulationError
-from fedvault.names import simulated_node_id
-from fedvault.rundir import RunDirectory
 from protocols.config import RunSettings
+from protocols.errors import SimulationError
+from protocols.names import simulated_node_id
+from protocols.rundir import RunDirectory
 from server.recorder import RunRecorder
 from simulations import network
 from simulations.behaviour import SITE_QUERY

@@ -16,11 +16,11 @@ from flwr.common.config import parse_config_args
 
 from client.app import app as real_app
 from client.budget import site_policy
-from fedvault.errors import ConfigError
-from fedvault.rehearse import site_node_config
-from fedvault.tables import save_table
-from fedvault.tasks import get_task
+from fedvault.rehearse import rehearsal_node_config
+from fedvault_tasks.tables import save_table
+from fedvault_tasks.tasks import get_task
 from protocols.config import RunSettings
+from protocols.errors import ConfigError
 from protocols.hashchain import read_chain
 from protocols.node_config import NodeConfig
 
@@ -111,7 +111,7 @@ def test_rehearsal_node_config_survives_quotes_and_spaces(tmp_path: Path) -> Non
     data = home / "data.csv"
     settings = RunSettings(task="tabular", run_dir=str(tmp_path), he=True,
                            he_federation=str(tmp_path / "fed 'x'"))
-    node = site_node_config(settings, 2, data=data, label="y", bounds=None)
+    node = rehearsal_node_config(settings, 2, data=data, label="y", bounds=None)
     path = node.write_toml(home / "node-config.toml")
     parsed = NodeConfig.parse(parse_config_args([str(path)]))
     assert parsed == node and parsed.data_path == str(data)

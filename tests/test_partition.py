@@ -5,8 +5,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedvault.partition import dirichlet_partition, iid_partition, label_skew, partition_indices
-from fedvault.tasks import get_task
+from fedvault_tasks.partition import (
+    dirichlet_partition,
+    iid_partition,
+    label_skew,
+    partition_indices,
+)
+from fedvault_tasks.tasks import get_task
 
 
 @settings(max_examples=40, deadline=None)

@@ -15,8 +15,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-from fedvault.errors import ConfigError
-from fedvault.pki import (
+from fedvault.node import load_site_config
+from privacy.pki import (
     certificate_fingerprint,
     check_secret_file,
     new_ca,
@@ -24,7 +24,7 @@ from fedvault.pki import (
     public_key_fingerprint,
     server_certificate,
 )
-from fedvault.site import load_site_config
+from protocols.errors import ConfigError
 from tests.helpers import cli_in_process, write_site_toml
 
 
@@ -128,9 +128,9 @@ def test_a_site_refuses_a_superlink_whose_certificate_its_ca_did_not_sign(
     """An impostor SuperLink: real flower-superlink serving a certificate from another CA.
     A SuperNode given the federation's CA (``root-certificates``) never joins it; the
     same node given the impostor's CA does (the control)."""
-    from fedvault.errors import DeploymentError
+    from fedvault.node import flower_env
     from fedvault.processes import Deployment, Proc, find_executable, free_port, wait_for_log
-    from fedvault.site import flower_env
+    from protocols.errors import DeploymentError
 
     new_ca(tmp_path / "ours")
     new_ca(tmp_path / "theirs")

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedvault.errors import PrivacyRefused
 from privacy.events import SubsampledGaussianEvent
 from privacy.ledger import PrivacyLedger
+from protocols.errors import PrivacyRefused
 from tests.helpers import cli_in_process, run_cli
 
 FP1, FP2 = "site", "cohort-b"  # the default scope and one the data owner declared
@@ -50,7 +50,7 @@ def test_table(ledger: Path) -> None:
 
 
 def test_insecure_rounds_make_a_scope_unbounded(ledger: Path) -> None:
-    from fedvault.reports import ledger_report, to_html
+    from fedvault.compliance import ledger_report, to_html
 
     led = PrivacyLedger(ledger)
     ev = SubsampledGaussianEvent(noise_multiplier=1.6, sample_rate=0.1, steps=5)
@@ -66,7 +66,7 @@ def test_insecure_rounds_make_a_scope_unbounded(ledger: Path) -> None:
 
 
 def test_replace_one_adjacency_on_request(ledger: Path) -> None:
-    from fedvault.reports import ledger_report
+    from fedvault.compliance import ledger_report
     from privacy.analysis import replace_one_epsilon
 
     data = ledger_report(ledger, adjacency="replace-one")

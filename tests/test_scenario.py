@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from client.app import build_client_app
-from fedvault.errors import ConfigError
-from fedvault.partition import label_skew, site_partition
-from fedvault.tasks import Table, get_task
+from fedvault_tasks.partition import label_skew, site_partition
+from fedvault_tasks.tasks import Table, get_task
 from protocols.config import RunSettings
+from protocols.errors import ConfigError
 from simulations.behaviour import (
     DROPPED_BEFORE,
     DROPPED_MID_UPLOAD,
@@ -216,7 +216,7 @@ def test_a_site_that_cannot_get_data_is_named() -> None:
 
 
 def test_restricted_sites_are_filled_before_the_unrestricted_ones() -> None:
-    from fedvault.partition import _fill_small
+    from fedvault_tasks.partition import _fill_small
 
     # site 0 may hold anything, site 1 only label 1, and site 2 owns everything:
     # filling site 0 first could take the only label-1 sample site 1 can use

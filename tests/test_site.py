@@ -12,8 +12,8 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.runtime import answer, approved_hashes
-from fedvault.errors import ConfigError, IntegrityError
-from fedvault.site import approve, fab_hash_of, load_site_config, runtime_shim
+from fedvault.node import approve, fab_hash_of, load_site_config, runtime_shim
+from protocols.errors import ConfigError, IntegrityError
 from tests.helpers import ROOT, cli_in_process, write_site_toml
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
@@ -98,9 +98,9 @@ def test_an_unapproved_app_is_refused_without_running_anything(tmp_path: Path) -
 
 
 def test_the_server_records_the_refusal(tmp_path: Path) -> None:
-    from fedvault.rundir import RunDirectory
     from protocols.config import RunSettings
     from protocols.hashchain import read_chain
+    from protocols.rundir import RunDirectory
     from server.recorder import RunRecorder
     from server.strategy import FedVaultFedAvg
 
@@ -134,7 +134,7 @@ def _real_site(tmp_path: Path, **node: object) -> Path:
     import numpy as np
 
     from client.data import save_table
-    from fedvault.tasks import get_task
+    from fedvault_tasks.tasks import get_task
 
     data = save_table(get_task("tabular").embedded().subset(np.arange(300)),
                       tmp_path / "site.csv", label_column="y")

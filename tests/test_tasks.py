@@ -5,8 +5,8 @@ import pytest
 import torch
 from opacus.validators import ModuleValidator
 
-from fedvault.errors import TaskError
-from fedvault.tasks import TASKS, Table, embedded_split, get_task, split_train_test
+from fedvault_tasks.tasks import TASKS, Table, embedded_split, get_task, split_train_test
+from protocols.errors import TaskError
 
 
 def test_unknown_task_names_the_known_ones() -> None:
@@ -90,7 +90,7 @@ def test_table_validates_shapes() -> None:
 
 
 def test_dp_refuses_a_model_opacus_cannot_train() -> None:
-    from client.dp import check_opacus_compatible
+    from client.dp_sgd import check_opacus_compatible
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
     with pytest.raises(TaskError, match="cannot be trained with DP-SGD"):

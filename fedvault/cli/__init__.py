@@ -16,7 +16,7 @@
 One module per command group (:mod:`.run`, :mod:`.records`, :mod:`.budget`,
 :mod:`.federation`, :mod:`.site`, :mod:`.model`),
 the shared run options (:mod:`.options`) and what is printed (:mod:`.render`).
-Any :class:`~fedvault.errors.FedvaultError` is printed as one line
+Any :class:`~protocols.errors.FedvaultError` is printed as one line
 ``error: ...`` with exit status 2; an unexpected exception too, with its
 traceback under ``--debug`` (or ``FEDVAULT_DEBUG=1``). Ctrl-C exits with 130
 after cleaning up.
@@ -37,8 +37,8 @@ from rich.markup import escape
 from fedvault import __version__
 from fedvault.cli.options import add_run_options
 from fedvault.cli.render import err_console
-from fedvault.errors import FedvaultError
-from fedvault.names import HE_PROFILES, AccountantName, values
+from protocols.errors import FedvaultError
+from protocols.names import HE_PROFILES, AccountantName, values
 
 
 def _handler(module: str, name: str) -> tuple[str, str]:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedvault import reports
+from fedvault import compliance
 from fedvault.cli.render import console, print_budget_table
-from fedvault.errors import ConfigError
-from fedvault.rundir import check_input_file, check_output_file
 from privacy.ledger import PrivacyLedger
+from protocols.errors import ConfigError
+from protocols.rundir import check_input_file, check_output_file
 
 
 def cmd_budget_report(args: argparse.Namespace) -> int:
@@ -18,17 +18,17 @@ def cmd_budget_report(args: argparse.Namespace) -> int:
         raise ConfigError("--out needs --format json, csv or html.")
     if args.out:  # before the report is computed: recomputing every epsilon takes a while
         check_output_file(args.out)
-    data = reports.ledger_report(args.ledger, accountant=args.accountant,
+    data = compliance.ledger_report(args.ledger, accountant=args.accountant,
                                  adjacency=args.adjacency)
     if args.format == "table":
         print_budget_table(data)
         text = None
     elif args.format == "json":
-        text = reports.to_json(data)
+        text = compliance.to_json(data)
     elif args.format == "csv":
-        text = reports.to_csv(data)
+        text = compliance.to_csv(data)
     else:
-        text = reports.to_html(data)
+        text = compliance.to_html(data)
     if text is not None:
         if args.out:
             try:

@@ -11,8 +11,8 @@ from rich.table import Table as RichTable
 
 from fedvault.cli.options import passphrase_from_env
 from fedvault.cli.render import console
-from fedvault.errors import ConfigError
-from fedvault.pki import (
+from privacy.he import params_for
+from privacy.pki import (
     CA_CERT,
     NODE_PUB,
     SERVER_CERT,
@@ -22,9 +22,9 @@ from fedvault.pki import (
     server_certificate,
     short_hex,
 )
-from fedvault.provision import provision
-from fedvault.rundir import check_output_dir
-from privacy.he import params_for
+from privacy.provision import provision
+from protocols.errors import ConfigError
+from protocols.rundir import check_output_dir
 
 
 def cmd_provision(args: argparse.Namespace) -> int:

@@ -7,9 +7,9 @@ import os
 
 from rich.table import Table as RichTable
 
+from client.release import decrypt_model
 from fedvault.cli.render import console
-from fedvault.release import decrypt_model
-from fedvault.tasks import TASKS
+from fedvault_tasks.tasks import TASKS
 
 
 def cmd_model_decrypt(args: argparse.Namespace) -> int:

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedvault.errors import ConfigError
-from fedvault.rundir import check_output_dir
 from protocols.config import RunSettings, cli_options
+from protocols.errors import ConfigError
+from protocols.rundir import check_output_dir
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:

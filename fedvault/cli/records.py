@@ -9,10 +9,10 @@ from pathlib import Path
 from rich.markup import escape
 
 from fedvault.cli.render import console, err_console, finish, print_scenario
-from fedvault.errors import IntegrityError
-from fedvault.rundir import RunDirectory, check_input_file
 from privacy.site_secret import anchor_problem
+from protocols.errors import IntegrityError
 from protocols.hashchain import verify_chain
+from protocols.rundir import RunDirectory, check_input_file
 
 
 def cmd_show(args: argparse.Namespace) -> int:

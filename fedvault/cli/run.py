@@ -19,11 +19,11 @@ from fedvault.cli.render import (
     print_scenario,
     warn_insecure,
 )
-from fedvault.errors import ConfigError
 from fedvault.rehearse import rehearse
-from fedvault.rundir import check_output_dir
-from fedvault.summary import RunSummary
 from protocols.config import RunSettings, config_key
+from protocols.errors import ConfigError
+from protocols.rundir import check_output_dir
+from protocols.summary import RunSummary
 from simulations.compare import compare_runs
 from simulations.runner import check_run, simulate, simulate_scenario
 from simulations.scenario import builtin_path, builtin_scenarios, load_scenario

@@ -12,9 +12,9 @@ from rich.table import Table as RichTable
 from client.runtime import approved_hashes
 from fedvault.cli.options import passphrase_from_env
 from fedvault.cli.render import console, err_console
-from fedvault.pki import node_key_pair, public_key_fingerprint
+from fedvault.node import approve, fab_hash_of, flower_env, load_site_config, start_site
 from fedvault.processes import Deployment, sigterm_as_interrupt
-from fedvault.site import approve, fab_hash_of, flower_env, load_site_config, start_site
+from privacy.pki import node_key_pair, public_key_fingerprint
 from protocols.hashchain import read_chain
 
 
@@ -64,7 +64,7 @@ def cmd_site_keygen(args: argparse.Namespace) -> int:
 
 
 def _he_done(manifest: dict[str, object], home: Path, what: str) -> None:
-    from fedvault.pki import short_hex
+    from privacy.pki import short_hex
 
     he = manifest["he"]
     assert isinstance(he, dict)
@@ -125,7 +125,7 @@ def cmd_site_approvals(args: argparse.Namespace) -> int:
 def _run_config(path: Path | None) -> dict[str, object]:
     import tomllib
 
-    from fedvault.errors import ConfigError
+    from protocols.errors import ConfigError
 
     if path is None:
         return {}

@@ -53,7 +53,11 @@ partition ``K`` and, with encryption, federation key ``site-K``. Every error
 names the table and key at fault.
 """
 
-from simulations.scenario.model import (
+from simulations.scenario.parse import (
+    informative_features,
+    parse_scenario,
+)
+from simulations.scenario.spec import (
     BEHAVIOURS,
     DROPOUT_MODES,
     HE_ONLY,
@@ -65,10 +69,6 @@ from simulations.scenario.model import (
     Scenario,
     SiteProfile,
     check_run_keys,
-)
-from simulations.scenario.parse import (
-    informative_features,
-    parse_scenario,
 )
 from simulations.scenario.store import (
     builtin_path,

@@ -1,4 +1,4 @@
-"""Scenario TOML to a validated :class:`~simulations.scenario.model.Scenario`;
+"""Scenario TOML to a validated :class:`~simulations.scenario.spec.Scenario`;
 every error names the table and key at fault."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from fedvault.errors import ConfigError, TaskError
-from fedvault.tasks import get_task
+from fedvault_tasks.tasks import get_task
 from protocols.config import config_key
-from simulations.scenario.model import (
+from protocols.errors import ConfigError, TaskError
+from simulations.scenario.spec import (
     BEHAVIOURS,
     DROPOUT_MODES,
     MAX_SITES,

@@ -9,10 +9,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fedvault.errors import ConfigError
-from fedvault.rundir import load_json_cached, write_json_atomic
-from simulations.scenario.model import DataSpec, Scenario, SiteProfile
+from protocols.errors import ConfigError
+from protocols.rundir import load_json_cached, write_json_atomic
 from simulations.scenario.parse import parse_scenario
+from simulations.scenario.spec import DataSpec, Scenario, SiteProfile
 
 
 def load_scenario(path_or_name: str | Path) -> Scenario:

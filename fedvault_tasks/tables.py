@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedvault.errors import DataError
+from protocols.errors import DataError
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -18,10 +18,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedvault.errors import ConfigError
-from fedvault.names import site_name
-from fedvault.pki import write_secret
-from fedvault.rundir import check_output_dir
 from privacy.federation import (
     MANIFEST,
     PUBLIC_CTX,
@@ -31,7 +27,11 @@ from privacy.federation import (
     write_manifest,
 )
 from privacy.he import HEContext, HEParams, new_secret_context, public_bytes
+from privacy.pki import write_secret
+from protocols.errors import ConfigError
 from protocols.hashchain import utc_now
+from protocols.names import site_name
+from protocols.rundir import check_output_dir
 
 
 def provision(out: str | Path, *, sites: int, params: HEParams,

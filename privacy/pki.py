@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedvault.errors import ConfigError
+from protocols.errors import ConfigError
 
 SECRET_MODE = 0o600
 CA_CERT = "ca.pem"
@@ -71,7 +71,7 @@ def check_secret_file(path: str | Path, what: str) -> Path:
     return p
 
 
-def fingerprint(data: bytes) -> str:
+def digest_fingerprint(data: bytes) -> str:
     """``'1a2b 3c4d ... '``: the first 128 bits of SHA-256, to compare out of band."""
     return short_hex(hashlib.sha256(data).hexdigest())
 
@@ -192,10 +192,10 @@ def public_key_fingerprint(pub_path: Path) -> str:
     parts = pub_path.read_bytes().split()
     if len(parts) < 2:
         raise ConfigError(f"{pub_path} is not an OpenSSH public key.")
-    return fingerprint(parts[0] + b" " + parts[1])
+    return digest_fingerprint(parts[0] + b" " + parts[1])
 
 
 def certificate_fingerprint(cert_path: Path) -> str:
     """The fingerprint of a PEM certificate (of its DER bytes)."""
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    return fingerprint(cert.public_bytes(serialization.Encoding.DER))
+    return digest_fingerprint(cert.public_bytes(serialization.Encoding.DER))

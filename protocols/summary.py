@@ -23,8 +23,8 @@ import json
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict, cast
 
-from fedvault.errors import ConfigError
-from fedvault.rundir import RunDirectory, write_json_atomic
+from protocols.errors import ConfigError
+from protocols.rundir import RunDirectory, write_json_atomic
 
 FORMAT = "fedvault.summary/1"
 

@@ -10,7 +10,7 @@ from enum import StrEnum
 
 
 class Partitioner(StrEnum):
-    """How one table is split across simulated sites (:mod:`fedvault.partition`)."""
+    """How one table is split across simulated sites (:mod:`fedvault_tasks.partition`)."""
 
     IID = "iid"
     DIRICHLET = "dirichlet"

@@ -3,13 +3,13 @@
 A task never touches the network: its embedded data ships inside an installed
 package (scikit-learn's bundled datasets), so a fresh machine with no internet
 can run the demo. A data owner's own data reaches a task as a table (CSV,
-Parquet or NPZ; see :mod:`fedvault.tables`) whose features and labels the task
+Parquet or NPZ; see :mod:`fedvault_tasks.tables`) whose features and labels the task
 then preprocesses exactly as it does its embedded data. Also here, since sites,
 server and tools share them: a model's parameters as one flat vector
 (:func:`flatten`, :func:`unflatten`) and :func:`evaluate`.
 
 Every model is Opacus-compatible (no BatchNorm: GroupNorm or none): Opacus's
-``GradSampleModule`` computes its per-example gradients (:mod:`client.dp`).
+``GradSampleModule`` computes its per-example gradients (:mod:`client.dp_sgd`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedvault.errors import TaskError
-from fedvault.tables import Table
+from fedvault_tasks.tables import Table
+from protocols.errors import TaskError
 
 #: Fraction of the embedded data held out as the central test split.
 TEST_FRACTION = 0.2

@@ -30,11 +30,11 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from client.training import TrainResult
-from fedvault.errors import TaskError
-from fedvault.tasks import Table
+from fedvault_tasks.tasks import Table
 from privacy.analysis import poisson_sample_rate, steps_per_epoch
 from privacy.events import SubsampledGaussianEvent
 from privacy.noise import SecureUniform, UniformSource, secure_gaussian_like
+from protocols.errors import TaskError
 
 logger = logging.getLogger("fedvault.client.dp")
 

@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from fedvault.errors import ConfigError, HEError
-from fedvault.rundir import RunDirectory
-from fedvault.tasks import get_task, unflatten
+from fedvault_tasks.tasks import get_task, unflatten
 from privacy.federation import load_context
 from protocols.config import RunSettings
+from protocols.errors import ConfigError, HEError
 from protocols.hashchain import HashChainLog
 from protocols.he_update import ciphertexts_of, is_encrypted, scale_of, sites_of
+from protocols.rundir import RunDirectory
 
 RELEASES = "releases.jsonl"
 

@@ -22,11 +22,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from client.data import fingerprint, split_site
-from fedvault.datasets import central_bounds, file_table, parse_feature_bounds, partition_table
-from fedvault.errors import ConfigError, DataError
-from fedvault.tasks import FeatureBounds, Table, Task, get_task
+from client.data import split_site, table_fingerprint
+from fedvault_tasks.datasets import (
+    central_bounds,
+    file_table,
+    parse_feature_bounds,
+    partition_table,
+)
+from fedvault_tasks.tasks import FeatureBounds, Table, Task, get_task
 from protocols.config import RunSettings
+from protocols.errors import ConfigError, DataError
 from protocols.node_config import NodeConfig
 
 
@@ -85,7 +90,7 @@ def resolve_site_data(settings: RunSettings, node: NodeConfig, *,
             "(e.g. --node-config 'data-path=\"/data/site.csv\"')."
         )
     task.check_table(raw, num_features=settings.num_features, num_classes=settings.num_classes)
-    fp = fingerprint(raw)
+    fp = table_fingerprint(raw)
     # split the records as loaded (the key hashes each raw record), then scale each
     train_raw, val_raw = split_site(raw, key=key)
     bounds = site_bounds(settings, node, task, raw.num_features)

@@ -6,7 +6,7 @@
     │                              itself: only its leaves are)
     ├── ConfigError                a run config, node config or CLI option is invalid
     │   │                          (.key: the offending key or option, when there is one)
-    │   └── PartitionError         (fedvault.partition) the data cannot be partitioned
+    │   └── PartitionError         (fedvault_tasks.partition) the data cannot be partitioned
     │                              as asked (.site: the first site left without data)
     ├── TaskError                  unknown task, or a model/data shape mismatch
     ├── DataError                  a site's data cannot be loaded or is malformed

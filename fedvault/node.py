@@ -41,9 +41,9 @@ from typing import Any
 import tomli_w
 
 from client.runtime import APPROVALS_ENV
-from fedvault.errors import ConfigError
-from fedvault.pki import check_secret_file
 from fedvault.processes import Deployment, Proc, find_executable, wait_for_log
+from privacy.pki import check_secret_file
+from protocols.errors import ConfigError
 from protocols.hashchain import HashChainLog, utc_now
 from protocols.node_config import NodeConfig
 

@@ -34,10 +34,10 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 from flwr.supercore.differential_privacy import get_norm
 
-from fedvault.errors import PrivacyRefused
 from privacy.events import SubsampledGaussianEvent
 from privacy.ledger import PrivacyLedger
 from privacy.noise import secure_gaussian_like
+from protocols.errors import PrivacyRefused
 from server.strategy import FedVaultFedAvg
 from server.validation import weighted_metrics
 

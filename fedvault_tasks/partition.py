@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from fedvault.errors import ConfigError
-from fedvault.names import Partitioner, site_name, values
-from fedvault.rundir import load_json_cached
+from protocols.errors import ConfigError
+from protocols.names import Partitioner, site_name, values
+from protocols.rundir import load_json_cached
 
 PARTITIONERS = values(Partitioner)
 

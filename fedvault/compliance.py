@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from fedvault import __version__
-from fedvault.errors import DataError, IntegrityError
-from fedvault.rundir import check_input_file
 from privacy.accountants import ACCOUNTANTS
 from privacy.analysis import replace_one_epsilon
 from privacy.events import ADD_REMOVE_ONE, SubsampledGaussianEvent
 from privacy.ledger import LEDGER_KINDS, PrivacyLedger, accountant_of, entry_scope
+from protocols.errors import DataError, IntegrityError
 from protocols.hashchain import scan_chain, utc_now
+from protocols.rundir import check_input_file
 
 FORMATS = ("table", "json", "csv", "html")
 REPLACE_ONE = "replace-one"

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from fedvault.errors import ConfigError
-from fedvault.names import Partitioner, values
-from fedvault.partition import PartitionError, PartitionPlan
+from fedvault_tasks.partition import PartitionError, PartitionPlan
 from protocols.config import RunSettings
+from protocols.errors import ConfigError
+from protocols.names import Partitioner, values
 
 
 class Behaviour(StrEnum):

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedvault.errors import ConfigError
-from fedvault.partition import load_plan, partition_indices
-from fedvault.tables import load_table
-from fedvault.tasks import (
+from fedvault_tasks.partition import load_plan, partition_indices
+from fedvault_tasks.tables import load_table
+from fedvault_tasks.tasks import (
     TEST_FRACTION,
     FeatureBounds,
     Table,
@@ -26,6 +25,7 @@ from fedvault.tasks import (
     split_train_test,
 )
 from protocols.config import RunSettings
+from protocols.errors import ConfigError
 
 
 def pooled_table(task: Task, settings: RunSettings) -> tuple[Table, Table]:

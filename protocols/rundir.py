@@ -29,7 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from fedvault.errors import ConfigError
+from protocols.errors import ConfigError
 
 T = TypeVar("T")
 
