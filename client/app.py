@@ -21,13 +21,12 @@ import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
@@ -54,6 +53,21 @@ from protocols.errors import (
     PrivacyRefused,
 )
 from protocols.hashchain import HashChainLog, utc_now
+from protocols.messages import (
+    ARRAYS,
+    HE_GLOBAL,
+    HE_UPDATE,
+    METRICS,
+    PRIVACY,
+    Declined,
+    EvalConfig,
+    EvalMetrics,
+    GlobalRefused,
+    Refusal,
+    ReplyPrivacy,
+    TrainConfig,
+    TrainMetrics,
+)
 from protocols.node_config import NodeConfig
 
 logger = logging.getLogger("fedvault.client")
@@ -82,17 +96,18 @@ def _model_from(msg: Message, settings: RunSettings, node: NodeConfig,
     (``AggregateRefused`` when the check fails: nothing is trained on or released)."""
     task = get_task(settings.task)
     model = task.build_model(num_features=settings.num_features, num_classes=settings.num_classes)
-    if "he-global" in msg.content.config_records:
+    if HE_GLOBAL in msg.content.config_records:
         he = site_context(settings, node)
-        load_encrypted_global(model, msg.content.config_records["he-global"], he,
+        load_encrypted_global(model, msg.content.config_records[HE_GLOBAL], he,
                               min_sites=max(settings.min_sites,
                                             node.aggregate_min_sites or 1),
                               max_change=settings.he_max_change,
                               state=context.state)
         return model
-    if "arrays" not in msg.content.array_records:
-        raise ConfigError("the server's message carries no 'arrays' record (the global model).")
-    arrays = msg.content.array_records["arrays"]
+    if ARRAYS not in msg.content.array_records:
+        raise ConfigError(f"the server's message carries no {ARRAYS!r} record "
+                          "(the global model).")
+    arrays = msg.content.array_records[ARRAYS]
     try:
         model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
     except (RuntimeError, KeyError) as exc:
@@ -103,7 +118,7 @@ def _model_from(msg: Message, settings: RunSettings, node: NodeConfig,
 
 
 def _global_version(msg: Message) -> int:
-    rec = msg.content.config_records.get("he-global")
+    rec = msg.content.config_records.get(HE_GLOBAL)
     v = rec.get("round", 0) if rec is not None else 0
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
 
@@ -118,19 +133,14 @@ def _refuse_global(msg: Message, policy: SitePolicy, exc: AggregateRefused,
                               version=version, site=policy.site_name, reason=exc.reason)
     logger.warning("refusing global model version %s: %s (incident recorded in %s)",
                    version, exc.reason, path)
-    return Message(content=RecordDict({"global-refused": ConfigRecord(
-        {"reason": exc.reason[:300], "site": policy.site_name, "version": version})}),
-        reply_to=msg)
+    return Message(content=GlobalRefused(reason=exc.reason, site=policy.site_name,
+                                         version=version).to_content(), reply_to=msg)
 
 
 def incidents_path(ledger_path: str) -> Path:
     """The site's incident log: ``LEDGER.incidents.jsonl`` beside its ledger."""
     p = Path(ledger_path)
     return p.with_name(p.stem + ".incidents.jsonl")
-
-
-def _cfg(msg: Message) -> ConfigRecord:
-    return msg.content.config_records.get("config", ConfigRecord())
 
 
 def _train_seed(settings: RunSettings, server_round: int, node: NodeConfig,
@@ -145,20 +155,21 @@ def _train_seed(settings: RunSettings, server_round: int, node: NodeConfig,
     return int(state[0]) % (2**31)
 
 
-def _weight_scale(msg: Message) -> int:
+def _weight_scale(request: TrainConfig) -> int:
     """The round's HE weight scale, as the server announced it in the config."""
-    v = _cfg(msg).get("he-weight-scale")
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise HEError(f"the training config's he-weight-scale must be an integer. Found {v!r}.")
-    return v
+    if request.he_weight_scale is None:
+        raise HEError("the training config's he-weight-scale must be an integer. "
+                      "Found None.")
+    return request.he_weight_scale
 
 
 def _train_reply(msg: Message, model: torch.nn.Module, result: TrainResult,
-                 privacy: dict[str, Any] | None, *, settings: RunSettings, node: NodeConfig,
-                 context: Context, server_round: int) -> Message:
+                 privacy: ReplyPrivacy | None, *, settings: RunSettings, node: NodeConfig,
+                 context: Context, request: TrainConfig) -> Message:
+    server_round = request.server_round
     records: dict[str, Any] = {
-        "metrics": MetricRecord({"num-examples": result.num_examples,
-                                 "steps": result.steps}),
+        METRICS: TrainMetrics(num_examples=result.num_examples,
+                              steps=result.steps).to_record(),
     }
     if settings.he:
         # DP-SGD already happened; now quantise, pack and encrypt (never plaintext).
@@ -167,27 +178,25 @@ def _train_reply(msg: Message, model: torch.nn.Module, result: TrainResult,
         # it is seeded like the DP noise so that a run can be repeated exactly.
         rng = (SecureUniform() if settings.secure_mode else
                np.random.default_rng(_train_seed(settings, server_round, node, context)))
-        records["he-update"] = encrypt_update(model, he, context=context,
+        records[HE_UPDATE] = encrypt_update(model, he, context=context,
                                               server_round=server_round,
                                               num_examples=result.num_examples,
-                                              weight_scale=_weight_scale(msg),
+                                              weight_scale=_weight_scale(request),
                                               rng=rng).to_record()
     else:
-        records["arrays"] = ArrayRecord(model.state_dict())
+        records[ARRAYS] = ArrayRecord(model.state_dict())
     if privacy is not None:
-        records["privacy"] = ConfigRecord(privacy)
+        records[PRIVACY] = privacy.to_record()
     return Message(content=RecordDict(records), reply_to=msg)
 
 
 def _refusal(msg: Message, policy: SitePolicy, reason: str, spent: float | None = None
              ) -> Message:
     """A reply that trains nothing and says why (the server logs and counts it)."""
-    record: dict[str, Any] = {"reason": reason, "site": policy.site_name,
-                              "epsilon-limit": policy.max_epsilon, "delta": policy.delta}
-    if spent is not None:
-        record["epsilon-spent"] = spent
     logger.warning("refusing round: %s", reason)
-    return Message(content=RecordDict({"refusal": ConfigRecord(record)}), reply_to=msg)
+    return Message(content=Refusal(reason=reason, site=policy.site_name,
+                                   epsilon_limit=policy.max_epsilon, delta=policy.delta,
+                                   epsilon_spent=spent).to_content(), reply_to=msg)
 
 
 def _site_key(policy: SitePolicy, settings: RunSettings, node: NodeConfig,
@@ -219,15 +228,11 @@ def _register(ledger: PrivacyLedger, policy: SitePolicy, site: SiteData) -> str:
     return dataset
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RoundRequest:
+def _request(msg: Message, settings: RunSettings) -> TrainConfig:
     """What the server asks of this round (its ``config`` record, run-config defaults)."""
-
-    server_round: int
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    momentum: float
+    return TrainConfig.from_content(msg.content, defaults=TrainConfig(
+        local_epochs=settings.local_epochs, batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate, momentum=settings.momentum))
 
 
 def train_round(msg: Message, context: Context, settings: RunSettings, node: NodeConfig,
@@ -242,12 +247,8 @@ def train_round(msg: Message, context: Context, settings: RunSettings, node: Nod
         return _refuse_global(msg, policy, exc, context)
     if settings.he:  # a site without its secret context stops before spending epsilon
         site_context(settings, node)
-    cfg = _cfg(msg)
-    server_round = int(cfg.get("server-round", 0))  # type: ignore[arg-type]
-    epochs = int(cfg.get("local-epochs", settings.local_epochs))  # type: ignore[arg-type]
-    batch_size = int(cfg.get("batch-size", settings.batch_size))  # type: ignore[arg-type]
-    lr = float(cfg.get("learning-rate", settings.learning_rate))  # type: ignore[arg-type]
-    momentum = float(cfg.get("momentum", settings.momentum))  # type: ignore[arg-type]
+    request = _request(msg, settings)
+    server_round = request.server_round
     seed = _train_seed(settings, server_round, node, context)
     run_id = str(context.run_id)
     train_table = site.train
@@ -266,7 +267,7 @@ def train_round(msg: Message, context: Context, settings: RunSettings, node: Nod
         return _train_reply(msg, model, TrainResult(loss=float("nan"), steps=0,
                                                     num_examples=len(site.train)),
                             privacy=None, settings=settings, node=node, context=context,
-                            server_round=server_round)
+                            request=request)
 
     try:
         ledger = _open_ledger(policy)
@@ -293,15 +294,14 @@ def train_round(msg: Message, context: Context, settings: RunSettings, node: Nod
             check_request(settings, policy, 0.0)
         except PrivacyRefused as exc:
             return refuse(str(exc))
-        result = tampered(train_local(model, train_table, epochs=epochs,
-                                      batch_size=batch_size, learning_rate=lr,
-                                      momentum=momentum, seed=seed,
+        result = tampered(train_local(model, train_table, epochs=request.local_epochs,
+                                      batch_size=request.batch_size,
+                                      learning_rate=request.learning_rate,
+                                      momentum=request.momentum, seed=seed,
                                       max_grad_norm=settings.max_grad_norm))
         return _train_reply(msg, model, result, privacy=None, settings=settings,
-                            node=node, context=context, server_round=server_round)
+                            node=node, context=context, request=request)
 
-    request = RoundRequest(server_round=server_round, epochs=epochs, batch_size=batch_size,
-                           learning_rate=lr, momentum=momentum)
     return _dp_round(msg, context, settings, node, policy, ledger, dataset,
                      model=model, table=train_table, num_examples=len(site.train),
                      request=request, seed=seed, run_id=run_id, refuse=refuse,
@@ -311,7 +311,7 @@ def train_round(msg: Message, context: Context, settings: RunSettings, node: Nod
 def _dp_round(msg: Message, context: Context, settings: RunSettings, node: NodeConfig,
               policy: SitePolicy, ledger: PrivacyLedger, dataset: str, *,
               model: torch.nn.Module, table: Table, num_examples: int,
-              request: RoundRequest, seed: int, run_id: str,
+              request: TrainConfig, seed: int, run_id: str,
               refuse: Callable[[str], Message],
               tampered: Callable[[TrainResult], TrainResult]) -> Message:
     """DP-SGD for one round: plan (noise calibrated to the run's target) → check (the
@@ -319,7 +319,7 @@ def _dp_round(msg: Message, context: Context, settings: RunSettings, node: NodeC
     complete."""
     server_round, lr, momentum = request.server_round, request.learning_rate, request.momentum
     plan = plan_round(num_examples=num_examples, batch_size=request.batch_size,
-                      epochs=request.epochs,
+                      epochs=request.local_epochs,
                       noise_multiplier=1.0, max_grad_norm=settings.max_grad_norm)
     sigma = noise_multiplier_for_run(settings, policy, sample_rate=plan.sample_rate,
                                      steps_per_round=plan.steps)
@@ -358,12 +358,11 @@ def _dp_round(msg: Message, context: Context, settings: RunSettings, node: NodeC
                 policy.budget_scope, policy.delta, reservation["seq"])
     # the ε of this run alone (the ledger keeps the scope's cumulative ε at the site)
     run_epsilon = ledger.run_spent(policy.budget_scope, run_id=run_id, delta=policy.delta)
-    privacy = {"site": policy.site_name, "epsilon": run_epsilon,
-               "delta": policy.delta, "accountant": policy.accountant,
-               "noise-multiplier": sigma, "sample-rate": plan.sample_rate,
-               "steps": plan.steps}
+    privacy = ReplyPrivacy(site=policy.site_name, epsilon=run_epsilon, delta=policy.delta,
+                           accountant=policy.accountant, noise_multiplier=sigma,
+                           sample_rate=plan.sample_rate, steps=plan.steps)
     return _train_reply(msg, model, result, privacy=privacy, settings=settings,
-                        node=node, context=context, server_round=server_round)
+                        node=node, context=context, request=request)
 
 
 def build_client_app(overrides: Mapping[str, Any] | None = None, *,
@@ -389,8 +388,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
         settings = _settings(context, overrides)
         node = NodeConfig.parse(context.node_config, simulated=simulated)
         policy = site_policy(settings, node)
-        cfg = _cfg(msg)
-        server_round = int(cfg.get("server-round", 0))  # type: ignore[arg-type]
+        server_round = EvalConfig.from_content(msg.content).server_round
         if not policy.releases_eval_metrics(dp=settings.dp):
             return _declined(msg, "evaluation metrics are exact statistics of the site's "
                              "data, outside epsilon; this site does not release them "
@@ -410,18 +408,15 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
         except AggregateRefused as exc:
             return _refuse_global(msg, policy, exc, context)
         loss, acc = evaluate(model, site.validation)
-        metrics = MetricRecord(
-            {"eval-loss": loss, "eval-acc": acc, "num-examples": len(site.validation)}
-        )
-        return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+        return Message(content=EvalMetrics(num_examples=len(site.validation), loss=loss,
+                                           accuracy=acc).to_content(), reply_to=msg)
 
     return app
 
 
 def _declined(msg: Message, reason: str) -> Message:
     """An evaluation reply that releases nothing and says why."""
-    return Message(content=RecordDict({"declined": ConfigRecord({"reason": reason})}),
-                   reply_to=msg)
+    return Message(content=Declined(reason=reason).to_content(), reply_to=msg)
 
 
 app = build_client_app()

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.app.error import Error
 from flwr.common.args import add_args_flwr_app_common, try_obtain_flwr_app_token
 from flwr.common.constant import ErrorCode, SubStatus
@@ -51,6 +51,7 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 
 from protocols.errors import IntegrityError
 from protocols.hashchain import read_chain, verify_chain
+from protocols.messages import Declined, Refusal
 
 #: the environment variable naming the site's approvals file
 APPROVALS_ENV = "FEDVAULT_SITE_APPROVALS"
@@ -87,10 +88,9 @@ def not_approved_reply(message: Message, context: Context, reason: str) -> Messa
     or a declined evaluation, both of which the server records with the reason."""
     site = str(context.node_config.get("site-name", ""))
     if message.metadata.message_type.startswith("train"):
-        record = ConfigRecord({"reason": reason, "site": site})
-        return Message(content=RecordDict({"refusal": record}), reply_to=message)
-    return Message(content=RecordDict({"declined": ConfigRecord({"reason": reason})}),
-                   reply_to=message)
+        return Message(content=Refusal(reason=reason, site=site).to_content(),
+                       reply_to=message)
+    return Message(content=Declined(reason=reason).to_content(), reply_to=message)
 
 
 def answer(message: Message, context: Context, content_hash: str, fab_id: str,

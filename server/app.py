@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedvault_tasks.datasets import central_test_table
@@ -23,6 +23,7 @@ from privacy.ledger import PrivacyLedger
 from protocols.config import RunSettings
 from protocols.errors import ConfigError, FedvaultError
 from protocols.he_update import is_encrypted
+from protocols.messages import TrainConfig
 from protocols.names import RunMode
 from protocols.rundir import RunDirectory, default_run_dir
 from server.client_level_dp import ClientLevelDP
@@ -113,14 +114,10 @@ def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str
             num_sites=getattr(grid, "num_sites", None) or len(list(grid.get_node_ids())),
             num_parameters=sum(p.numel() for p in model.parameters()),
         )
-        train_config = ConfigRecord(
-            {
-                "local-epochs": settings.local_epochs,
-                "batch-size": settings.batch_size,
-                "learning-rate": settings.learning_rate,
-                "momentum": settings.momentum,
-            }
-        )
+        train_config = TrainConfig(local_epochs=settings.local_epochs,
+                                   batch_size=settings.batch_size,
+                                   learning_rate=settings.learning_rate,
+                                   momentum=settings.momentum).to_record()
         strategy = build_strategy(settings, recorder=recorder, run_id=context.run_id,
                                   num_values=sum(int(v.numel())
                                                  for v in model.state_dict().values()),

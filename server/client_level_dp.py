@@ -38,8 +38,8 @@ from privacy.events import SubsampledGaussianEvent
 from privacy.ledger import PrivacyLedger
 from privacy.noise import secure_gaussian_like
 from protocols.errors import PrivacyRefused
+from server.averaging import weighted_metrics
 from server.strategy import FedVaultFedAvg
-from server.validation import weighted_metrics
 
 
 def federation_fingerprint(name: str) -> str:

@@ -36,15 +36,15 @@ from protocols.he_update import (
     scale_of,
     sites_of,
 )
+from protocols.messages import CONFIG, ENCRYPTED_TRAIN, HE_GLOBAL, HE_UPDATE, TrainConfig
+from server.averaging import weighted_metrics
 from server.strategy import FedVaultFedAvg, _floats
 from server.validation import (
-    ENCRYPTED_TRAIN,
     ReplyPrivacy,
     TrainMetrics,
     digest_of,
     parse_privacy,
     parse_train_metrics,
-    weighted_metrics,
 )
 
 #: The weight scale of an adaptive run's first round, before any example count is known.
@@ -100,22 +100,22 @@ class EncryptedFedAvg(FedVaultFedAvg):
     def _as_encrypted(self, messages: Iterable[Message], arrays: ArrayRecord,
                       config: ConfigRecord) -> list[Message]:
         """Flower's FedAvg samples the sites and builds the messages; once the global
-        model is encrypted, their content becomes the "he-global" record instead."""
+        model is encrypted, their content becomes the ``he-global`` record instead."""
         out = list(messages)
         if is_encrypted(arrays) and out:
             cts, count, rnd = ciphertexts_of(arrays)
-            content = RecordDict({"he-global": global_record(
+            content = RecordDict({HE_GLOBAL: global_record(
                 scheme=self.he.params.scheme, fingerprint=self.he.fingerprint,
                 num_values=self.num_values, count=count, sites=sites_of(arrays) or 0,
                 weight_scale=scale_of(arrays), server_round=rnd, ciphertexts=cts),
-                "config": config})
+                CONFIG: config})
             for m in out:
                 m.content = content
         return out
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        config = ConfigRecord({**config, "he-weight-scale": self.scale_for(server_round)})
+        config = TrainConfig.with_weight_scale(config, self.scale_for(server_round))
         messages = list(super().configure_train(server_round, arrays, config, grid))
         # after a roll-back the strategy sends the last accepted model, not ``arrays``
         sent = self.global_arrays if self.global_arrays is not None else arrays
@@ -136,12 +136,12 @@ class EncryptedFedAvg(FedVaultFedAvg):
 
     def parse_update(self, server_round: int, msg: Message) -> EncryptedParsed:
         """The encrypted hook of the validation loop: exactly the records of an encrypted
-        reply, typed metrics, the "he-update" header (binding, weight from the example
+        reply, typed metrics, the ``he-update`` header (binding, weight from the example
         count) and every ciphertext checked and parsed under the federation's context."""
         ENCRYPTED_TRAIN.check(msg.content, "an encrypted training reply")
         metrics = parse_train_metrics(msg.content, max_examples=self.max_examples)
         privacy = parse_privacy(msg.content)
-        u = EncryptedUpdate.from_record(msg.content.config_records["he-update"])
+        u = EncryptedUpdate.from_record(msg.content.config_records[HE_UPDATE])
         check_update(u, scheme=self.he.params.scheme, fingerprint=self.he.fingerprint,
                      num_values=self.num_values, num_ciphertexts=self.num_ciphertexts,
                      run_id=self.run_id, server_round=server_round,

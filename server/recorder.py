@@ -28,6 +28,7 @@ from protocols import summary as run_summary
 from protocols.config import RunSettings
 from protocols.hashchain import HashChainLog, utc_now
 from protocols.he_update import is_encrypted
+from protocols.messages import EVAL_ACC, EVAL_LOSS, Refusal
 from protocols.rundir import RunDirectory, write_json_atomic
 from protocols.summary import HEBlock, Participant, PrivacyBlock, RoundRow, RunSummary
 from server.plots import plot_accuracy
@@ -178,22 +179,21 @@ class RunRecorder:
         self.events.append("site_error", round=server_round, node_id=node_id, phase=phase,
                            reason=reason)
 
-    def note_refused(self, server_round: int, node_id: int, refusal: dict[str, Any]) -> None:
+    def note_refused(self, server_round: int, node_id: int, refusal: Refusal) -> None:
         """A site refused the round (privacy budget or weaker privacy than it allows)."""
         with self._lock:
             self._rounds[server_round].refused += 1
             st = self._sites[node_id]
             st.refused += 1
-            st.last_reason = str(refusal.get("reason", ""))
-            st.name = str(refusal.get("site") or st.name)
-            if "epsilon-spent" in refusal:
-                st.privacy.setdefault("epsilon", refusal["epsilon-spent"])
-            st.privacy.setdefault("delta", refusal.get("delta"))
+            st.last_reason = refusal.reason
+            st.name = refusal.site or st.name
+            if refusal.epsilon_spent is not None:
+                st.privacy.setdefault("epsilon", refusal.epsilon_spent)
+            st.privacy.setdefault("delta", refusal.delta)
         self.events.append("site_refused", round=server_round, node_id=node_id,
-                           site=str(refusal.get("site", "")),
-                           reason=str(refusal.get("reason", "")),
-                           epsilon_spent=refusal.get("epsilon-spent"),
-                           epsilon_limit=refusal.get("epsilon-limit"))
+                           site=refusal.site, reason=refusal.reason,
+                           epsilon_spent=refusal.epsilon_spent,
+                           epsilon_limit=refusal.epsilon_limit)
 
     def note_privacy(self, node_id: int, privacy: dict[str, Any]) -> None:
         """The privacy a site reports after a round (its cumulative epsilon)."""
@@ -291,8 +291,8 @@ class RunRecorder:
         if central is not None:
             loss, acc = central
         else:
-            loss = fed.get("eval-loss", float("nan"))
-            acc = fed.get("eval-acc", float("nan"))
+            loss = fed.get(EVAL_LOSS, float("nan"))
+            acc = fed.get(EVAL_ACC, float("nan"))
         now = time.monotonic()
         row: RoundRow = {
             "round": server_round,
@@ -308,8 +308,8 @@ class RunRecorder:
             "rolled_back_to": st.rolled_back_to,
             "aggregated": st.aggregated if server_round > 0 else True,
             "train_loss": _num(st.train.get("train-loss")),
-            "federated_accuracy": _num(fed.get("eval-acc")),
-            "federated_loss": _num(fed.get("eval-loss")),
+            "federated_accuracy": _num(fed.get(EVAL_ACC)),
+            "federated_loss": _num(fed.get(EVAL_LOSS)),
             "metric_source": "central" if central is not None else "federated",
             "central_accuracy": _num(central[1]) if central else None,
             "central_loss": _num(central[0]) if central else None,

@@ -24,24 +24,28 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from protocols.errors import UpdateRejected
+from protocols.messages import (
+    DECLINED,
+    DECLINED_SHAPE,
+    GLOBAL_REFUSED,
+    REFUSAL,
+    Declined,
+    EvalMetrics,
+    ReplyPrivacy,
+    TrainMetrics,
+)
+from server.averaging import capped_weights, weighted_mean, weighted_metrics
 from server.recorder import RunRecorder
 from server.validation import (
-    DECLINED,
     DEFAULT_MAX_EXAMPLES,
     NPY_HEADER_ROOM,
     EvalReply,
     LayerSpec,
-    ReplyPrivacy,
-    TrainMetrics,
-    capped_weights,
     model_spec,
     parse_evaluation,
     parse_global_refused,
     parse_plain_update,
     parse_refusal,
-    text,
-    weighted_mean,
-    weighted_metrics,
 )
 
 #: Default ``max-weight-share`` (the run config's): no site takes more than half the weight.
@@ -277,12 +281,12 @@ class FedVaultFedAvg(FedAvg):
                                           str(msg.error.reason or "unknown error"))
             return True
         records = msg.content.config_records
-        if "refusal" in records:
+        if REFUSAL in records:
             refusal = parse_refusal(msg.content)
             log(WARNING, "Round %s: node %s refused: %s", server_round, node, refusal.reason)
-            self.recorder.note_refused(server_round, node, refusal.as_record())
+            self.recorder.note_refused(server_round, node, refusal)
             return True
-        if "global-refused" in records:
+        if GLOBAL_REFUSED in records:
             self.note_global_refused(server_round, msg, sent=self._sent_version)
             return True
         return False
@@ -383,13 +387,13 @@ class FedVaultFedAvg(FedAvg):
                                                   str(msg.error.reason or "unknown error"))
                     continue
                 records = msg.content.config_records
-                if "global-refused" in records:  # of the model just formed
+                if GLOBAL_REFUSED in records:  # of the model just formed
                     self.note_global_refused(server_round, msg, sent=self._next_version)
                     continue
-                if "declined" in records:
+                if DECLINED in records:
                     # the site's policy: exact evaluation metrics are a release outside epsilon
-                    DECLINED.check(msg.content, "a declined evaluation")
-                    reason = text(records["declined"], "reason", what="declined evaluation")
+                    DECLINED_SHAPE.check(msg.content, "a declined evaluation")
+                    reason = Declined.from_content(msg.content).reason
                     self.recorder.events.append("evaluation_declined", round=server_round,
                                                 node=node, reason=reason)
                     continue
@@ -403,7 +407,8 @@ class FedVaultFedAvg(FedAvg):
         if not valid:
             return None
         weights = capped_weights([float(v.num_examples) for v in valid], self.max_weight_share)
-        metrics = weighted_metrics([{"eval-loss": v.loss, "eval-acc": v.accuracy}
+        metrics = weighted_metrics([EvalMetrics(num_examples=v.num_examples, loss=v.loss,
+                                                accuracy=v.accuracy).as_metrics()
                                     for v in valid], weights)
         self.recorder.note_federated_eval(server_round, _floats(metrics))
         return metrics

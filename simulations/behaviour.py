@@ -44,6 +44,8 @@ from flwr.common.serde import recorddict_to_proto
 
 from fedvault_tasks.tasks import Table, get_task
 from protocols.config import RunSettings
+from protocols.errors import ConfigError
+from protocols.messages import EvalConfig, TrainConfig, TrainMetrics
 from protocols.names import simulated_node_id, site_name
 from protocols.node_config import NodeConfig
 from simulations.hostile import DUPLICATE_COPIES, REPLY_ATTACKS, Hostility, tamper_reply
@@ -95,10 +97,9 @@ def wire_bytes(content: RecordDict) -> int:
 
 def server_round_of(msg: Message) -> int:
     """The round a strategy's message belongs to (its ``config`` record), else 0."""
-    cfg = msg.content.config_records.get("config")
     try:
-        return int(cfg["server-round"]) if cfg is not None else 0  # type: ignore[arg-type]
-    except (KeyError, TypeError, ValueError):
+        return EvalConfig.from_content(msg.content).server_round
+    except ConfigError:
         return 0
 
 
@@ -140,14 +141,18 @@ def simulation_mod(scenario_path: str, seed: int, settings: RunSettings | None =
             context.node_id = real_id
         if reply.has_error():
             return reply
-        metrics = reply.content.metric_records.get("metrics")
-        n = int(metrics.get("num-examples", 0)) if metrics is not None else 0  # type: ignore[arg-type]
-        if metrics is not None and metrics.get("steps", 1) == 0:
+        claimed = TrainMetrics.claimed_examples(reply.content)
+        n = claimed[0] if claimed is not None else 0
+        if claimed is not None and claimed[1] == 0:
             n = 0  # a free rider computed nothing
         epochs = 1
         if msg.metadata.message_type.startswith("train"):
-            cfg = msg.content.config_records.get("config")
-            epochs = int(cfg.get("local-epochs", 1)) if cfg is not None else 1  # type: ignore[arg-type]
+            try:
+                epochs = TrainConfig.from_content(msg.content, defaults=TrainConfig(
+                    local_epochs=1, batch_size=1, learning_rate=0.0, momentum=0.0)
+                    ).local_epochs
+            except ConfigError:
+                epochs = 1
         record["examples"] = n * epochs
         if (settings is not None and profile.attacking(r)
                 and profile.behaviour in REPLY_ATTACKS):

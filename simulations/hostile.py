@@ -41,6 +41,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from client.he_client import site_context
 from privacy.he import HEContext, new_secret_context
 from protocols.config import RunSettings
+from protocols.messages import ARRAYS, EVAL_ACC, EVAL_LOSS, HE_UPDATE, METRICS, REFUSAL
 from protocols.node_config import NodeConfig
 from simulations.scenario import Behaviour
 
@@ -70,12 +71,12 @@ def _npy(a: np.ndarray) -> bytes:
 
 
 def _first_layer(content: RecordDict) -> tuple[ArrayRecord, str]:
-    rec = content.array_records["arrays"]
+    rec = content.array_records[ARRAYS]
     return rec, next(iter(rec.keys()))
 
 
 def _he_update(content: RecordDict) -> ConfigRecord | None:
-    return content.config_records.get("he-update")
+    return content.config_records.get(HE_UPDATE)
 
 
 def _ciphertexts(up: ConfigRecord) -> list[bytes]:
@@ -113,7 +114,7 @@ def shape_lie(content: RecordDict, h: Hostility) -> None:
 
 
 def non_finite(content: RecordDict, h: Hostility) -> None:
-    content.metric_records["metrics"]["train-loss"] = float("inf")
+    content.metric_records[METRICS]["train-loss"] = float("inf")
 
 
 def extra_records(content: RecordDict, h: Hostility) -> None:
@@ -121,13 +122,13 @@ def extra_records(content: RecordDict, h: Hostility) -> None:
 
 
 def inflated(content: RecordDict, h: Hostility) -> None:
-    metrics = content.metric_records.get("metrics")
+    metrics = content.metric_records.get(METRICS)
     if metrics is None:
         return
     metrics["num-examples"] = 10**9
-    if "eval-acc" in metrics:
-        metrics["eval-acc"] = 0.99
-        metrics["eval-loss"] = 0.01
+    if EVAL_ACC in metrics:
+        metrics[EVAL_ACC] = 0.99
+        metrics[EVAL_LOSS] = 0.01
     up = _he_update(content)
     if up is not None:  # a consistent lie: header and weight agree with the claim
         up["num-examples"] = 10**9
@@ -160,14 +161,14 @@ def replay(content: RecordDict, h: Hostility) -> None:
         if up is not None:
             h.state[REPLAY_KEY] = ConfigRecord(dict(up))
         else:
-            h.state[REPLAY_KEY] = content.array_records["arrays"]
+            h.state[REPLAY_KEY] = content.array_records[ARRAYS]
         return
     if up is not None and kept_he is not None:
         old = dict(kept_he)
         old["round"] = h.server_round  # relabelled: the binding matches this round
-        content["he-update"] = ConfigRecord(old)
+        content[HE_UPDATE] = ConfigRecord(old)
     elif kept_arrays is not None:
-        content["arrays"] = kept_arrays
+        content[ARRAYS] = kept_arrays
 
 
 def raw_slots(content: RecordDict, h: Hostility) -> None:
@@ -232,13 +233,13 @@ def tamper_reply(content: RecordDict, behaviour: str, h: Hostility, *, phase: st
     ``behaviour`` would; ``False`` if this behaviour leaves this reply alone."""
     b = Behaviour(behaviour)
     attack = REPLY_ATTACKS.get(b)
-    if attack is None or "refusal" in content.config_records:
+    if attack is None or REFUSAL in content.config_records:
         return False
     if phase == "evaluate":
-        if b not in EVAL_ATTACKS or "metrics" not in content.metric_records:
+        if b not in EVAL_ATTACKS or METRICS not in content.metric_records:
             return False
         if b == Behaviour.NON_FINITE:
-            content.metric_records["metrics"]["eval-loss"] = float("inf")
+            content.metric_records[METRICS][EVAL_LOSS] = float("inf")
             return True
     attack(content, h)
     return True

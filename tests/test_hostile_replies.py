@@ -41,10 +41,10 @@ from protocols.he_update import (
 )
 from protocols.node_config import NodeConfig
 from protocols.rundir import RunDirectory
+from server.averaging import capped_weights
 from server.he_strategy import EncryptedFedAvg
 from server.recorder import RunRecorder
 from server.strategy import FedVaultFedAvg
-from server.validation import capped_weights
 from simulations.hostile import Hostility, tamper_reply
 from simulations.scenario import Behaviour
 from tests.helpers import MessageGrid
