@@ -69,6 +69,7 @@ from protocols.messages import (
     TrainMetrics,
 )
 from protocols.node_config import NodeConfig
+from protocols.run_events import IncidentEvent
 
 logger = logging.getLogger("fedvault.client")
 
@@ -129,7 +130,7 @@ def _refuse_global(msg: Message, policy: SitePolicy, exc: AggregateRefused,
     beside the ledger) and tell the server, which rolls back to the last accepted one."""
     version = _global_version(msg)
     path = incidents_path(policy.ledger_path)
-    HashChainLog(path).append("global_model_refused", run_id=str(context.run_id),
+    HashChainLog(path).append(IncidentEvent.GLOBAL_MODEL_REFUSED, run_id=str(context.run_id),
                               version=version, site=policy.site_name, reason=exc.reason)
     logger.warning("refusing global model version %s: %s (incident recorded in %s)",
                    version, exc.reason, path)

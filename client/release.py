@@ -24,6 +24,7 @@ from protocols.config import RunSettings
 from protocols.errors import ConfigError, HEError
 from protocols.hashchain import HashChainLog
 from protocols.he_update import ciphertexts_of, is_encrypted, scale_of, sites_of
+from protocols.run_events import ReleaseEvent
 from protocols.rundir import RunDirectory
 
 RELEASES = "releases.jsonl"
@@ -78,7 +79,7 @@ def decrypt_model(run_dir: str | Path, *, federation: str | Path, site: str,
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(buf.getvalue())
     entry = HashChainLog(run.root / RELEASES).append(
-        "model_decrypted", round=rnd, site=site, he_fingerprint=he.fingerprint,
+        ReleaseEvent.MODEL_DECRYPTED, round=rnd, site=site, he_fingerprint=he.fingerprint,
         sites_in_aggregate=sites, total_weight=count, output=str(target.resolve()),
         output_sha256=hashlib.sha256(buf.getvalue()).hexdigest(), by=getpass.getuser())
     return entry

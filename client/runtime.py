@@ -52,6 +52,7 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 from protocols.errors import IntegrityError
 from protocols.hashchain import read_chain, verify_chain
 from protocols.messages import Declined, Refusal
+from protocols.run_events import ApprovalEvent
 
 #: the environment variable naming the site's approvals file
 APPROVALS_ENV = "FEDVAULT_SITE_APPROVALS"
@@ -72,9 +73,9 @@ def approved_hashes(path: str | Path | None) -> set[str]:
                              path=str(p), defect=report.defect or "tampered")
     approved: set[str] = set()
     for e in read_chain(p):
-        if e["kind"] == "app_approved":
+        if e["kind"] == ApprovalEvent.APP_APPROVED:
             approved.add(str(e["fab_hash"]))
-        elif e["kind"] == "app_revoked":
+        elif e["kind"] == ApprovalEvent.APP_REVOKED:
             approved.discard(str(e["fab_hash"]))
     return approved
 

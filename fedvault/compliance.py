@@ -23,6 +23,7 @@ from privacy.events import ADD_REMOVE_ONE, SubsampledGaussianEvent
 from privacy.ledger import LEDGER_KINDS, PrivacyLedger, accountant_of, entry_scope
 from protocols.errors import DataError, IntegrityError
 from protocols.hashchain import scan_chain, utc_now
+from protocols.run_events import ReleaseEvent, RunEvent
 from protocols.rundir import check_input_file
 
 FORMATS = ("table", "json", "csv", "html")
@@ -32,11 +33,8 @@ ADJACENCY_CHOICES = (ADD_REMOVE_ONE, REPLACE_ONE)
 
 #: What other hash-chained logs hold, to say what a wrong file is.
 _OTHER_LOGS = {
-    "run events": frozenset({"run_started", "round_completed", "round_skipped",
-                             "aggregate_refused", "update_rejected", "site_error",
-                             "site_refused", "release_refused", "evaluation_declined",
-                             "run_finished"}),
-    "model releases": frozenset({"model_decrypted"}),
+    "run events": frozenset(RunEvent),
+    "model releases": frozenset(ReleaseEvent),
 }
 
 

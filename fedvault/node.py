@@ -46,6 +46,7 @@ from privacy.pki import check_secret_file
 from protocols.errors import ConfigError
 from protocols.hashchain import HashChainLog, utc_now
 from protocols.node_config import NodeConfig
+from protocols.run_events import ApprovalEvent
 
 #: the script name Flower's superexec launches for a ClientApp task
 CLIENTAPP_COMMAND = "flwr-clientapp"
@@ -215,7 +216,8 @@ def approve(cfg: SiteConfig, fab_hash: str, *, note: str = "", revoke: bool = Fa
     if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
         raise ConfigError(f"a FAB hash is 64 hex digits (SHA-256). Found {fab_hash!r}.")
     log = HashChainLog(cfg.approvals, mode=0o600)
-    return log.append("app_revoked" if revoke else "app_approved", fab_hash=h, site=cfg.name,
+    kind = ApprovalEvent.APP_REVOKED if revoke else ApprovalEvent.APP_APPROVED
+    return log.append(kind, fab_hash=h, site=cfg.name,
                       by=getpass.getuser(), note=note[:300], at=utc_now())
 
 

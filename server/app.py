@@ -25,6 +25,7 @@ from protocols.errors import ConfigError, FedvaultError
 from protocols.he_update import is_encrypted
 from protocols.messages import TrainConfig
 from protocols.names import RunMode
+from protocols.run_events import RunEvent
 from protocols.rundir import RunDirectory, default_run_dir
 from server.client_level_dp import ClientLevelDP
 from server.he_strategy import EncryptedFedAvg
@@ -100,8 +101,8 @@ def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str
         deployment = mode == RunMode.DEPLOYMENT
         test = central_test_table(task, settings, deployment=deployment)
         if deployment and settings.central_eval and test is None:
-            recorder.events.append(
-                "central_evaluation_off", reason="no central-test-path: in a deployment the "
+            recorder.event(
+                RunEvent.CENTRAL_EVALUATION_OFF, reason="no central-test-path: in a deployment the "
                 "server evaluates only on the central team's own test data; the accuracy "
                 "is the sites' federated evaluation")
         initial = ArrayRecord(model.state_dict())
@@ -126,7 +127,7 @@ def run_server(grid: Grid, context: Context, settings: RunSettings, *, mode: str
         strategy.round_timeout = settings.round_timeout
         budget = strategy.reply_byte_budget()
         if limit_reply_bytes(grid, budget):  # a deployment: Flower's HttpGrid
-            recorder.events.append("reply_budget", bytes=max(budget, MIN_REPLY_BYTES))
+            recorder.event(RunEvent.REPLY_BUDGET, bytes=max(budget, MIN_REPLY_BYTES))
         runner: FedVaultFedAvg | ClientLevelDP = strategy
         if settings.client_dp:
             runner = ClientLevelDP(

@@ -38,6 +38,7 @@ from privacy.events import SubsampledGaussianEvent
 from privacy.ledger import PrivacyLedger
 from privacy.noise import secure_gaussian_like
 from protocols.errors import PrivacyRefused
+from protocols.run_events import RunEvent
 from server.averaging import weighted_metrics
 from server.strategy import FedVaultFedAvg
 
@@ -109,7 +110,7 @@ class ClientLevelDP(Strategy):
         except PrivacyRefused as exc:
             log(WARNING, "Round %s: client-level DP budget: %s", server_round, exc)
             self.strategy.recorder.note_trained(server_round, [], aggregated=False, metrics={})
-            self.strategy.recorder.events.append("release_refused", round=server_round,
+            self.strategy.recorder.event(RunEvent.RELEASE_REFUSED, round=server_round,
                                                  reason=str(exc))
             return None, None
         # Noise N(0, (sigma * C)^2) on the sum of clipped updates, then divide by m:

@@ -29,6 +29,7 @@ from protocols.config import RunSettings
 from protocols.hashchain import HashChainLog, utc_now
 from protocols.he_update import is_encrypted
 from protocols.messages import EVAL_ACC, EVAL_LOSS, Refusal
+from protocols.run_events import RunEvent
 from protocols.rundir import RunDirectory, write_json_atomic
 from protocols.summary import HEBlock, Participant, PrivacyBlock, RoundRow, RunSummary
 from server.plots import plot_accuracy
@@ -90,6 +91,11 @@ class RunRecorder:
         self.rollbacks: list[dict[str, int]] = []
 
     # -- run lifecycle ---------------------------------------------------------------
+    def event(self, kind: RunEvent, **fields: Any) -> dict[str, Any]:
+        """Append one event to the run's hash-chained log: the one way a run event is
+        written (``kind`` from :class:`protocols.run_events.RunEvent`)."""
+        return self.events.append(RunEvent(kind), **fields)
+
     def start(self, *, num_sites: int, num_parameters: int) -> None:
         self.num_sites = num_sites
         write_json_atomic(
@@ -110,15 +116,15 @@ class RunRecorder:
                 },
             },
         )
-        self.events.append(
-            "run_started", run_id=self.run_id, mode=self.mode, task=self.settings.task,
+        self.event(
+            RunEvent.RUN_STARTED, run_id=self.run_id, mode=self.mode, task=self.settings.task,
             rounds=self.settings.num_server_rounds, sites=num_sites,
             num_parameters=num_parameters,
         )
 
     def finish(self, *, status: str = "completed", error: str = "") -> RunSummary:
         wall = time.monotonic() - self._t0
-        ev = self.events.append("run_finished", status=status, error=error,
+        ev = self.event(RunEvent.RUN_FINISHED, status=status, error=error,
                                 wall_seconds=round(wall, 3))
         summary = self.summary(status=status, wall_seconds=wall, error=error)
         summary["events_last_hash"] = ev["hash"]
@@ -153,7 +159,7 @@ class RunRecorder:
             self._rounds[server_round].rejected += 1
             self._sites[node_id].rejected += 1
             self._sites[node_id].last_reason = reason
-        self.events.append("update_rejected", round=server_round, node_id=node_id,
+        self.event(RunEvent.UPDATE_REJECTED, round=server_round, node_id=node_id,
                            reason=reason)
 
     def note_silent(self, server_round: int, node_ids: list[int], phase: str,
@@ -168,7 +174,7 @@ class RunRecorder:
                 self._sites[n].silent += 1
                 self._sites[n].last_reason = reason
             names = [self._sites[n].name or f"node-{n}" for n in node_ids]
-        self.events.append("sites_silent", round=server_round, phase=phase,
+        self.event(RunEvent.SITES_SILENT, round=server_round, phase=phase,
                            node_ids=sorted(node_ids), sites=sorted(names), reason=reason)
 
     def note_site_error(self, server_round: int, node_id: int, phase: str, reason: str) -> None:
@@ -176,7 +182,7 @@ class RunRecorder:
             self._rounds[server_round].errors += 1
             self._sites[node_id].errors += 1
             self._sites[node_id].last_reason = reason
-        self.events.append("site_error", round=server_round, node_id=node_id, phase=phase,
+        self.event(RunEvent.SITE_ERROR, round=server_round, node_id=node_id, phase=phase,
                            reason=reason)
 
     def note_refused(self, server_round: int, node_id: int, refusal: Refusal) -> None:
@@ -190,7 +196,7 @@ class RunRecorder:
             if refusal.epsilon_spent is not None:
                 st.privacy.setdefault("epsilon", refusal.epsilon_spent)
             st.privacy.setdefault("delta", refusal.delta)
-        self.events.append("site_refused", round=server_round, node_id=node_id,
+        self.event(RunEvent.SITE_REFUSED, round=server_round, node_id=node_id,
                            site=refusal.site, reason=refusal.reason,
                            epsilon_spent=refusal.epsilon_spent,
                            epsilon_limit=refusal.epsilon_limit)
@@ -225,8 +231,8 @@ class RunRecorder:
             for n in node_ids:
                 self._sites[n].trained += 1
         if not aggregated:
-            self.events.append(
-                "aggregate_refused", round=server_round, valid=len(node_ids),
+            self.event(
+                RunEvent.AGGREGATE_REFUSED, round=server_round, valid=len(node_ids),
                 min_sites=self.settings.min_sites,
                 reason=reason or (f"{len(node_ids)} valid updates < min-sites "
                                   f"{self.settings.min_sites}"),
@@ -241,7 +247,7 @@ class RunRecorder:
             st.global_refused += 1
             st.last_reason = reason
             st.name = site or st.name
-        self.events.append("global_refused", round=server_round, node_id=node_id,
+        self.event(RunEvent.GLOBAL_REFUSED, round=server_round, node_id=node_id,
                            site=site, version=version, reason=reason)
 
     def note_rollback(self, server_round: int, *, refused: int, to: int) -> None:
@@ -251,7 +257,7 @@ class RunRecorder:
             self._rounds[server_round].rolled_back_to = to
             self.rollbacks.append({"round": server_round, "refused_version": refused,
                                    "to_version": to})
-        self.events.append("rolled_back", round=server_round, refused_version=refused,
+        self.event(RunEvent.ROLLED_BACK, round=server_round, refused_version=refused,
                            to_version=to)
 
     def aggregates_formed(self) -> int:
@@ -267,7 +273,7 @@ class RunRecorder:
             st.sampled = 0
             for n in node_ids:
                 self._sites[n].sampled -= 1
-        self.events.append("round_skipped", round=server_round, online=online,
+        self.event(RunEvent.ROUND_SKIPPED, round=server_round, online=online,
                            min_sites=self.settings.min_sites,
                            reason=f"{online} sites online < min-sites {self.settings.min_sites}")
 
@@ -323,7 +329,7 @@ class RunRecorder:
         self._round_t0 = now
         write_json_atomic(path.with_suffix(".json"), row)
         self.history.append(row)
-        self.events.append("round_completed", **dict(row))
+        self.event(RunEvent.ROUND_COMPLETED, **dict(row))
         return row
 
     def add_columns(self, *, rounds: Callable[[int], RoundRow] | None = None,

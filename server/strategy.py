@@ -34,6 +34,7 @@ from protocols.messages import (
     ReplyPrivacy,
     TrainMetrics,
 )
+from protocols.run_events import RunEvent
 from server.averaging import capped_weights, weighted_mean, weighted_metrics
 from server.recorder import RunRecorder
 from server.validation import (
@@ -233,7 +234,7 @@ class FedVaultFedAvg(FedAvg):
         weights = capped_weights(claimed, self.max_weight_share)
         capped = [u.node_id for u, a, b in zip(valid, claimed, weights, strict=True) if b < a]
         if capped:
-            self.recorder.events.append("weights_capped", round=server_round, nodes=capped,
+            self.recorder.event(RunEvent.WEIGHTS_CAPPED, round=server_round, nodes=capped,
                                         max_share=self.max_weight_share)
         return weights
 
@@ -315,7 +316,7 @@ class FedVaultFedAvg(FedAvg):
             self.refused_versions.add(version)
             return True
         if refusing:
-            self.recorder.events.append("global_refusal_outvoted", version=version,
+            self.recorder.event(RunEvent.GLOBAL_REFUSAL_OUTVOTED, version=version,
                                         refusing=refusing, responders=responders)
         return False
 
@@ -394,7 +395,7 @@ class FedVaultFedAvg(FedAvg):
                     # the site's policy: exact evaluation metrics are a release outside epsilon
                     DECLINED_SHAPE.check(msg.content, "a declined evaluation")
                     reason = Declined.from_content(msg.content).reason
-                    self.recorder.events.append("evaluation_declined", round=server_round,
+                    self.recorder.event(RunEvent.EVALUATION_DECLINED, round=server_round,
                                                 node=node, reason=reason)
                     continue
                 valid.append(parse_evaluation(msg, max_examples=self.max_examples))

@@ -18,6 +18,7 @@ from privacy.ledger import last_reservation
 from protocols.config import RunSettings
 from protocols.hashchain import read_chain
 from protocols.names import simulated_node_id, site_name
+from protocols.run_events import RunEvent
 from protocols.rundir import RunDirectory
 from protocols.summary import RunSummary
 from simulations.behaviour import ATTACKS, add_trigger, trigger_value
@@ -119,9 +120,9 @@ def hostile_outcomes(scenario: Scenario, events: list[dict[str, Any]],
     rollbacks = {int(r["refused_version"]): int(r["to_version"])
                  for r in summary.get("rollbacks", [])}
     for e in events:
-        if e["kind"] == "update_rejected":
+        if e["kind"] == RunEvent.UPDATE_REJECTED:
             rejected.setdefault((int(e["round"]), int(e["node_id"])), []).append(str(e["reason"]))
-        elif e["kind"] == "global_refused":
+        elif e["kind"] == RunEvent.GLOBAL_REFUSED:
             refused.setdefault(int(e["version"]), set()).add(int(e["node_id"]))
     honest = {simulated_node_id(k) for k in range(scenario.num_sites)
               if not scenario.site(k).is_attacker()}

@@ -21,6 +21,7 @@ from rich.progress import (
 from rich.table import Table as RichTable
 
 from protocols.config import RunSettings
+from protocols.run_events import RunEvent
 
 console = Console()
 err_console = Console(stderr=True)
@@ -59,9 +60,9 @@ class RoundProgress:
 
     def on_event(self, e: dict[str, Any]) -> None:
         kind = e.get("kind")
-        if kind == "run_started":
+        if kind == RunEvent.RUN_STARTED:
             self.status(f"{e.get('sites')} sites connected, round 1 running")
-        elif kind == "round_completed":
+        elif kind == RunEvent.ROUND_COMPLETED:
             r = int(e.get("round", 0))
             acc = e.get("accuracy")
             acc_s = f"acc {acc:.3f}" if isinstance(acc, int | float) else "acc n/a"
@@ -76,19 +77,19 @@ class RoundProgress:
                     self.task_id, completed=r,
                     detail=f"round {r}: {acc_s}, {e.get('sites_participated')} sites{clock}",
                 )
-        elif kind in ("update_rejected", "site_error"):
+        elif kind in (RunEvent.UPDATE_REJECTED, RunEvent.SITE_ERROR):
             self.console.print(f"[yellow]round {e.get('round')}: node {e.get('node_id')} "
                           f"{'rejected' if kind == 'update_rejected' else 'failed'}: "
                           f"{e.get('reason')}[/]")
-        elif kind == "site_refused":
+        elif kind == RunEvent.SITE_REFUSED:
             self.console.print(f"[yellow]round {e.get('round')}: {e.get('site') or 'a site'} "
                                f"refused: {e.get('reason')}[/]", soft_wrap=True)
-        elif kind == "release_refused":
+        elif kind == RunEvent.RELEASE_REFUSED:
             self.console.print(f"[yellow]round {e.get('round')}: no aggregate released: "
                                f"{e.get('reason')}[/]", soft_wrap=True)
-        elif kind == "round_skipped":
+        elif kind == RunEvent.ROUND_SKIPPED:
             self.console.print(f"[yellow]round {e.get('round')}: skipped: {e.get('reason')}[/]")
-        elif kind == "aggregate_refused":
+        elif kind == RunEvent.AGGREGATE_REFUSED:
             self.console.print(
                 f"[yellow]round {e.get('round')}: no aggregate: {e.get('reason')}[/]"
             )

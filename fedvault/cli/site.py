@@ -16,6 +16,7 @@ from fedvault.node import approve, fab_hash_of, flower_env, load_site_config, st
 from fedvault.processes import Deployment, sigterm_as_interrupt
 from privacy.pki import node_key_pair, public_key_fingerprint
 from protocols.hashchain import read_chain
+from protocols.run_events import ApprovalEvent
 
 
 def cmd_site_start(args: argparse.Namespace) -> int:
@@ -116,7 +117,7 @@ def cmd_site_approvals(args: argparse.Namespace) -> int:
         t.add_column(col)
     entries = read_chain(cfg.approvals) if cfg.approvals.exists() else []
     for e in entries:
-        if e["kind"] == "app_approved" and e["fab_hash"] in current:
+        if e["kind"] == ApprovalEvent.APP_APPROVED and e["fab_hash"] in current:
             t.add_row(e["fab_hash"], e["at"], e["by"], e["note"])
     console.print(t)
     return 0
