@@ -30,7 +30,7 @@ import tomli_w
 from protocols.hashchain import read_chain, verify_chain
 from tests.helpers import ROOT, processes_with_flwr_home_under
 
-DOCS = ROOT / "docs"
+DOCS = ROOT / "docs" / "guides"
 GUIDES = ("data-owner.md", "central-team.md", "compliance.md")
 _BLOCK = re.compile(r"<!-- step: ([a-z0-9-]+) -->\n```(\w+)\n(.*?)```", re.S)
 
