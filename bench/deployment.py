@@ -3,11 +3,12 @@
     python bench/deployment.py [--sites 3] [--rounds 1] [--repeats 1]
                                [--out bench/results/deployment.json]
 
-Runs ``fedvault rehearse --sites N --rounds R`` (the command the README gives: real
-``flower-superlink``, N sites started as ``fedvault site start`` starts them, ``flwr
-run``) alternately with the secure default (TLS, node authentication, the key ceremony,
-DP and HE) and with ``--insecure`` (no TLS, no node authentication, HE provisioned by
-one party), ``--repeats`` times each, interleaved so that a drift of the machine hits
+Runs ``fedvault rehearse --sites N --rounds R`` (the command the first-deployment
+tutorial gives: real ``flower-superlink``, N sites started as ``fedvault site start``
+starts them, ``flwr run``) alternately with the secure default (TLS, node
+authentication, the key ceremony, DP and HE) and with ``--insecure`` (no TLS, no node
+authentication, HE provisioned by one party), ``--repeats`` times each, interleaved so
+that a drift of the machine hits
 both. Per run:
 
 * ``wall s``: the command's wall time, start to exit;

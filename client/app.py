@@ -11,8 +11,9 @@ Train message in: ``arrays`` (global model) and ``config`` (``server-round``,
 or ``refusal``. No training loss: it is an exact statistic of the data, outside
 epsilon. Evaluate reply: ``metrics`` (``eval-loss``, ``eval-acc``,
 ``num-examples``) only where the site's node config allows releasing them
-(``release-eval-metrics``), else ``declined``. The README's "What leaves a site"
-lists every field with its bound.
+(``release-eval-metrics``), else ``declined``. Every message is a type of
+:mod:`protocols.messages`; docs/reference/what-leaves-a-site.md lists every field
+with its bound (tests/test_messages.py holds the two together).
 """
 
 from __future__ import annotations

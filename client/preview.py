@@ -25,7 +25,7 @@ from protocols.config import RunSettings
 from protocols.errors import ConfigError, FedvaultError
 from protocols.node_config import NodeConfig
 
-#: what leaves the site each round (README "What leaves a site")
+#: what leaves the site each round (docs/reference/what-leaves-a-site.md)
 LEAVES = ("the model after DP-SGD (plaintext arrays, or with HE its ciphertexts)",
           "the number of training examples (exact; hence add/remove-one accounting)",
           "the planned number of steps",

@@ -13,10 +13,10 @@ Public names are imported on first use (:mod:`protocols.lazy`).
 
 from __future__ import annotations
 
-from importlib.metadata import version
 from typing import TYPE_CHECKING
 
 from protocols.lazy import lazy_exports
+from protocols.rundir import fedvault_version
 
 if TYPE_CHECKING:
     from protocols.errors import (
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
         UpdateRejected,
     )
 
-__version__ = version("fedvault")
+__version__ = fedvault_version()
 
 _EXPORTS: dict[str, str] = {
     "ConfigError": "protocols.errors",

@@ -80,10 +80,12 @@ class Shape:
                 raise UpdateRejected(
                     f"{what} must carry {kind}s {sorted(required)}"
                     + (f" (optionally {sorted(optional)})" if optional else "")
-                    + f"; missing {_names(missing)}, unexpected {_names(extra)}")
+                    + f"; missing {show_names(missing)}, unexpected {show_names(extra)}")
 
 
-def _names(names: Sequence[str]) -> str:
+def show_names(names: Sequence[str]) -> str:
+    """At most three names, each cut to 40 characters, for an error message (a hostile
+    reply may send thousands of long ones)."""
     shown = [n[:40] for n in names[:3]]
     return repr(shown) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
@@ -105,7 +107,7 @@ def count(rec: Mapping[str, Any], key: str, low: int, high: int, *, what: str) -
         raise UpdateRejected(f"{what} lacks {key!r}")
     v = rec[key]
     if isinstance(v, bool) or not isinstance(v, int):
-        raise UpdateRejected(f"{what} {key!r} must be an integer. Found {_show(v)}")
+        raise UpdateRejected(f"{what} {key!r} must be an integer. Found {shown(v)}")
     if not low <= v <= high:
         raise UpdateRejected(f"{what} {key!r} must be in [{low}, {high}]. Found {v}")
     return v
@@ -118,7 +120,7 @@ def real(rec: Mapping[str, Any], key: str, low: float, high: float = math.inf, *
         raise UpdateRejected(f"{what} lacks {key!r}")
     v = rec[key]
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise UpdateRejected(f"{what} {key!r} must be a number. Found {_show(v)}")
+        raise UpdateRejected(f"{what} {key!r} must be a number. Found {shown(v)}")
     f = float(v)
     if not math.isfinite(f):
         raise UpdateRejected(f"{what} {key!r} must be finite. Found {f}")
@@ -134,7 +136,7 @@ def text(rec: Mapping[str, Any], key: str, *, what: str, required: bool = True) 
         return ""
     v = rec[key]
     if not isinstance(v, str):
-        raise UpdateRejected(f"{what} {key!r} must be text. Found {_show(v)}")
+        raise UpdateRejected(f"{what} {key!r} must be text. Found {shown(v)}")
     return v[:MAX_TEXT]
 
 
@@ -146,10 +148,11 @@ def optional(rec: Mapping[str, Any], key: str, parse: Callable[[], T]) -> T | No
 def only_keys(rec: Mapping[str, Any], allowed: Iterable[str], *, what: str) -> None:
     extra = sorted(set(rec.keys()) - set(allowed))
     if extra:
-        raise UpdateRejected(f"{what} has unexpected fields {_names(extra)}")
+        raise UpdateRejected(f"{what} has unexpected fields {show_names(extra)}")
 
 
-def _show(v: Any) -> str:
+def shown(v: Any) -> str:
+    """A value for an error message, cut to 60 characters."""
     s = repr(v)
     return s if len(s) <= 60 else s[:57] + "..."
 
@@ -208,22 +211,17 @@ class EvalConfig:
         return cls(server_round=_int_field(cfg, "server-round", 0))
 
 
-def server_round_of(content: RecordDict) -> int:
-    """The ``server-round`` of a request (0 when absent)."""
-    return EvalConfig.from_content(content).server_round
-
-
 def _int_field(cfg: Mapping[str, Any], key: str, default: int) -> int:
     v = cfg.get(key, default)
     if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(f"the request's {key!r} must be an integer. Found {_show(v)}.")
+        raise ConfigError(f"the request's {key!r} must be an integer. Found {shown(v)}.")
     return v
 
 
 def _real_field(cfg: Mapping[str, Any], key: str, default: float) -> float:
     v = cfg.get(key, default)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ConfigError(f"the request's {key!r} must be a finite number. Found {_show(v)}.")
+        raise ConfigError(f"the request's {key!r} must be a finite number. Found {shown(v)}.")
     return float(v)
 
 
@@ -417,12 +415,8 @@ class EvalMetrics:
                    accuracy=real(rec, EVAL_ACC, 0.0, 1.0, what=what))
 
 
-#: Every message type, for the documentation's "What leaves a site" check.
-SITE_MESSAGES: tuple[type, ...] = (TrainMetrics, ReplyPrivacy, Refusal, GlobalRefused,
-                                   Declined, EvalMetrics)
-
 __all__ = ["ARRAYS", "CONFIG", "DECLINED", "ENCRYPTED_TRAIN", "EVAL_ACC", "EVAL_LOSS",
            "GLOBAL_REFUSED", "HE_GLOBAL", "HE_UPDATE", "METRICS", "PLAIN_TRAIN", "PRIVACY",
-           "REFUSAL", "SITE_MESSAGES", "Declined", "EvalConfig", "EvalMetrics", "GlobalRefused",
-           "Refusal", "ReplyPrivacy", "Shape", "TrainConfig", "TrainMetrics", "count",
-           "only_keys", "optional", "real", "server_round_of", "text"]
+           "REFUSAL", "Declined", "EvalConfig", "EvalMetrics", "GlobalRefused", "Refusal",
+           "ReplyPrivacy", "Shape", "TrainConfig", "TrainMetrics", "count", "only_keys",
+           "optional", "real", "show_names", "shown", "text"]

@@ -4,8 +4,8 @@
 
     RUN_DIR/
       run.json          what was run: run id, mode, task, settings, versions, start time
-      events.jsonl      hash-chained event log (protocols.hashchain): run_started,
-                        round_completed, update_rejected, site_error, run_finished, ...
+      events.jsonl      hash-chained event log (protocols.hashchain), one record per
+                        protocols.run_events.RunEvent
       models/
         round-0000.pt   global model state dict of each round (0 = initial)
         round-0000.json its metrics and SHA-256
@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -38,6 +39,16 @@ EVENTS = "events.jsonl"
 SUMMARY = "summary.json"
 ACCURACY_PNG = "accuracy.png"
 MODELS = "models"
+
+
+def fedvault_version() -> str:
+    """The installed fedvault's version (its distribution metadata), as ``run.json``
+    records it; ``"unknown"`` where the code runs without the distribution installed
+    (an app bundle's copy on a machine that never installed fedvault)."""
+    try:
+        return version("fedvault")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def write_json_atomic(path: str | Path, obj: Any, *, mode: int = 0o644) -> Path:

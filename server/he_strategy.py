@@ -36,16 +36,18 @@ from protocols.he_update import (
     scale_of,
     sites_of,
 )
-from protocols.messages import CONFIG, ENCRYPTED_TRAIN, HE_GLOBAL, HE_UPDATE, TrainConfig
+from protocols.messages import (
+    CONFIG,
+    ENCRYPTED_TRAIN,
+    HE_GLOBAL,
+    HE_UPDATE,
+    ReplyPrivacy,
+    TrainConfig,
+    TrainMetrics,
+)
 from server.averaging import weighted_metrics
 from server.strategy import FedVaultFedAvg, _floats
-from server.validation import (
-    ReplyPrivacy,
-    TrainMetrics,
-    digest_of,
-    parse_privacy,
-    parse_train_metrics,
-)
+from server.validation import digest_of
 
 #: The weight scale of an adaptive run's first round, before any example count is known.
 FIRST_WEIGHT_SCALE = 256
@@ -139,8 +141,8 @@ class EncryptedFedAvg(FedVaultFedAvg):
         reply, typed metrics, the ``he-update`` header (binding, weight from the example
         count) and every ciphertext checked and parsed under the federation's context."""
         ENCRYPTED_TRAIN.check(msg.content, "an encrypted training reply")
-        metrics = parse_train_metrics(msg.content, max_examples=self.max_examples)
-        privacy = parse_privacy(msg.content)
+        metrics = TrainMetrics.from_content(msg.content, max_examples=self.max_examples)
+        privacy = ReplyPrivacy.from_content(msg.content)
         u = EncryptedUpdate.from_record(msg.content.config_records[HE_UPDATE])
         check_update(u, scheme=self.he.params.scheme, fingerprint=self.he.fingerprint,
                      num_values=self.num_values, num_ciphertexts=self.num_ciphertexts,

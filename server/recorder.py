@@ -17,7 +17,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from typing import Any
 
 import flwr
@@ -28,9 +27,9 @@ from protocols import summary as run_summary
 from protocols.config import RunSettings
 from protocols.hashchain import HashChainLog, utc_now
 from protocols.he_update import is_encrypted
-from protocols.messages import EVAL_ACC, EVAL_LOSS, Refusal
+from protocols.messages import EVAL_ACC, EVAL_LOSS, Refusal, ReplyPrivacy
 from protocols.run_events import RunEvent
-from protocols.rundir import RunDirectory, write_json_atomic
+from protocols.rundir import RunDirectory, fedvault_version, write_json_atomic
 from protocols.summary import HEBlock, Participant, PrivacyBlock, RoundRow, RunSummary
 from server.plots import plot_accuracy
 
@@ -109,7 +108,7 @@ class RunRecorder:
                 "num_parameters": num_parameters,
                 "started": self.started,
                 "versions": {
-                    "fedvault": version("fedvault"),
+                    "fedvault": fedvault_version(),
                     "flwr": flwr.__version__,
                     "torch": torch.__version__,
                     "python": platform.python_version(),
@@ -201,12 +200,12 @@ class RunRecorder:
                            epsilon_spent=refusal.epsilon_spent,
                            epsilon_limit=refusal.epsilon_limit)
 
-    def note_privacy(self, node_id: int, privacy: dict[str, Any]) -> None:
-        """The privacy a site reports after a round (its cumulative epsilon)."""
+    def note_privacy(self, node_id: int, privacy: ReplyPrivacy) -> None:
+        """The privacy a site reports after a round (the epsilon of this run)."""
         with self._lock:
             st = self._sites[node_id]
-            st.name = str(privacy.get("site") or st.name)
-            st.privacy = dict(privacy)
+            st.name = privacy.site or st.name
+            st.privacy = privacy.as_record()
 
     def note_he(self, server_round: int, *, bytes_up: int, bytes_per_update: float,
                 num_values: int) -> None:

@@ -30,7 +30,8 @@ from protocols.messages import (
     GLOBAL_REFUSED,
     REFUSAL,
     Declined,
-    EvalMetrics,
+    GlobalRefused,
+    Refusal,
     ReplyPrivacy,
     TrainMetrics,
 )
@@ -44,9 +45,7 @@ from server.validation import (
     LayerSpec,
     model_spec,
     parse_evaluation,
-    parse_global_refused,
     parse_plain_update,
-    parse_refusal,
 )
 
 #: Default ``max-weight-share`` (the run config's): no site takes more than half the weight.
@@ -283,7 +282,7 @@ class FedVaultFedAvg(FedAvg):
             return True
         records = msg.content.config_records
         if REFUSAL in records:
-            refusal = parse_refusal(msg.content)
+            refusal = Refusal.from_content(msg.content)
             log(WARNING, "Round %s: node %s refused: %s", server_round, node, refusal.reason)
             self.recorder.note_refused(server_round, node, refusal)
             return True
@@ -295,7 +294,7 @@ class FedVaultFedAvg(FedAvg):
     def note_global_refused(self, server_round: int, msg: Message, *, sent: int) -> None:
         """A site refused the global model ``sent`` in this phase (any other version is a
         malformed refusal). Counted, not yet acted on: :meth:`_refused_by_most`."""
-        refused = parse_global_refused(msg.content)
+        refused = GlobalRefused.from_content(msg.content)
         if refused.version != sent:
             raise UpdateRejected(f"refuses global model version {refused.version}; this "
                                  f"phase sent version {sent}")
@@ -344,7 +343,7 @@ class FedVaultFedAvg(FedAvg):
                 self.check_replay(parsed.digest)
                 self.include(server_round, parsed)
                 if parsed.privacy is not None:
-                    self.recorder.note_privacy(node, parsed.privacy.as_record())
+                    self.recorder.note_privacy(node, parsed.privacy)
             except UpdateRejected as exc:
                 self._reject(server_round, node, str(exc))
                 continue
@@ -407,10 +406,9 @@ class FedVaultFedAvg(FedAvg):
         self._refused_by_most(self._next_version, answered)
         if not valid:
             return None
-        weights = capped_weights([float(v.num_examples) for v in valid], self.max_weight_share)
-        metrics = weighted_metrics([EvalMetrics(num_examples=v.num_examples, loss=v.loss,
-                                                accuracy=v.accuracy).as_metrics()
-                                    for v in valid], weights)
+        weights = capped_weights([float(v.metrics.num_examples) for v in valid],
+                                 self.max_weight_share)
+        metrics = weighted_metrics([v.metrics.as_metrics() for v in valid], weights)
         self.recorder.note_federated_eval(server_round, _floats(metrics))
         return metrics
 

@@ -34,19 +34,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Message
 
 from protocols.errors import UpdateRejected
 from protocols.messages import (
     ARRAYS,
     PLAIN_TRAIN,
     EvalMetrics,
-    GlobalRefused,
-    Refusal,
     ReplyPrivacy,
     TrainMetrics,
-    _names,
-    _show,
+    show_names,
+    shown,
 )
 
 #: Default of ``max-examples-per-site``: a site claiming more is lying or misconfigured.
@@ -57,34 +55,17 @@ NPY_HEADER_ROOM = 4096
 
 
 # -- the parsed replies (their types and field checks: protocols.messages) -------------
-def parse_privacy(content: RecordDict) -> ReplyPrivacy | None:
-    return ReplyPrivacy.from_content(content)
-
-
-def parse_refusal(content: RecordDict) -> Refusal:
-    return Refusal.from_content(content)
-
-
-def parse_global_refused(content: RecordDict) -> GlobalRefused:
-    return GlobalRefused.from_content(content)
-
-
-def parse_train_metrics(content: RecordDict, *, max_examples: int) -> TrainMetrics:
-    return TrainMetrics.from_content(content, max_examples=max_examples)
-
-
 @dataclass(frozen=True, slots=True)
 class EvalReply:
+    """A checked evaluation reply and the node it came from."""
+
     node_id: int
-    num_examples: int
-    loss: float
-    accuracy: float
+    metrics: EvalMetrics
 
 
 def parse_evaluation(msg: Message, *, max_examples: int) -> EvalReply:
-    m = EvalMetrics.from_content(msg.content, max_examples=max_examples)
-    return EvalReply(node_id=msg.metadata.src_node_id, num_examples=m.num_examples,
-                     loss=m.loss, accuracy=m.accuracy)
+    return EvalReply(node_id=msg.metadata.src_node_id,
+                     metrics=EvalMetrics.from_content(msg.content, max_examples=max_examples))
 
 
 # -- arrays -------------------------------------------------------------------------------
@@ -114,7 +95,7 @@ def parse_layer(arr: Array, spec: LayerSpec) -> np.ndarray:
     if not isinstance(arr, Array):
         raise UpdateRejected(f"layer {spec.name!r} is not an Array")
     if arr.stype != "numpy.ndarray":
-        raise UpdateRejected(f"layer {spec.name!r}: serialisation {_show(arr.stype)}, "
+        raise UpdateRejected(f"layer {spec.name!r}: serialisation {shown(arr.stype)}, "
                              "expected numpy.ndarray")
     data = arr.data
     if not isinstance(data, bytes):
@@ -143,7 +124,7 @@ def parse_arrays(rec: ArrayRecord, spec: Sequence[LayerSpec]) -> tuple[np.ndarra
         missing = sorted(set(want) - set(names))
         extra = sorted(set(names) - set(want))
         raise UpdateRejected(f"update layers differ from the global model (missing "
-                             f"{_names(missing)}, unexpected {_names(extra)})")
+                             f"{show_names(missing)}, unexpected {show_names(extra)})")
     return tuple(parse_layer(rec[s.name], s) for s in spec)
 
 
@@ -161,8 +142,8 @@ class PlainUpdate:
 def parse_plain_update(msg: Message, spec: Sequence[LayerSpec], *,
                        max_examples: int) -> PlainUpdate:
     PLAIN_TRAIN.check(msg.content, "a training reply")
-    metrics = parse_train_metrics(msg.content, max_examples=max_examples)
-    privacy = parse_privacy(msg.content)
+    metrics = TrainMetrics.from_content(msg.content, max_examples=max_examples)
+    privacy = ReplyPrivacy.from_content(msg.content)
     arrays = parse_arrays(msg.content.array_records[ARRAYS], spec)
     return PlainUpdate(node_id=msg.metadata.src_node_id, metrics=metrics, privacy=privacy,
                        arrays=arrays, digest=digest_of(a.tobytes() for a in arrays))
@@ -177,7 +158,5 @@ def digest_of(parts: Iterable[bytes]) -> str:
     return h.hexdigest()
 
 
-__all__ = ["DEFAULT_MAX_EXAMPLES", "EvalReply", "GlobalRefused", "LayerSpec", "PlainUpdate",
-           "Refusal", "ReplyPrivacy", "TrainMetrics", "digest_of", "model_spec",
-           "parse_evaluation", "parse_global_refused", "parse_plain_update", "parse_privacy",
-           "parse_refusal", "parse_train_metrics"]
+__all__ = ["DEFAULT_MAX_EXAMPLES", "EvalReply", "LayerSpec", "PlainUpdate", "digest_of",
+           "model_spec", "parse_evaluation", "parse_plain_update"]

@@ -1,7 +1,8 @@
 """The HE key ceremony: the secret key is made at a site and reaches the others sealed to
 their own keys; the central team relays a directory in which nothing decrypts. Each
-attack is played by the party the README names: the central team reading what it
-relays or substituting its own key, a blob moved between sites, a secret left readable."""
+attack is played by the party the threat model names (docs/explanation/threat-model.md):
+the central team reading what it relays or substituting its own key, a blob moved
+between sites, a secret left readable."""
 
 from __future__ import annotations
 

@@ -221,9 +221,9 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_its_traceback(
 
 
 def test_light_modules_and_commands_load_no_torch() -> None:
-    """The README's promise: --help, provision, show, verify and budget verify (their
-    command modules), and privacy.events, protocols and client.data, load neither
-    torch nor Opacus."""
+    """The architecture page's promise (docs/explanation/architecture.md): --help,
+    provision, show, verify and budget verify (their command modules), and
+    privacy.events, protocols and client.data, load neither torch nor Opacus."""
     import subprocess
     import sys
 

@@ -190,8 +190,8 @@ def test_release_record_counts_sites_not_weights(tmp_path: Path, fed: Path) -> N
 def test_a_sum_that_fails_midway_is_undone(tmp_path: Path, fed: Path) -> None:
     """The running sum is added to in place; if TenSEAL refuses the second ciphertext of
     an update, the first one is subtracted again: the sum stands as it was."""
+    from protocols.messages import TrainMetrics
     from server.he_strategy import EncryptedParsed
-    from server.validation import TrainMetrics
 
     s = _strategy(tmp_path, fed)
     site = load_context(fed, site="site-0")

@@ -102,3 +102,51 @@ def test_no_message_literal_outside_the_protocol_module() -> None:
     offenders = [o for o in offenders
                  if (o.split(":")[0], o.rsplit(": ", 1)[1]) not in _ALLOWED]
     assert offenders == [], "\n".join(offenders)
+
+
+def _site_replies() -> dict[str, dict[str, object]]:
+    """record name -> a record of every message a site sends, each field present."""
+    out: dict[str, dict[str, object]] = {}
+    contents = [
+        Refusal(reason="r", site="a", epsilon_limit=1.0, delta=1e-5,
+                epsilon_spent=0.5).to_content(),
+        GlobalRefused(reason="r", site="a", version=1).to_content(),
+        Declined(reason="r").to_content(),
+        EvalMetrics(num_examples=1, loss=0.1, accuracy=0.5).to_content(),
+        RecordDict({"metrics": TrainMetrics(num_examples=1, steps=1).to_record(),
+                    "privacy": ReplyPrivacy(site="a", epsilon=1.0, delta=1e-5,
+                                            accountant="prv", noise_multiplier=1.0,
+                                            sample_rate=0.1, steps=1).to_record()}),
+    ]
+    for content in contents:
+        for name, record in content.items():
+            out.setdefault(name, {}).update(dict(record))
+    return out
+
+
+def test_what_leaves_a_site_lists_every_field_of_every_site_message() -> None:
+    """docs/reference/what-leaves-a-site.md names each record a site sends and, on that
+    record's rows, each of its fields: a field added to a message type without a row
+    (and its bound) fails here. Every message type a site writes is sampled."""
+    import dataclasses
+
+    import protocols.messages as messages
+
+    sent_by_sites = {TrainMetrics, ReplyPrivacy, Refusal, GlobalRefused, Declined,
+                     EvalMetrics}
+    requests = {TrainConfig, EvalConfig}
+    types = {t for t in vars(messages).values()
+             if isinstance(t, type) and dataclasses.is_dataclass(t)
+             and hasattr(t, "from_content")}
+    assert types == sent_by_sites | requests  # a new message type joins the sample above
+    rows = [line for line in (ROOT / "docs" / "reference" / "what-leaves-a-site.md")
+            .read_text(encoding="utf-8").splitlines() if line.startswith("| ")]
+    missing = []
+    for name, fields in _site_replies().items():
+        mine = [r for r in rows if f"`{name}`" in r or f"`{name}." in r]
+        if not mine:
+            missing.append(f"record {name!r}")
+        for key in fields:
+            if not any(f"`{key}`" in r or f".{key}`" in r for r in mine):
+                missing.append(f"{name}.{key}")
+    assert missing == [], missing

@@ -39,3 +39,10 @@ def test_a_kind_is_written_as_its_string(tmp_path: Path) -> None:
 def test_the_kinds_are_distinct_across_logs() -> None:
     values = [k.value for k in ALL_KINDS]
     assert len(values) == len(set(values))
+
+
+def test_the_documented_event_list_is_the_enum() -> None:
+    """docs/reference/files.md lists the run's event kinds: exactly RunEvent's."""
+    text = (ROOT / "docs" / "reference" / "files.md").read_text(encoding="utf-8")
+    listed = text.split("<!-- run-events -->", 1)[1].split("<!-- /run-events -->", 1)[0]
+    assert re.findall(r"`([a-z_]+)`", listed) == [k.value for k in RunEvent]
